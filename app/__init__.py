@@ -1,0 +1,1 @@
+"""greenroute HTTP service: FastAPI app, settings, schemas, endpoints and the CLI."""

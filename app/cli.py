@@ -1,0 +1,101 @@
+"""``greenroute`` command line: train, build, serve, bench.
+
+Heavy imports happen inside each command so ``greenroute serve`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models.train.train import train
+
+    summary = train(Path(args.config), Path(args.checkpoint_dir), threads=args.threads)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from models.train.corpus import write_corpus
+
+    train_bytes, held_bytes = write_corpus(Path(args.sources), Path(args.train_out),
+                                           Path(args.heldout_out))
+    print(f"train: {args.train_out} ({train_bytes} bytes); heldout: {args.heldout_out} "
+          f"({held_bytes} bytes)")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from models.build.ladder import BuildOptions, build_ladder, default_ladder_dir
+    from models.build.source import BuildError
+
+    opts = BuildOptions(
+        model=args.model,
+        student=None if (args.distill_layers is not None or args.no_student) else args.student,
+        distill_layers=args.distill_layers,
+        distill_steps=args.distill_steps,
+        corpus=args.corpus,
+        out=Path(args.out) if args.out else default_ladder_dir(),
+        threads=args.threads,
+        force=args.force,
+    )
+    if args.model != BuildOptions.model and args.student == BuildOptions.student:
+        opts.student = None  # the default student belongs to the default teacher only
+    try:
+        manifest, _ = build_ladder(opts, log=lambda m: print(m, file=sys.stderr))
+    except BuildError as err:
+        print(f"greenroute build: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(manifest.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greenroute", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("corpus", help="prepare the default corpus from python3.11-doc sources")
+    p.add_argument("--sources", default="/usr/share/doc/python3.11/html/_sources")
+    p.add_argument("--train-out", default=".cache/corpus/train.txt")
+    p.add_argument("--heldout-out", default="models/data/heldout.txt")
+    p.set_defaults(func=_cmd_corpus)
+
+    from models.build.ladder import BuildOptions
+
+    p = sub.add_parser("build", help="build the ladder (full, int8, distilled, distilled-int8)")
+    p.add_argument("--model", default=BuildOptions.model,
+                   help="teacher checkpoint: local Hugging Face directory or hub id "
+                        "(default: the shipped default model)")
+    p.add_argument("--student", default=BuildOptions.student,
+                   help="student checkpoint for the distilled rungs (default: the shipped "
+                        "student, only with the default model)")
+    p.add_argument("--no-student", action="store_true", help="build full and int8 only")
+    p.add_argument("--distill-layers", type=int, default=None,
+                   help="distil a student with this many layers instead of --student")
+    p.add_argument("--distill-steps", type=int, default=BuildOptions.distill_steps)
+    p.add_argument("--corpus", default=None, help="text file to distil on")
+    p.add_argument("--out", default=None, help="ladder directory (default: cache)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("train", help="train a model (or distil a student) from a TOML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint-dir", required=True, help="resumes from last.pt found here")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

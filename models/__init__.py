@@ -1,0 +1,1 @@
+"""The model ladder: building variants (build time) and running them (serving time, no torch)."""

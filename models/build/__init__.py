@@ -1,0 +1,1 @@
+"""Building the ladder (build time): export, quantize, evaluate, write the manifest."""

@@ -1,0 +1,368 @@
+"""Build a ladder: export, quantize (method chosen by measurement), evaluate, calibrate, manifest.
+
+An unchanged ladder (same source checkpoints, same build config) is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from models.build import quantize as q
+from models.build.calibrate import calibrate
+from models.build.export import ONNX_FILE, export_decoder, onnx_bytes
+from models.build.quality import QualityReport, agreement, evaluate, heldout_ids
+from models.build.source import BuildError, checkpoint_hash, resolve_checkpoint
+from models.engine.base import Engine
+from models.engine.ort import OrtEngine
+from models.genai_config import write_genai_config
+from models.manifest import Manifest, VariantInfo
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_TEACHER = PACKAGE_DIR / "default" / "teacher"
+DEFAULT_STUDENT = PACKAGE_DIR / "default" / "student"
+DEFAULT_HELDOUT = PACKAGE_DIR / "data" / "heldout.txt"
+CALIBRATION_PROMPT = "The :mod:`json` module provides functions to encode and decode Python"
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BuildOptions:
+    """What to build. ``student=None`` and ``distill_layers=None``: no distilled rungs."""
+
+    model: str = str(DEFAULT_TEACHER)
+    student: str | None = str(DEFAULT_STUDENT)
+    distill_layers: int | None = None
+    distill_steps: int = 400
+    corpus: str | None = None
+    out: Path = field(default_factory=lambda: default_ladder_dir())
+    heldout: Path = DEFAULT_HELDOUT
+    eval_tokens: int = 8192
+    eval_window: int = 256
+    calibration_tokens: int = 48
+    threads: int = 2
+    opset: int = 18
+    consider_int4: bool = True
+    force: bool = False
+
+    def config_for_hash(self) -> dict[str, Any]:
+        """The settings that change the built files (paths and ``force`` do not)."""
+        import onnxruntime
+
+        return {
+            "eval_tokens": self.eval_tokens,
+            "eval_window": self.eval_window,
+            "opset": self.opset,
+            "consider_int4": self.consider_int4,
+            "distill_layers": self.distill_layers,
+            "distill_steps": self.distill_steps if self.distill_layers else None,
+            "quant_candidates": [asdict(m) for m in (*q.CANDIDATES_8BIT, q.CANDIDATE_4BIT)],
+            "onnxruntime": onnxruntime.__version__,
+            "heldout_sha256": hashlib.sha256(self.heldout.read_bytes()).hexdigest(),
+        }
+
+
+def default_ladder_dir() -> Path:
+    """``$GREENROUTE_CACHE_DIR/ladder`` or ``~/.cache/greenroute/ladder``."""
+    root = os.environ.get("GREENROUTE_CACHE_DIR") or Path.home() / ".cache" / "greenroute"
+    return Path(root) / "ladder"
+
+
+def _build_key(sources: dict[str, Any], config: dict[str, Any]) -> str:
+    blob = json.dumps({"sources": sources, "config": config}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def is_up_to_date(out: Path, key: str) -> bool:
+    """True when ``out`` holds a manifest with ``key`` and every variant file is present."""
+    try:
+        manifest = Manifest.load(out)
+    except (FileNotFoundError, ValueError):
+        return False
+    if manifest.build_key != key:
+        return False
+    return all((out / v.dir / v.file).is_file() for v in manifest.variants.values())
+
+
+def _count_parameters(checkpoint: Path) -> int:
+    from safetensors import safe_open
+
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:  # .bin checkpoints: count through torch
+        import torch
+
+        return sum(t.numel() for f in checkpoint.glob("*.bin")
+                   for t in torch.load(f, map_location="cpu", weights_only=True).values())
+    total = 0
+    for f in files:
+        with safe_open(str(f), "np") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                total += int(fh.get_slice(name).get_shape().__len__() and
+                             _prod(fh.get_slice(name).get_shape()))
+    return total
+
+
+def _prod(shape: list[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _eos_ids(checkpoint: Path) -> list[int]:
+    ids: Any = None
+    for name in ("generation_config.json", "config.json"):
+        path = checkpoint / name
+        if path.is_file():
+            ids = json.loads(path.read_text()).get("eos_token_id")
+            if ids is not None:
+                break
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
+
+
+def _save_tokenizer(checkpoint: Path, out: Path) -> Path:
+    """A fast ``tokenizer.json`` for serving (converted from a slow tokenizer if need be)."""
+    target = out / "tokenizer.json"
+    if (checkpoint / "tokenizer.json").is_file():
+        shutil.copy2(checkpoint / "tokenizer.json", target)
+        return target
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(checkpoint), use_fast=True)
+        tok.backend_tokenizer.save(str(target))
+    except Exception as err:
+        raise BuildError(f"{checkpoint}: no usable fast tokenizer ({err})") from err
+    return target
+
+
+def _same_vocab(a: Path, b: Path) -> bool:
+    ta, tb = Tokenizer.from_file(str(a)), Tokenizer.from_file(str(b))
+    return bool(ta.get_vocab() == tb.get_vocab())
+
+
+def _distil(teacher: Path, layers: int, steps: int, corpus: str, work: Path, log: Log) -> Path:
+    """Train a ``layers``-layer student from ``teacher`` on ``corpus`` (initialised from it)."""
+    from models.train.train import distil_student
+
+    log(f"distilling a {layers}-layer student from {teacher} on {corpus} ({steps} steps)")
+    return distil_student(teacher, layers, steps, Path(corpus), work)
+
+
+def _measure(engine: Engine, prompt: list[int], opts: BuildOptions) -> dict[str, float]:
+    cal = calibrate(engine, prompt, new_tokens=opts.calibration_tokens, threads=opts.threads)
+    return cal.model_dump()
+
+
+def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
+    """Build (or confirm up to date) the ladder in ``opts.out``; return (manifest, built)."""
+    teacher = resolve_checkpoint(opts.model)
+    student: Path | None = resolve_checkpoint(opts.student) if opts.student else None
+    if opts.distill_layers is not None:
+        if opts.corpus is None or not Path(opts.corpus).is_file():
+            raise BuildError("--distill-layers needs --corpus FILE (a text file to distil on)")
+        student = None
+    sources: dict[str, Any] = {"model": opts.model, "model_sha256": checkpoint_hash(teacher)}
+    if student is not None:
+        sources.update(student=opts.student, student_sha256=checkpoint_hash(student))
+    if opts.distill_layers is not None and opts.corpus:
+        sources.update(corpus_sha256=hashlib.sha256(Path(opts.corpus).read_bytes()).hexdigest())
+    config = opts.config_for_hash()
+    key = _build_key(sources, config)
+    out = opts.out
+    if not opts.force and is_up_to_date(out, key):
+        log(f"ladder in {out} is up to date (build key {key[:12]}); nothing to do")
+        return Manifest.load(out), False
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".work"
+    work.mkdir(exist_ok=True)
+    if opts.distill_layers is not None:
+        assert opts.corpus is not None
+        student = _distil(teacher, opts.distill_layers, opts.distill_steps, opts.corpus,
+                          work / "student", log)
+
+    tok_path = _save_tokenizer(teacher, out)
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    if student is not None:
+        s_tok = student / "tokenizer.json"
+        if s_tok.is_file() and not _same_vocab(tok_path, s_tok):
+            raise BuildError(f"student {opts.student} does not share the teacher's vocabulary")
+    hf_cfg = json.loads((teacher / "config.json").read_text())
+    context = int(hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions") or 2048)
+    eos = _eos_ids(teacher)
+    ids = heldout_ids(tokenizer, opts.heldout, opts.eval_tokens)
+    prompt = tokenizer.encode(CALIBRATION_PROMPT, add_special_tokens=False).ids
+
+    # 1. fp32 exports ---------------------------------------------------------------------
+    log(f"exporting full (fp32) from {teacher}")
+    export_decoder(teacher, out / "full", opts.opset)
+    sources_by_variant = {"full": ("teacher", teacher)}
+    if student is not None:
+        log(f"exporting distilled (fp32) from {student}")
+        export_decoder(student, out / "distilled", opts.opset)
+        sources_by_variant["distilled"] = ("student", student)
+
+    def engine_for(vdir: Path) -> OrtEngine:
+        return OrtEngine(vdir / ONNX_FILE, tokenizer, context, eos, threads=opts.threads)
+
+    reports: dict[str, QualityReport] = {}
+    measured: dict[str, dict[str, float]] = {}
+    for name in sources_by_variant:
+        eng = engine_for(out / name)
+        reports[name] = evaluate(eng, ids, opts.eval_window)
+        measured[name] = _measure(eng, prompt, opts)
+        log(f"  {name}: ppl {reports[name].perplexity:.2f}, "
+            f"{measured[name]['decode_tokens_per_s']:.0f} tok/s")
+    ref = reports["full"]
+
+    # 2. quantization: every candidate measured, the fastest 8-bit one kept ----------------
+    quant_choice: dict[str, Any] = {}
+    chosen_methods: dict[str, q.QuantMethod] = {}
+    for base, qname in (("full", "int8"), ("distilled", "distilled-int8")):
+        if base not in sources_by_variant:
+            continue
+        trials: dict[str, Any] = {}
+        candidates = list(q.CANDIDATES_8BIT)
+        if base == "full" and opts.consider_int4:
+            candidates.append(q.CANDIDATE_4BIT)
+        for method in candidates:
+            tdir = work / f"{qname}-{method.name}"
+            q.quantize(out / base, tdir, method)
+            eng = engine_for(tdir)
+            rep = evaluate(eng, ids, opts.eval_window)
+            cost = _measure(eng, prompt, opts)
+            trials[method.name] = {
+                "bits": method.bits,
+                "perplexity": rep.perplexity,
+                "quality": ref.perplexity / rep.perplexity,
+                "decode_tokens_per_s": cost["decode_tokens_per_s"],
+                "bytes": onnx_bytes(tdir),
+            }
+            reports[f"{qname}:{method.name}"] = rep
+            measured[f"{qname}:{method.name}"] = cost
+            log(f"  {qname} candidate {method.name}: ppl {rep.perplexity:.2f}, "
+                f"{cost['decode_tokens_per_s']:.0f} tok/s")
+        eight = [m for m in candidates if m.bits == 8]
+        # fastest 8-bit method whose quality is within 2 % of the best 8-bit quality
+        best_q = max(trials[m.name]["quality"] for m in eight)
+        ok = [m for m in eight if trials[m.name]["quality"] >= best_q - 0.02]
+        pick = max(ok, key=lambda m: trials[m.name]["decode_tokens_per_s"])
+        chosen_methods[qname] = pick
+        quant_choice[qname] = {"chosen": pick.name, "rule": "fastest 8-bit method within 0.02 "
+                               "quality of the best 8-bit method", "candidates": trials}
+        shutil.rmtree(out / qname, ignore_errors=True)
+        shutil.copytree(work / f"{qname}-{pick.name}", out / qname)
+        reports[qname] = reports[f"{qname}:{pick.name}"]
+        measured[qname] = measured[f"{qname}:{pick.name}"]
+        sources_by_variant[qname] = sources_by_variant[base]
+        if base == "full" and opts.consider_int4:
+            four = trials[q.CANDIDATE_4BIT.name]
+            int8_speed = trials[pick.name]["decode_tokens_per_s"]
+            # A 4-bit rung earns its place only if no other rung dominates it: clearly faster
+            # than int8, and better quality than the distilled student (when there is one).
+            floor = (ref.perplexity / reports["distilled"].perplexity
+                     if "distilled" in reports else 0.0)
+            earns = four["decode_tokens_per_s"] >= 1.1 * int8_speed and four["quality"] > floor
+            quant_choice["int4"] = {"added": earns, "rule": ">= 1.1x int8 decode speed and "
+                                    "quality above distilled", "measured": four}
+            if earns:
+                shutil.rmtree(out / "int4", ignore_errors=True)
+                shutil.copytree(work / f"int8-{q.CANDIDATE_4BIT.name}", out / "int4")
+                reports["int4"] = reports[f"int8:{q.CANDIDATE_4BIT.name}"]
+                measured["int4"] = measured[f"int8:{q.CANDIDATE_4BIT.name}"]
+                sources_by_variant["int4"] = sources_by_variant["full"]
+                chosen_methods["int4"] = q.CANDIDATE_4BIT
+
+    # 3. runtime: our loop vs onnxruntime-genai on the same full graph ---------------------
+    for name in sources_by_variant:
+        write_genai_config(out / name, ONNX_FILE, opts.threads)
+    runtime_choice = _choose_runtime(out, tokenizer, context, eos, prompt, measured["full"], opts,
+                                     log)
+
+    # 4. manifest --------------------------------------------------------------------------
+    variants: dict[str, VariantInfo] = {}
+    for name, (role, ckpt) in sources_by_variant.items():
+        method = chosen_methods.get(name)
+        variants[name] = VariantInfo(
+            name=name,
+            dir=name,
+            file=ONNX_FILE,
+            source=role,
+            parameters=_count_parameters(ckpt),
+            bytes=onnx_bytes(out / name),
+            precision=method.precision if method else "fp32",
+            quantization=method.name if method else None,
+            perplexity=reports[name].perplexity,
+            quality=ref.perplexity / reports[name].perplexity,
+            top1_agreement=agreement(reports[name], ref),
+            calibration=measured[name],
+        )
+    import onnxruntime
+
+    manifest = Manifest(
+        build_key=key,
+        source=sources,
+        build_config=config,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        host={"machine": platform.machine(), "processor": _cpu_name(),
+              "cpu_count": os.cpu_count(), "threads": opts.threads,
+              "onnxruntime": onnxruntime.__version__},
+        tokenizer=tok_path.name,
+        context_length=context,
+        eos_token_ids=eos,
+        runtime=runtime_choice["chosen"],
+        runtime_choice=runtime_choice,
+        quantization_choice=quant_choice,
+        heldout={"file": opts.heldout.name, "tokens_evaluated": ref.tokens,
+                 "window": opts.eval_window},
+        variants=variants,
+    )
+    manifest.save(out)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"ladder written to {out} ({len(variants)} variants, runtime {manifest.runtime})")
+    return manifest, True
+
+
+def _choose_runtime(out: Path, tokenizer: Tokenizer, context: int, eos: list[int],
+                    prompt: list[int], ours: dict[str, float], opts: BuildOptions,
+                    log: Log) -> dict[str, Any]:
+    """Serve with onnxruntime-genai when it decodes the full graph faster than our loop."""
+    result: dict[str, Any] = {"onnxruntime": {"decode_tokens_per_s": ours["decode_tokens_per_s"]}}
+    try:
+        from models.engine.genai import GenaiEngine
+
+        genai = GenaiEngine(out / "full", tokenizer, context, eos)
+        theirs = _measure(genai, prompt, opts)
+        result["onnxruntime-genai"] = {"decode_tokens_per_s": theirs["decode_tokens_per_s"]}
+        faster = theirs["decode_tokens_per_s"] > 1.05 * ours["decode_tokens_per_s"]
+        result["chosen"] = "onnxruntime-genai" if faster else "onnxruntime"
+    except Exception as err:  # genai absent or unable to run this graph: our loop serves
+        result["onnxruntime-genai"] = {"error": str(err).splitlines()[0]}
+        result["chosen"] = "onnxruntime"
+    result["rule"] = "onnxruntime-genai if > 1.05x our loop's decode tokens/s on full"
+    log(f"  runtime: {result['chosen']} ({json.dumps(result)})")
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,76 @@
+"""8-bit (and 4-bit) quantization candidates for an exported fp32 decoder.
+
+Two families, chosen between by measurement in :mod:`models.build.ladder`:
+``dynamic-int8`` (``MatMulInteger`` with activations quantized at run time) and weight-only
+``MatMulNBits`` (block-wise int8/int4 weights; compute in int8 with ``accuracy_level=4``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.build.export import ONNX_FILE
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """One quantization recipe; ``name`` is what the manifest records."""
+
+    name: str
+    family: str  # "dynamic" or "nbits"
+    bits: int
+    block_size: int = 32
+    accuracy_level: int | None = 4
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}"
+
+
+CANDIDATES_8BIT = (
+    QuantMethod("dynamic-int8-matmulinteger", "dynamic", 8),
+    QuantMethod("matmulnbits-int8-block32", "nbits", 8, 32),
+)
+CANDIDATE_4BIT = QuantMethod("matmulnbits-int4-block32", "nbits", 4, 32)
+
+
+def _copy_sidecars(src_dir: Path, dst_dir: Path) -> None:
+    """Copy config/tokenizer files so the quantized directory is a complete variant."""
+    for f in src_dir.iterdir():
+        if f.is_file() and f.suffix == ".json" and f.name != "genai_config.json":
+            shutil.copy2(f, dst_dir / f.name)
+
+
+def quantize(src_dir: Path, dst_dir: Path, method: QuantMethod) -> Path:
+    """Quantize ``src_dir/model.onnx`` into ``dst_dir/model.onnx`` with ``method``."""
+    import onnx
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    if dst_dir.exists():
+        shutil.rmtree(dst_dir)
+    dst_dir.mkdir(parents=True)
+    src, dst = src_dir / ONNX_FILE, dst_dir / ONNX_FILE
+    if method.family == "dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+    elif method.family == "nbits":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)),
+            bits=method.bits,
+            block_size=method.block_size,
+            is_symmetric=True,
+            accuracy_level=method.accuracy_level,
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    else:  # pragma: no cover - closed set above
+        raise ValueError(f"unknown quantization family {method.family}")
+    _copy_sidecars(src_dir, dst_dir)
+    return dst

@@ -1,0 +1,78 @@
+"""``genai_config.json`` for an optimum-exported decoder, so onnxruntime-genai can run that graph.
+
+onnxruntime-genai's own model builder would write this file, but it needs transformers 5.x while
+optimum-onnx needs < 4.58; describing optimum's graph (its input/output names, no shared KV
+buffer) lets genai's C++ generation loop drive the very same ONNX file our own engine runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def genai_config(hf_config: dict[str, Any], onnx_filename: str, threads: int,
+                 device: str = "cpu") -> dict[str, Any]:
+    """The config dict for one variant directory (``hf_config`` is its ``config.json``)."""
+    heads = int(hf_config["num_attention_heads"])
+    hidden = int(hf_config["hidden_size"])
+    eos = hf_config.get("eos_token_id", 0)
+    provider_options: list[dict[str, Any]] = [{"cuda": {}}] if device == "cuda" else []
+    return {
+        "model": {
+            "bos_token_id": hf_config.get("bos_token_id", eos),
+            "context_length": int(hf_config["max_position_embeddings"]),
+            "decoder": {
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "intra_op_num_threads": threads,
+                    "inter_op_num_threads": 1,
+                    "provider_options": provider_options,
+                },
+                "filename": onnx_filename,
+                "head_size": int(hf_config.get("head_dim") or hidden // heads),
+                "hidden_size": hidden,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": heads,
+                "num_hidden_layers": int(hf_config["num_hidden_layers"]),
+                "num_key_value_heads": int(hf_config.get("num_key_value_heads") or heads),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": hf_config.get("pad_token_id", eos),
+            "type": hf_config.get("model_type", "llama"),
+            "vocab_size": int(hf_config["vocab_size"]),
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": int(hf_config["max_position_embeddings"]),
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def write_genai_config(variant_dir: Path, onnx_filename: str, threads: int,
+                       device: str = "cpu") -> Path:
+    """Write ``genai_config.json`` beside the variant's ``config.json``; return its path."""
+    hf = json.loads((variant_dir / "config.json").read_text())
+    path = variant_dir / "genai_config.json"
+    path.write_text(json.dumps(genai_config(hf, onnx_filename, threads, device), indent=2) + "\n")
+    return path

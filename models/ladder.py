@@ -1,0 +1,93 @@
+"""Load a built ladder for serving: one engine per variant; one broken variant spares the rest."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from models.engine.base import Engine, VariantLoadError
+from models.manifest import Manifest, VariantInfo
+
+log = logging.getLogger(__name__)
+RUNTIMES = ("auto", "onnxruntime", "onnxruntime-genai")
+
+
+@dataclass
+class LoadedLadder:
+    """Engines that loaded, and a one-line reason for each variant that did not."""
+
+    directory: Path
+    manifest: Manifest
+    engines: dict[str, Engine] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def info(self, name: str) -> VariantInfo:
+        return self.manifest.variants[name]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def load_engine(ladder_dir: Path, manifest: Manifest, variant: VariantInfo, tokenizer: Tokenizer,
+                runtime: str, device: str, threads: int) -> Engine:
+    """Build the engine for one variant with the requested runtime."""
+    vdir = ladder_dir / variant.dir
+    if runtime == "onnxruntime-genai":
+        from models.engine.genai import GenaiEngine
+
+        return GenaiEngine(vdir, tokenizer, manifest.context_length, manifest.eos_token_ids,
+                           device=device)
+    from models.engine.ort import OrtEngine
+
+    return OrtEngine(vdir / variant.file, tokenizer, manifest.context_length,
+                     manifest.eos_token_ids, device=device, threads=threads)
+
+
+def load_ladder(
+    ladder_dir: Path,
+    device: str = "cpu",
+    threads: int = 2,
+    runtime: str = "auto",
+    only: list[str] | None = None,
+    warmup: bool = True,
+) -> LoadedLadder:
+    """Load every variant in ``ladder_dir`` (or those in ``only``).
+
+    ``runtime="auto"`` uses the manifest's measured choice. Raises :class:`VariantLoadError` only
+    when the manifest or tokenizer is unusable; a single variant's failure is recorded in
+    ``failed`` and logged.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    try:
+        manifest = Manifest.load(ladder_dir)
+    except FileNotFoundError as err:
+        raise VariantLoadError(f"no manifest.json in {ladder_dir}: build the ladder first "
+                               "(greenroute build)") from err
+    except ValueError as err:
+        raise VariantLoadError(f"invalid manifest in {ladder_dir}: "
+                               f"{str(err).splitlines()[0]}") from err
+    try:
+        tokenizer = Tokenizer.from_file(str(ladder_dir / manifest.tokenizer))
+    except Exception as err:  # tokenizers raises a bare Exception
+        raise VariantLoadError(f"cannot load tokenizer {manifest.tokenizer}: {err}") from err
+    chosen = manifest.runtime if runtime == "auto" else runtime
+    ladder = LoadedLadder(ladder_dir, manifest)
+    for variant in manifest.ordered():
+        if only is not None and variant.name not in only:
+            continue
+        try:
+            engine = load_engine(ladder_dir, manifest, variant, tokenizer, chosen, device,
+                                 threads)
+            if warmup:
+                engine.warmup()
+        except VariantLoadError as err:
+            ladder.failed[variant.name] = str(err)
+            log.error("variant %s not loaded: %s", variant.name, err)
+            continue
+        ladder.engines[variant.name] = engine
+    return ladder

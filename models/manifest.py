@@ -1,0 +1,81 @@
+"""``manifest.json``: what a built ladder holds, how each variant was made and how good it is.
+
+Written by the build (``models.build``), read by serving and routing; plain JSON, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = 1
+VARIANT_ORDER = ("full", "int8", "int4", "distilled", "distilled-int8")
+
+
+class Calibration(BaseModel):
+    """Measured cost on the build host (seeds the router's cost model)."""
+
+    prefill_ms_per_token: float
+    decode_ms_per_token: float
+    decode_tokens_per_s: float
+    threads: int
+    device: str = "cpu"
+
+
+class VariantInfo(BaseModel):
+    """One rung of the ladder."""
+
+    name: str
+    dir: str  # relative to the ladder directory
+    file: str  # ONNX file name inside ``dir``
+    source: str  # "teacher" or "student"
+    parameters: int
+    bytes: int  # ONNX graph + external weights on disk
+    precision: str  # "fp32", "int8", "int4"
+    quantization: str | None = None  # method, e.g. "matmulnbits-8bit-block32"
+    perplexity: float
+    quality: float = Field(ge=0.0)  # ppl_full / ppl_variant; 1.0 for full
+    top1_agreement: float = Field(ge=0.0, le=1.0)  # next-token argmax agreement with full
+    calibration: Calibration | None = None
+
+
+class Manifest(BaseModel):
+    """The whole ladder."""
+
+    schema_version: int = SCHEMA_VERSION
+    build_key: str  # hash of source checkpoints + build config: unchanged → no rebuild
+    source: dict[str, Any]
+    build_config: dict[str, Any]
+    created_at: str
+    host: dict[str, Any]
+    tokenizer: str  # file name, relative to the ladder directory
+    context_length: int
+    eos_token_ids: list[int]
+    runtime: str  # engine chosen to serve: "onnxruntime" or "onnxruntime-genai"
+    runtime_choice: dict[str, Any]  # why: measurements of both engines
+    quantization_choice: dict[str, Any]  # why: measurements of every candidate method
+    heldout: dict[str, Any]
+    variants: dict[str, VariantInfo]
+
+    @classmethod
+    def load(cls, ladder_dir: Path) -> Manifest:
+        return cls.model_validate_json((ladder_dir / "manifest.json").read_text())
+
+    def save(self, ladder_dir: Path) -> Path:
+        """Write atomically (a reader never sees half a manifest)."""
+        path = ladder_dir / "manifest.json"
+        fd, tmp = tempfile.mkstemp(dir=ladder_dir, prefix=".manifest-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def ordered(self) -> list[VariantInfo]:
+        """Variants in ladder order (full first), unknown names last."""
+        rank = {n: i for i, n in enumerate(VARIANT_ORDER)}
+        return sorted(self.variants.values(), key=lambda v: (rank.get(v.name, 99), v.name))

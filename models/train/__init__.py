@@ -1,0 +1,1 @@
+"""Training the default teacher and distilling its student (build time only: needs torch)."""

@@ -1,0 +1,216 @@
+"""Engines on a real tiny ladder: PyTorch equivalence, sampling, stops, EOS, limits, cancel."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from models.engine.base import (
+    ContextOverflowError,
+    GenerationParams,
+    StopMatcher,
+    VariantLoadError,
+)
+from models.engine.genai import GenaiEngine
+from models.engine.ort import OrtEngine
+from models.engine.sampling import select_token
+from models.ladder import load_ladder
+from models.manifest import Manifest
+
+PROMPT = "The json module can"
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_ladder: Path) -> Manifest:
+    return Manifest.load(tiny_ladder)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_ladder: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(tiny_ladder / "tokenizer.json"))
+
+
+def ort_engine(ladder: Path, manifest: Manifest, tokenizer: Tokenizer, variant: str = "full",
+               eos: list[int] | None = None) -> OrtEngine:
+    v = manifest.variants[variant]
+    return OrtEngine(ladder / v.dir / v.file, tokenizer, manifest.context_length,
+                     manifest.eos_token_ids if eos is None else eos, threads=2)
+
+
+@pytest.fixture(scope="module")
+def full(tiny_ladder: Path, manifest: Manifest, tokenizer: Tokenizer) -> OrtEngine:
+    return ort_engine(tiny_ladder, manifest, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def varied(random_llama: tuple[Path, Path], tokenizer: Tokenizer) -> OrtEngine:
+    """An engine whose continuations vary token to token (for text-level behaviour)."""
+    return OrtEngine(random_llama[1] / "model.onnx", tokenizer, 128, [0])
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "x", "Return a new list of the items in"])
+def test_greedy_matches_pytorch_token_for_token(
+    random_llama: tuple[Path, Path], tokenizer: Tokenizer, prompt: str
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ckpt, onnx_dir = random_llama
+    engine = OrtEngine(onnx_dir / "model.onnx", tokenizer, 128, [0])
+    ids = engine.encode(prompt)
+    ours = engine.generate(ids, GenerationParams(max_new_tokens=40, ignore_eos=True)).token_ids
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, len(ids):].tolist()
+    assert len(set(ours)) > 5  # a varied continuation, so agreement is not by accident
+
+
+def test_genai_runs_the_same_graph_to_the_same_tokens(
+    tiny_ladder: Path, manifest: Manifest, tokenizer: Tokenizer, full: OrtEngine
+) -> None:
+    genai = GenaiEngine(tiny_ladder / "full", tokenizer, manifest.context_length,
+                        manifest.eos_token_ids)
+    params = GenerationParams(max_new_tokens=30, ignore_eos=True)
+    ids = full.encode(PROMPT)
+    assert genai.generate(ids, params).token_ids == full.generate(ids, params).token_ids
+
+
+def test_batch_generation_with_left_padding_matches_single(full: OrtEngine) -> None:
+    prompts = [full.encode(PROMPT), full.encode("Return a new"), full.encode("x")]
+    params = GenerationParams(max_new_tokens=12, ignore_eos=True)
+    batched = full.generate_batch(prompts, params)
+    for ids, row in zip(prompts, batched, strict=True):
+        assert row == full.generate(ids, params).token_ids
+
+
+def test_seeded_sampling_is_reproducible(varied: OrtEngine) -> None:
+    ids = varied.encode(PROMPT)
+    params = GenerationParams(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=11,
+                              ignore_eos=True)
+    first = varied.generate(ids, params).token_ids
+    assert varied.generate(ids, params).token_ids == first
+    other = GenerationParams(max_new_tokens=30, temperature=1.0, top_p=0.95, seed=12,
+                             ignore_eos=True)
+    assert varied.generate(ids, other).token_ids != first
+
+
+def test_stop_sequence_ends_generation_and_is_cut(varied: OrtEngine) -> None:
+    ids = varied.encode(PROMPT)
+    free = varied.generate(ids, GenerationParams(max_new_tokens=40, ignore_eos=True))
+    stop = free.text[len(free.text) // 2 :][:3]
+    assert stop.strip(), "need a non-blank stop string from the free-running text"
+    cut = varied.generate(ids, GenerationParams(max_new_tokens=40, stop=(stop,), ignore_eos=True))
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.find(stop)]
+    assert len(cut.token_ids) < len(free.token_ids)
+
+
+def test_streamed_chunks_never_leak_a_stop_prefix(varied: OrtEngine) -> None:
+    ids = varied.encode(PROMPT)
+    free = varied.generate(ids, GenerationParams(max_new_tokens=40, ignore_eos=True))
+    stop = free.text[10:16]
+    chunks = list(varied.stream(ids, GenerationParams(max_new_tokens=40, stop=(stop,),
+                                                    ignore_eos=True)))
+    streamed = "".join(c.text for c in chunks)
+    assert stop not in streamed
+    assert streamed == free.text[: free.text.find(stop)]
+    assert [c.finish_reason for c in chunks][-1] == "stop"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_eos_ends_generation(varied: OrtEngine, random_llama: tuple[Path, Path],
+                             tokenizer: Tokenizer) -> None:
+    ids = varied.encode(PROMPT)
+    free = varied.generate(ids, GenerationParams(max_new_tokens=20, ignore_eos=True)).token_ids
+    eos = free[4]
+    engine = OrtEngine(random_llama[1] / "model.onnx", tokenizer, 128, [eos])
+    result = engine.generate(ids, GenerationParams(max_new_tokens=20))
+    assert result.finish_reason == "stop"
+    assert result.token_ids == free[: free.index(eos)]
+
+
+def test_max_new_tokens_gives_length(varied: OrtEngine) -> None:
+    result = varied.generate(PROMPT, GenerationParams(max_new_tokens=7, ignore_eos=True))
+    assert result.finish_reason == "length"
+    assert len(result.token_ids) == 7
+
+
+def test_context_overflow_is_rejected_before_any_work(varied: OrtEngine) -> None:
+    ids = varied.encode(PROMPT)
+    too_many = varied.context_length - len(ids) + 1
+    with pytest.raises(ContextOverflowError, match="exceeds the model's context"):
+        next(varied.stream(ids, GenerationParams(max_new_tokens=too_many)))
+    varied.generate(ids, GenerationParams(max_new_tokens=too_many - 1, ignore_eos=True))
+
+
+def test_cancel_stops_between_tokens(varied: OrtEngine) -> None:
+    cancel = threading.Event()
+    chunks = []
+    params = GenerationParams(max_new_tokens=50, ignore_eos=True)
+    for seen, chunk in enumerate(varied.stream(varied.encode(PROMPT), params, cancel), start=1):
+        chunks.append(chunk)
+        if seen == 3:
+            cancel.set()
+    assert chunks[-1].finish_reason == "cancelled"
+    assert len(chunks) == 4  # the token in flight when cancel was set, then stop
+
+
+def test_stop_matcher_holds_back_partial_stop(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("abc END def", add_special_tokens=False).ids
+    matcher = StopMatcher(tokenizer, ["END"])
+    released = ""
+    stopped = False
+    for i in ids:
+        out, stopped = matcher.push(i)
+        released += out
+        assert "EN" not in released
+        if stopped:
+            break
+    assert stopped and released == "abc "
+
+
+def test_sampling_top_k_and_top_p() -> None:
+    logits = np.array([0.0, 5.0, 4.0, 1.0, -3.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert select_token(logits, GenerationParams(), rng) == 1
+    two = {select_token(logits, GenerationParams(temperature=5.0, top_k=2), rng)
+           for _ in range(200)}
+    assert two == {1, 2}
+    nucleus = {select_token(logits, GenerationParams(temperature=1.0, top_p=0.5), rng)
+               for _ in range(100)}
+    assert nucleus == {1}  # p(1) ≈ 0.71 already covers 0.5
+
+
+def test_broken_variant_fails_alone(tiny_ladder: Path, tmp_path: Path) -> None:
+    ladder = tmp_path / "ladder"
+    shutil.copytree(tiny_ladder, ladder)
+    (ladder / "int8" / "model.onnx").write_bytes(b"not an onnx file")
+    (ladder / "distilled" / "model.onnx").unlink()
+    loaded = load_ladder(ladder, runtime="onnxruntime", warmup=False)
+    assert {"full", "distilled-int8"} <= set(loaded.engines)
+    assert set(loaded.failed) == {"int8", "distilled"}
+    assert "not found" in loaded.failed["distilled"]
+    assert "cannot load" in loaded.failed["int8"]
+    assert all("\n" not in msg for msg in loaded.failed.values())
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(VariantLoadError, match="build the ladder first"):
+        load_ladder(tmp_path)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "onnxruntime-genai"])
+def test_every_variant_generates(tiny_ladder: Path, runtime: str) -> None:
+    loaded = load_ladder(tiny_ladder, runtime=runtime)
+    assert not loaded.failed
+    for engine in loaded.engines.values():
+        assert engine.runtime == runtime
+        out = engine.generate(PROMPT, GenerationParams(max_new_tokens=5, ignore_eos=True))
+        assert len(out.token_ids) == 5
