@@ -15,7 +15,8 @@ from pathlib import Path
 def _cmd_train(args: argparse.Namespace) -> int:
     from models.train.train import train
 
-    summary = train(Path(args.config), Path(args.checkpoint_dir), threads=args.threads)
+    summary = train(Path(args.config), Path(args.checkpoint_dir), threads=args.threads,
+                    until=args.until)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -55,6 +56,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.models import report, run_bench
+    from models.build.ladder import DEFAULT_TEACHER, default_ladder_dir
+
+    ladder = Path(args.ladder) if args.ladder else default_ladder_dir()
+    figures = run_bench(ladder, Path(args.teacher) if args.teacher else DEFAULT_TEACHER,
+                        runs=args.runs, new_tokens=args.new_tokens,
+                        prompt_tokens=args.prompt_tokens,
+                        batch_sizes=tuple(int(b) for b in args.batch.split(",")),
+                        threads=args.threads, baselines=not args.no_baselines)
+    print(report(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greenroute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,10 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.set_defaults(func=_cmd_build)
 
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    bench = p.add_subparsers(dest="suite", required=True)
+    b = bench.add_parser("models", help="decode speed of every variant vs PyTorch, optimum, "
+                                        "onnxruntime-genai")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--teacher", default=None, help="checkpoint behind full (PyTorch baseline)")
+    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--no-baselines", action="store_true")
+    b.add_argument("--json", default=None, help="also write the figures here")
+    b.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("train", help="train a model (or distil a student) from a TOML config")
     p.add_argument("--config", required=True)
     p.add_argument("--checkpoint-dir", required=True, help="resumes from last.pt found here")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--until", type=int, default=None,
+                   help="stop after this step (checkpointed); run again to resume")
     p.set_defaults(func=_cmd_train)
     return parser
 

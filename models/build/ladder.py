@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,7 +27,7 @@ from models.build.source import BuildError, checkpoint_hash, resolve_checkpoint
 from models.engine.base import Engine
 from models.engine.ort import OrtEngine
 from models.genai_config import write_genai_config
-from models.manifest import Manifest, VariantInfo
+from models.manifest import Calibration, Manifest, VariantInfo
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = PACKAGE_DIR / "default" / "teacher"
@@ -96,6 +97,7 @@ def is_up_to_date(out: Path, key: str) -> bool:
 
 
 def _count_parameters(checkpoint: Path) -> int:
+    """Parameters stored in the checkpoint (tied weights counted once, as stored)."""
     from safetensors import safe_open
 
     files = sorted(checkpoint.glob("*.safetensors"))
@@ -107,17 +109,8 @@ def _count_parameters(checkpoint: Path) -> int:
     total = 0
     for f in files:
         with safe_open(str(f), "np") as fh:
-            for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
-                total += int(fh.get_slice(name).get_shape().__len__() and
-                             _prod(fh.get_slice(name).get_shape()))
+            total += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118
     return total
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
 
 
 def _eos_ids(checkpoint: Path) -> list[int]:
@@ -162,9 +155,8 @@ def _distil(teacher: Path, layers: int, steps: int, corpus: str, work: Path, log
     return distil_student(teacher, layers, steps, Path(corpus), work)
 
 
-def _measure(engine: Engine, prompt: list[int], opts: BuildOptions) -> dict[str, float]:
-    cal = calibrate(engine, prompt, new_tokens=opts.calibration_tokens, threads=opts.threads)
-    return cal.model_dump()
+def _measure(engine: Engine, prompt: list[int], opts: BuildOptions) -> Calibration:
+    return calibrate(engine, prompt, new_tokens=opts.calibration_tokens, threads=opts.threads)
 
 
 def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
@@ -220,13 +212,13 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         return OrtEngine(vdir / ONNX_FILE, tokenizer, context, eos, threads=opts.threads)
 
     reports: dict[str, QualityReport] = {}
-    measured: dict[str, dict[str, float]] = {}
+    measured: dict[str, Calibration] = {}
     for name in sources_by_variant:
         eng = engine_for(out / name)
         reports[name] = evaluate(eng, ids, opts.eval_window)
         measured[name] = _measure(eng, prompt, opts)
         log(f"  {name}: ppl {reports[name].perplexity:.2f}, "
-            f"{measured[name]['decode_tokens_per_s']:.0f} tok/s")
+            f"{measured[name].decode_tokens_per_s:.0f} tok/s")
     ref = reports["full"]
 
     # 2. quantization: every candidate measured, the fastest 8-bit one kept ----------------
@@ -249,13 +241,13 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
                 "bits": method.bits,
                 "perplexity": rep.perplexity,
                 "quality": ref.perplexity / rep.perplexity,
-                "decode_tokens_per_s": cost["decode_tokens_per_s"],
+                "decode_tokens_per_s": cost.decode_tokens_per_s,
                 "bytes": onnx_bytes(tdir),
             }
             reports[f"{qname}:{method.name}"] = rep
             measured[f"{qname}:{method.name}"] = cost
             log(f"  {qname} candidate {method.name}: ppl {rep.perplexity:.2f}, "
-                f"{cost['decode_tokens_per_s']:.0f} tok/s")
+                f"{cost.decode_tokens_per_s:.0f} tok/s")
         eight = [m for m in candidates if m.bits == 8]
         # fastest 8-bit method whose quality is within 2 % of the best 8-bit quality
         best_q = max(trials[m.name]["quality"] for m in eight)
@@ -296,7 +288,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     # 4. manifest --------------------------------------------------------------------------
     variants: dict[str, VariantInfo] = {}
     for name, (role, ckpt) in sources_by_variant.items():
-        method = chosen_methods.get(name)
+        chosen: q.QuantMethod | None = chosen_methods.get(name)
         variants[name] = VariantInfo(
             name=name,
             dir=name,
@@ -304,8 +296,8 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
             source=role,
             parameters=_count_parameters(ckpt),
             bytes=onnx_bytes(out / name),
-            precision=method.precision if method else "fp32",
-            quantization=method.name if method else None,
+            precision=chosen.precision if chosen else "fp32",
+            quantization=chosen.name if chosen else None,
             perplexity=reports[name].perplexity,
             quality=ref.perplexity / reports[name].perplexity,
             top1_agreement=agreement(reports[name], ref),
@@ -338,17 +330,17 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
 
 
 def _choose_runtime(out: Path, tokenizer: Tokenizer, context: int, eos: list[int],
-                    prompt: list[int], ours: dict[str, float], opts: BuildOptions,
+                    prompt: list[int], ours: Calibration, opts: BuildOptions,
                     log: Log) -> dict[str, Any]:
     """Serve with onnxruntime-genai when it decodes the full graph faster than our loop."""
-    result: dict[str, Any] = {"onnxruntime": {"decode_tokens_per_s": ours["decode_tokens_per_s"]}}
+    result: dict[str, Any] = {"onnxruntime": {"decode_tokens_per_s": ours.decode_tokens_per_s}}
     try:
         from models.engine.genai import GenaiEngine
 
         genai = GenaiEngine(out / "full", tokenizer, context, eos)
         theirs = _measure(genai, prompt, opts)
-        result["onnxruntime-genai"] = {"decode_tokens_per_s": theirs["decode_tokens_per_s"]}
-        faster = theirs["decode_tokens_per_s"] > 1.05 * ours["decode_tokens_per_s"]
+        result["onnxruntime-genai"] = {"decode_tokens_per_s": theirs.decode_tokens_per_s}
+        faster = theirs.decode_tokens_per_s > 1.05 * ours.decode_tokens_per_s
         result["chosen"] = "onnxruntime-genai" if faster else "onnxruntime"
     except Exception as err:  # genai absent or unable to run this graph: our loop serves
         result["onnxruntime-genai"] = {"error": str(err).splitlines()[0]}

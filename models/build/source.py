@@ -53,6 +53,6 @@ def checkpoint_hash(path: Path) -> str:
             continue
         digest.update(file.relative_to(path).as_posix().encode())
         with file.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            while block := fh.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()

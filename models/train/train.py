@@ -129,17 +129,24 @@ def distil_student(teacher_dir: Path, layers: int, steps: int, corpus: Path, out
     return out_dir
 
 
-def train(config_path: Path, checkpoint_dir: Path, threads: int = 2) -> dict[str, Any]:
+def train(config_path: Path, checkpoint_dir: Path, threads: int = 2,
+          until: int | None = None) -> dict[str, Any]:
     """Run (or resume) the training described by ``config_path``; return its summary."""
-    summary = run(TrainConfig.load(config_path), checkpoint_dir, threads)
+    summary = run(TrainConfig.load(config_path), checkpoint_dir, threads, until=until)
     summary["config"] = str(config_path)
+    if not summary.get("finished", True):
+        return summary
     (Path(summary["out_dir"]) / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2,
-        progress: bool = True) -> dict[str, Any]:
-    """Train (or distil) as ``cfg`` says, resuming from ``checkpoint_dir/last.pt``."""
+def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2, progress: bool = True,
+        until: int | None = None) -> dict[str, Any]:
+    """Train (or distil) as ``cfg`` says, resuming from ``checkpoint_dir/last.pt``.
+
+    ``until`` stops after that step with a checkpoint written (the run resumes later exactly
+    where it stopped); the model is only saved to ``out_dir`` once all steps are done.
+    """
     import torch
     import torch.nn.functional as F  # noqa: N812
     from tqdm import tqdm
@@ -226,7 +233,8 @@ def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2,
     losses: list[float] = []
     bar = tqdm(total=tcfg["steps"], initial=step, desc=cfg.out_dir.name, unit="step",
                disable=not progress)
-    while step < tcfg["steps"]:
+    stop_at = min(tcfg["steps"], until) if until is not None else tcfg["steps"]
+    while step < stop_at:
         starts = np.random.randint(0, rng_high, size=bsz)
         batch = np.stack([data[s : s + seq + 1] for s in starts]).astype(np.int64)
         x = torch.from_numpy(batch[:, :-1])
@@ -256,13 +264,15 @@ def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2,
         losses.append(float(ce.detach()))
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ce=f"{float(ce.detach()):.3f}")
         bar.update(1)
-        if step % tcfg["checkpoint_every"] == 0 or step == tcfg["steps"]:
+        if step % tcfg["checkpoint_every"] == 0 or step == stop_at:
             torch.save(
                 {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                  "torch_rng": torch.get_rng_state(), "np_rng": np.random.get_state()},
                 ckpt,
             )
     bar.close()
+    if step < tcfg["steps"]:
+        return {"out_dir": str(cfg.out_dir), "steps": step, "finished": False}
 
     model.eval()
     model.to(torch.float16).save_pretrained(str(cfg.out_dir), safe_serialization=True)

@@ -1,0 +1,47 @@
+# The README's two commands: `make run` (service on the default model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+HOST ?= 0.0.0.0
+LADDER ?= $(or $(GREENROUTE_CACHE_DIR),$(HOME)/.cache/greenroute)/ladder
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run build test lint typecheck bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# `build` extra: torch (CPU wheel), transformers, optimum — needed to build the ladder once.
+$(VENV)/.installed-build: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[build]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[build,dev]'
+	touch $@ $(VENV)/.installed-build
+
+## build the default ladder if missing or stale (skipped when up to date)
+build: $(VENV)/.installed-build
+	$(BIN)/greenroute build --out $(LADDER) > /dev/null
+
+## install, build the default ladder if needed, start the service on :$(PORT)
+run: build
+	$(BIN)/greenroute serve --host $(HOST) --port $(PORT) --ladder $(LADDER)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check app models routing telemetry tests bench
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+## install everything and run lint, type check and the whole test suite
+test: lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: build
+	$(BIN)/greenroute bench models --ladder $(LADDER)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

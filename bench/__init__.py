@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (`greenroute bench`); targets are judged here, not in tests."""

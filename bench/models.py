@@ -1,0 +1,190 @@
+"""``greenroute bench models``: decode tokens/s and time to first token for every variant, side by
+side in one run with PyTorch ``generate``, optimum ``ORTModelForCausalLM.generate`` and
+onnxruntime-genai's ``Generator`` loop on the same weights.
+
+Each engine runs in its own subprocess (``python -m bench.models --worker ...``) so that torch's
+and onnxruntime's thread pools never share a process; all use the same thread count, prompt,
+greedy decoding, a warm-up, then the median of ``runs`` timed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TARGETS = (  # (numerator, denominator, minimum ratio) on batch-1 decode tokens/s
+    ("ours:full", "optimum:full", 2.0),
+    ("ours:full", "genai:full", 0.9),
+    ("ours:int8", "ours:full", 1.5),
+    ("ours:distilled", "ours:full", 2.0),
+)
+
+
+def _prompt_ids(ladder: Path, prompt_tokens: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    from models.build.ladder import DEFAULT_HELDOUT
+    from models.manifest import Manifest
+
+    tok = Tokenizer.from_file(str(ladder / Manifest.load(ladder).tokenizer))
+    ids = tok.encode(DEFAULT_HELDOUT.read_text(encoding="utf-8")[:4000],
+                     add_special_tokens=False).ids
+    return list(ids[:prompt_tokens])
+
+
+def _median_timing(fn_first: Callable[[], None], fn_all: Callable[[], None], runs: int,
+                   new_tokens: int, batch: int) -> dict[str, float]:
+    """TTFT = median time of a 1-token run; decode rate from the full runs minus that."""
+    fn_first()
+    fn_all()  # warm-up
+    firsts, totals = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn_first()
+        firsts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn_all()
+        totals.append(time.perf_counter() - t)
+    ttft, total = statistics.median(firsts), statistics.median(totals)
+    return {"ttft_ms": 1000 * ttft,
+            "decode_tokens_per_s": batch * (new_tokens - 1) / max(1e-9, total - ttft),
+            "total_s": total}
+
+
+def _worker(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ladder = Path(args.ladder)
+    prompt = _prompt_ids(ladder, args.prompt_tokens)
+    kind, variant = args.worker.split(":")
+    n, batch, runs = args.new_tokens, args.batch, args.runs
+    prompts = [prompt] * batch
+    if kind == "ours":
+        from models.engine.base import GenerationParams
+        from models.ladder import load_ladder
+
+        eng: Any = load_ladder(ladder, threads=args.threads, runtime="onnxruntime",
+                               only=[variant]).engines[variant]
+        one = GenerationParams(max_new_tokens=1, ignore_eos=True)
+        full = GenerationParams(max_new_tokens=n, ignore_eos=True)
+        if batch == 1:
+            return _median_timing(lambda: eng.generate(prompt, one),
+                                  lambda: eng.generate(prompt, full), runs, n, 1)
+        return _median_timing(lambda: eng.generate_batch(prompts, one),
+                              lambda: eng.generate_batch(prompts, full), runs, n, batch)
+    if kind == "genai":
+        from models.engine.base import GenerationParams
+        from models.ladder import load_ladder
+
+        eng = load_ladder(ladder, threads=args.threads, runtime="onnxruntime-genai",
+                          only=[variant]).engines[variant]
+        one = GenerationParams(max_new_tokens=1, ignore_eos=True)
+        full = GenerationParams(max_new_tokens=n, ignore_eos=True)
+        return _median_timing(lambda: eng.generate(prompt, one),
+                              lambda: eng.generate(prompt, full), runs, n, 1)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ids = torch.tensor(prompts)
+    if kind == "optimum":
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        model: Any = ORTModelForCausalLM.from_pretrained(str(ladder / variant), use_cache=True,
+                                                         session_options=so)
+    else:  # torch: the source checkpoint of that variant
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+
+    def gen(k: int) -> None:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                           min_new_tokens=k, do_sample=False, pad_token_id=0)
+
+    return _median_timing(lambda: gen(1), lambda: gen(n), runs, n, batch)
+
+
+def run_bench(ladder: Path, teacher: Path | None, runs: int = 5, new_tokens: int = 128,
+              prompt_tokens: int = 32, batch_sizes: tuple[int, ...] = (1, 8),
+              threads: int = 2, baselines: bool = True) -> dict[str, Any]:
+    """Run every engine × batch size in turn (one subprocess each); return all figures."""
+    from models.manifest import Manifest
+
+    manifest = Manifest.load(ladder)
+    jobs: list[tuple[str, int]] = [(f"ours:{v.name}", b) for v in manifest.ordered()
+                                   for b in batch_sizes]
+    if baselines:
+        jobs += [("genai:full", 1), ("optimum:full", 1), ("torch:full", 1)]
+        if 8 in batch_sizes:
+            jobs += [("optimum:full", 8), ("torch:full", 8)]
+    results: dict[str, Any] = {}
+    for name, batch in jobs:
+        cmd = [sys.executable, "-m", "bench.models", "--worker", name, "--ladder", str(ladder),
+               "--runs", str(runs), "--new-tokens", str(new_tokens), "--batch", str(batch),
+               "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
+        if teacher is not None:
+            cmd += ["--checkpoint", str(teacher)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        key = f"{name}@b{batch}"
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            results[key] = {"error": tail[0]}
+        else:
+            results[key] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  measured {key}: {results[key]}", file=sys.stderr)
+    return {"host": manifest.host, "runs": runs, "new_tokens": new_tokens,
+            "prompt_tokens": prompt_tokens, "threads": threads, "results": results}
+
+
+def report(figures: dict[str, Any]) -> str:
+    """A plain-text table plus the target ratios."""
+    res = figures["results"]
+    lines = [f"decode tokens/s and TTFT, prompt {figures['prompt_tokens']} tokens, "
+             f"{figures['new_tokens']} new tokens, greedy, median of {figures['runs']} runs, "
+             f"{figures['threads']} threads",
+             f"{'engine':<28}{'batch':>6}{'tok/s':>10}{'TTFT ms':>10}"]
+    for key, r in res.items():
+        name, batch = key.rsplit("@b", 1)
+        if "error" in r:
+            lines.append(f"{name:<28}{batch:>6}  error: {r['error']}")
+        else:
+            lines.append(f"{name:<28}{batch:>6}{r['decode_tokens_per_s']:>10.0f}"
+                         f"{r['ttft_ms']:>10.1f}")
+    lines.append("targets (batch 1 decode tokens/s ratios):")
+    for num, den, minimum in TARGETS:
+        a, b = res.get(f"{num}@b1", {}), res.get(f"{den}@b1", {})
+        if "decode_tokens_per_s" in a and "decode_tokens_per_s" in b:
+            ratio = a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+            verdict = "met" if ratio >= minimum else "MISSED"
+            lines.append(f"  {num} / {den} = {ratio:.2f}x (target >= {minimum}x): {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.models")
+    p.add_argument("--worker", required=True)
+    p.add_argument("--ladder", required=True)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    print(json.dumps(_worker(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The built ladder: manifest contents, quality order, sizes, rebuild skipping, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.build.ladder import build_ladder, is_up_to_date
+from models.build.source import BuildError, resolve_checkpoint
+from models.manifest import Manifest
+from tests.conftest import tiny_build_options
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_ladder: Path) -> Manifest:
+    return Manifest.load(tiny_ladder)
+
+
+def test_ladder_has_the_stable_variant_names(manifest: Manifest) -> None:
+    assert {"full", "int8", "distilled", "distilled-int8"} <= set(manifest.variants)
+    assert set(manifest.variants) <= {"full", "int8", "int4", "distilled", "distilled-int8"}
+
+
+def test_quality_is_ordered_full_int8_distilled(manifest: Manifest) -> None:
+    v = manifest.variants
+    assert v["full"].quality == 1.0 and v["full"].top1_agreement == 1.0
+    # 8-bit weights barely move the model; a 1-layer student of half the width clearly does
+    assert v["int8"].quality == pytest.approx(1.0, abs=0.05)
+    assert v["int8"].quality > v["distilled"].quality
+    assert v["int8"].top1_agreement > v["distilled"].top1_agreement
+    for info in v.values():
+        assert info.quality == pytest.approx(v["full"].perplexity / info.perplexity)
+
+
+def test_sizes_and_precisions(manifest: Manifest, tiny_ladder: Path) -> None:
+    v = manifest.variants
+    assert v["int8"].bytes < v["full"].bytes
+    assert v["distilled"].bytes < v["full"].bytes
+    assert v["distilled-int8"].bytes < v["distilled"].bytes
+    assert v["distilled"].parameters < v["full"].parameters
+    assert v["int8"].parameters == v["full"].parameters
+    assert (v["full"].precision, v["int8"].precision) == ("fp32", "int8")
+    for info in v.values():
+        path = tiny_ladder / info.dir / info.file
+        assert path.is_file()
+        assert (tiny_ladder / info.dir / "genai_config.json").is_file()
+
+
+def test_int8_method_is_the_measured_choice(manifest: Manifest) -> None:
+    choice = manifest.quantization_choice["int8"]
+    trials = choice["candidates"]
+    eight = {k: t for k, t in trials.items() if t["bits"] == 8}
+    assert len(eight) >= 2
+    best_q = max(t["quality"] for t in eight.values())
+    eligible = {k: t for k, t in eight.items() if t["quality"] >= best_q - 0.02}
+    assert choice["chosen"] == max(eligible, key=lambda k: eligible[k]["decode_tokens_per_s"])
+    assert manifest.variants["int8"].quantization == choice["chosen"]
+    assert "int4" in manifest.quantization_choice  # considered, added or not, with its numbers
+
+
+def test_runtime_choice_is_recorded_with_measurements(manifest: Manifest) -> None:
+    rc = manifest.runtime_choice
+    assert manifest.runtime == rc["chosen"]
+    ours = rc["onnxruntime"]["decode_tokens_per_s"]
+    theirs = rc["onnxruntime-genai"]["decode_tokens_per_s"]
+    assert rc["chosen"] == ("onnxruntime-genai" if theirs > 1.05 * ours else "onnxruntime")
+    for info in manifest.variants.values():
+        assert info.calibration is not None and info.calibration.decode_ms_per_token > 0
+
+
+def test_unchanged_rebuild_is_skipped(tiny_ladder: Path, tiny_teacher: Path, tiny_student: Path,
+                                      tiny_texts: tuple[Path, Path]) -> None:
+    before = (tiny_ladder / "manifest.json").stat().st_mtime_ns
+    opts = tiny_build_options(tiny_teacher, tiny_student, tiny_ladder, tiny_texts[1])
+    manifest, built = build_ladder(opts, log=lambda _m: None)
+    assert not built
+    assert (tiny_ladder / "manifest.json").stat().st_mtime_ns == before
+    assert is_up_to_date(tiny_ladder, manifest.build_key)
+    assert not is_up_to_date(tiny_ladder, "0" * 64)
+
+
+def test_missing_variant_file_makes_the_ladder_stale(tiny_ladder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "ladder"
+    shutil.copytree(tiny_ladder, copy)
+    key = Manifest.load(copy).build_key
+    assert is_up_to_date(copy, key)
+    (copy / "distilled" / "model.onnx").unlink()
+    assert not is_up_to_date(copy, key)
+
+
+def _bad_checkpoints(root: Path, teacher: Path) -> dict[str, Path]:
+    cases = {}
+    cases["missing"] = root / "does-not-exist"
+    (root / "file").write_text("x")
+    cases["file"] = root / "file"
+    (root / "noconfig").mkdir()
+    cases["noconfig"] = root / "noconfig"
+    (root / "badjson").mkdir()
+    (root / "badjson" / "config.json").write_text("{not json")
+    cases["badjson"] = root / "badjson"
+    (root / "encoder").mkdir()
+    (root / "encoder" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    cases["encoder"] = root / "encoder"
+    (root / "noweights").mkdir()
+    (root / "noweights" / "config.json").write_text((teacher / "config.json").read_text())
+    cases["noweights"] = root / "noweights"
+    return cases
+
+
+def test_broken_checkpoints_raise_one_line_errors(tmp_path: Path, tiny_teacher: Path) -> None:
+    expected = {"missing": "not found", "file": "not a directory", "noconfig": "no config.json",
+                "badjson": "not valid JSON", "encoder": "not a causal language model",
+                "noweights": "no weights"}
+    for name, path in _bad_checkpoints(tmp_path, tiny_teacher).items():
+        with pytest.raises(BuildError) as err:
+            resolve_checkpoint(str(path))
+        assert expected[name] in str(err.value), name
+        assert "\n" not in str(err.value)
+
+
+def test_cli_reports_a_broken_checkpoint_without_traceback(tmp_path: Path,
+                                                           tiny_teacher: Path) -> None:
+    bad = _bad_checkpoints(tmp_path, tiny_teacher)["noweights"]
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "build", "--model", str(bad),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"greenroute build: error: {bad}: no weights (*.safetensors or *.bin) in the directory"]
+    assert "Traceback" not in proc.stderr
