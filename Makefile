@@ -26,9 +26,9 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 build: $(VENV)/.installed-build
 	$(BIN)/greenroute build --out $(LADDER) > /dev/null
 
-## install, build the default ladder if needed, start the service on :$(PORT)
+## install, build the default ladder if needed, then show it (the HTTP service is the next step)
 run: build
-	$(BIN)/greenroute serve --host $(HOST) --port $(PORT) --ladder $(LADDER)
+	$(BIN)/greenroute show --ladder $(LADDER)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check app models routing telemetry tests bench

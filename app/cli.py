@@ -56,6 +56,28 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from models.build.ladder import default_ladder_dir
+    from models.manifest import Manifest
+
+    ladder = Path(args.ladder) if args.ladder else default_ladder_dir()
+    try:
+        manifest = Manifest.load(ladder)
+    except FileNotFoundError:
+        print(f"greenroute show: error: no ladder in {ladder} (run greenroute build)",
+              file=sys.stderr)
+        return 2
+    print(f"ladder {ladder}  runtime {manifest.runtime}  context {manifest.context_length}")
+    print(f"{'variant':<16}{'precision':<10}{'params':>12}{'MB':>8}{'ppl':>9}{'quality':>9}"
+          f"{'top1':>7}{'tok/s':>8}  method")
+    for v in manifest.ordered():
+        rate = v.calibration.decode_tokens_per_s if v.calibration else float("nan")
+        print(f"{v.name:<16}{v.precision:<10}{v.parameters:>12,}{v.bytes / 1e6:>8.1f}"
+              f"{v.perplexity:>9.2f}{v.quality:>9.3f}{v.top1_agreement:>7.3f}{rate:>8.0f}  "
+              f"{v.quantization or '-'}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.models import report, run_bench
     from models.build.ladder import DEFAULT_TEACHER, default_ladder_dir
@@ -100,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("show", help="print the built ladder's variants and measurements")
+    p.add_argument("--ladder", default=None)
+    p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bench = p.add_subparsers(dest="suite", required=True)
