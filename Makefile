@@ -26,9 +26,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 build: $(VENV)/.installed-build
 	$(BIN)/greenroute build --out $(LADDER) > /dev/null
 
-## install, build the default ladder if needed, then show it (the HTTP service is the next step)
+## install, build the default ladder if needed, start the service on :$(PORT)
 run: build
 	$(BIN)/greenroute show --ladder $(LADDER)
+	$(BIN)/greenroute serve --host $(HOST) --port $(PORT) --ladder $(LADDER)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check app models routing telemetry tests bench

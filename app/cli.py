@@ -56,6 +56,31 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    overrides = {"ladder_dir": Path(args.ladder)} if args.ladder else {}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    if not (settings.ladder_dir / "manifest.json").is_file():
+        print(f"no ladder in {settings.ladder_dir}; building the default ladder there first",
+              file=sys.stderr)
+        code = _cmd_build(build_parser().parse_args(["build", "--out",
+                                                     str(settings.ladder_dir)]))
+        if code:
+            return code
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+                log_level=args.log_level)
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from models.build.ladder import default_ladder_dir
     from models.manifest import Manifest
@@ -122,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("serve", help="start the HTTP service (builds the default ladder if "
+                                     "missing)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ladder", default=None, help="ladder directory (default: "
+                                                   "GREENROUTE_LADDER_DIR or the cache)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("show", help="print the built ladder's variants and measurements")
     p.add_argument("--ladder", default=None)

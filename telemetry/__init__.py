@@ -1,0 +1,1 @@
+"""Energy telemetry: meters (NVML, RAPL, estimate), per-request windows, Prometheus metrics."""

@@ -1,0 +1,142 @@
+"""The FastAPI app: built by :func:`create_app`, loaded by its lifespan, state on ``app.state``.
+
+The ladder loads in a worker thread after start-up so ``/health`` answers at once and
+``/ready`` says 503 until every variant that can load has loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from app.errors import ApiError, envelope, install_error_handlers
+from app.lanes import Lane
+from app.routes import native, openai, ops
+from app.service import GenerationService
+from app.settings import Settings
+from models.ladder import load_ladder
+from telemetry.estimate import EstimateMeter
+from telemetry.metrics import Metrics
+
+log = logging.getLogger("greenroute")
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` → ``cuda`` when onnxruntime's CUDA provider is present, else ``cpu``."""
+    if requested != "auto":
+        return requested
+    import onnxruntime as ort
+
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def build_service(settings: Settings, registry: CollectorRegistry) -> GenerationService:
+    """Load the ladder and assemble lanes, meter and metrics (blocking; run off the loop)."""
+    device = resolve_device(settings.device)
+    ladder = load_ladder(settings.ladder_dir, device=device, threads=settings.threads,
+                         runtime=settings.runtime, only=settings.variants or None)
+    if not ladder.engines:
+        raise RuntimeError(f"no variant could be loaded from {settings.ladder_dir}: "
+                           f"{ladder.failed}")
+    metrics = Metrics(registry, ladder.manifest.variants, [device])
+    for v in ladder.manifest.variants.values():
+        metrics.quality.labels(v.name).set(v.quality)
+    depth = metrics.queue_depth.labels(device)
+    lanes = {device: Lane(device, settings.queue_size, on_depth=depth.set)}
+    meter = EstimateMeter(settings.estimate_watts_per_core, settings.estimate_idle_watts, device)
+    log.info("ladder loaded from %s: %s (failed: %s) on %s", settings.ladder_dir,
+             sorted(ladder.engines), ladder.failed or "none", device)
+    return GenerationService(ladder, lanes, meter, metrics, settings, device)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state
+
+    async def load() -> None:
+        try:
+            state.service = await asyncio.to_thread(build_service, state.settings,
+                                                    state.registry)
+        except Exception as err:  # reported by /ready; the process stays up to say so
+            state.load_error = str(err).splitlines()[0]
+            log.error("ladder failed to load: %s", state.load_error)
+
+    loader = asyncio.create_task(load())
+    try:
+        yield
+    finally:
+        loader.cancel()
+        service: GenerationService | None = getattr(state, "service", None)
+        if service is not None:
+            grace = state.settings.shutdown_grace_s
+            for lane in service.lanes.values():
+                await asyncio.to_thread(lane.stop, grace)
+            service.ladder.close()
+            service.meter.close()
+
+
+class BodyTooLargeError(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "payload_too_large", f"request body exceeds {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_json(send, 413, envelope("payload_too_large",
+                                                 f"request body exceeds {self.limit} bytes"))
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLargeError(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_json(send: Callable[[Any], Awaitable[None]], status: int,
+                     body: dict[str, Any]) -> None:
+    import json
+
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app (own settings and metrics registry); nothing is shared between apps."""
+    settings = settings or Settings()
+    app = FastAPI(title="greenroute", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = CollectorRegistry()
+    install_error_handlers(app)
+    app.include_router(ops.router)
+    app.include_router(native.router)
+    app.include_router(openai.router)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    return app

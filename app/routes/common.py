@@ -1,0 +1,105 @@
+"""Helpers shared by the native and OpenAI-compatible routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from fastapi import Request
+
+from app.errors import ApiError
+from app.schemas import EnergyOut, RouteOut
+from app.service import Budget, Outcome, Run
+from app.settings import Settings
+from models.engine.base import GenerationParams
+
+
+def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: float,
+                top_p: float, top_k: int, seed: int | None, stop: list[str],
+                field: str = "max_new_tokens") -> GenerationParams:
+    """Generation parameters with the server's limits applied (422 with the field's name)."""
+    n = max_new_tokens if max_new_tokens is not None else settings.default_max_new_tokens
+    if n > settings.max_new_tokens_limit:
+        raise ApiError(422, "invalid_request_error", f"{field} must be at most "
+                       f"{settings.max_new_tokens_limit}, got {n}", field)
+    if len(stop) > settings.max_stop_sequences:
+        raise ApiError(422, "invalid_request_error", f"at most {settings.max_stop_sequences} "
+                       "stop sequences are allowed", "stop")
+    if any(not s for s in stop):
+        raise ApiError(422, "invalid_request_error", "stop sequences must not be empty", "stop")
+    return GenerationParams(max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=tuple(stop))
+
+
+def check_prompt(settings: Settings, prompt: str, field: str = "prompt") -> str:
+    if not prompt.strip():
+        raise ApiError(422, "invalid_request_error", f"{field} must not be blank", field)
+    if len(prompt) > settings.max_prompt_chars:
+        raise ApiError(422, "invalid_request_error", f"{field} is {len(prompt)} characters; "
+                       f"the limit is {settings.max_prompt_chars}", field)
+    return prompt
+
+
+def make_budget(settings: Settings, latency_ms: float | None, min_quality: float | None,
+                max_joules: float | None) -> Budget:
+    return Budget(latency_ms if latency_ms is not None else settings.default_latency_ms,
+                  min_quality if min_quality is not None else settings.default_min_quality,
+                  max_joules)
+
+
+def pinned(name: str | None) -> str | None:
+    """``None``/``"auto"`` → routed; anything else pins that variant."""
+    return None if name in (None, "", "auto") else name
+
+
+async def _watch_disconnect(request: Request, run: Run) -> None:
+    while not run.call.cancel.is_set():
+        if await request.is_disconnected():
+            run.call.cancel.set()
+            return
+        await asyncio.sleep(0.05)
+
+
+async def finish(run: Run, request: Request) -> Outcome:
+    """Await a non-streaming run; a client that goes away cancels it between tokens."""
+    watcher = asyncio.create_task(_watch_disconnect(request, run))
+    try:
+        outcome = await run.outcome()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if outcome is None:
+        raise ApiError(499, "cancelled", "request cancelled before it started")
+    return outcome
+
+
+def energy_out(o: Outcome) -> EnergyOut:
+    e = o.energy
+    return EnergyOut(joules=e.joules, avg_watts=e.avg_watts, source=e.source, device=e.device,
+                     estimated=e.estimated,
+                     joules_per_token=e.joules / o.completion_tokens if o.completion_tokens
+                     else None)
+
+
+def route_out(o: Outcome) -> RouteOut:
+    r = o.route
+    return RouteOut(variant=r.variant, reason=r.reason,
+                    predicted_latency_ms=r.predicted_latency_ms,
+                    predicted_joules=r.predicted_joules, candidates=r.candidates)
+
+
+def cost_headers(o: Outcome) -> dict[str, str]:
+    return {"X-Greenroute-Variant": o.variant,
+            "X-Greenroute-Energy-Joules": f"{o.energy.joules:.6f}",
+            "X-Greenroute-Energy-Source": o.energy.source}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    body = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {body}\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

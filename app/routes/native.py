@@ -1,0 +1,84 @@
+"""``POST /v1/generate`` (native) and ``GET /v1/variants``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.deps import ServiceDep, SettingsDep, require_api_key
+from app.errors import ApiError, envelope
+from app.routes.common import (
+    SSE_HEADERS,
+    check_prompt,
+    cost_headers,
+    energy_out,
+    finish,
+    make_budget,
+    make_params,
+    pinned,
+    route_out,
+    sse,
+)
+from app.schemas import GenerateRequest, GenerateResponse, Usage
+from app.service import Call, Outcome, Run
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+ENDPOINT = "/v1/generate"
+
+
+def response_body(o: Outcome) -> GenerateResponse:
+    return GenerateResponse(
+        id=o.id, text=o.text, variant=o.variant, finish_reason=o.finish_reason,
+        usage=Usage(prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens),
+        energy=energy_out(o), latency_ms=o.latency_ms, queue_ms=o.queue_ms, route=route_out(o))
+
+
+async def _events(run: Run) -> AsyncIterator[str]:
+    try:
+        async for event in run.events():
+            if isinstance(event, Outcome):
+                yield sse({"type": "done", **response_body(event).model_dump(mode="json")})
+            elif event.text or event.finish_reason:
+                yield sse({"type": "token", "index": event.index, "text": event.text,
+                           "finish_reason": event.finish_reason})
+    except ApiError as err:
+        yield sse(envelope(err.type, err.message, err.param))
+
+
+@router.post("/v1/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
+                   settings: SettingsDep) -> Any:
+    params = make_params(settings, max_new_tokens=body.max_new_tokens,
+                         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                         seed=body.seed, stop=body.stop)
+    b = body.budget
+    call = Call(prompt=check_prompt(settings, body.prompt), params=params,
+                budget=make_budget(settings, b.latency_ms if b else None,
+                                   b.min_quality if b else None, b.max_joules if b else None),
+                endpoint=ENDPOINT, variant=pinned(body.variant))
+    run = service.open(call)
+    if body.stream:
+        return StreamingResponse(_events(run), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
+    outcome = await finish(run, request)
+    return JSONResponse(response_body(outcome).model_dump(mode="json"),
+                        headers=cost_headers(outcome))
+
+
+@router.get("/v1/variants")
+async def variants(service: ServiceDep) -> dict[str, Any]:
+    """The ladder: measured quality, size, cost calibration and load health per variant."""
+    ladder = service.ladder
+    out = []
+    for v in ladder.manifest.ordered():
+        out.append({
+            **v.model_dump(mode="json"),
+            "loaded": v.name in ladder.engines,
+            "error": ladder.failed.get(v.name),
+            "runtime": ladder.engines[v.name].runtime if v.name in ladder.engines else None,
+        })
+    return {"object": "list", "data": out, "default": service.settings.default_variant,
+            "device": service.device}

@@ -1,0 +1,253 @@
+"""Generation as a service: choose the variant, queue on its lane, stream chunks, account cost.
+
+No HTTP here: route modules turn the events into JSON or Server-Sent Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.errors import ApiError
+from app.lanes import Job, Lane, QueueFullError
+from app.settings import Settings
+from models.engine.base import Chunk, ContextOverflowError, GenerationParams
+from models.ladder import LoadedLadder
+from telemetry.base import EnergyMeter, EnergyReading
+from telemetry.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A request's budget, server defaults filled in."""
+
+    latency_ms: float
+    min_quality: float
+    max_joules: float | None = None
+
+
+@dataclass
+class Call:
+    """One validated generation request."""
+
+    prompt: str
+    params: GenerationParams
+    budget: Budget
+    endpoint: str
+    variant: str | None = None  # pinned variant; None means auto
+    cancel: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which variant serves a call, and why (see ``routing/`` for the full policy)."""
+
+    variant: str
+    reason: str
+    predicted_latency_ms: float | None
+    predicted_joules: float | None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """Everything known about a finished call."""
+
+    id: str
+    variant: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    energy: EnergyReading
+    latency_ms: float
+    queue_ms: float
+    route: Route
+
+
+class GenerationService:
+    """Owns the loaded ladder, the lanes, the meter and the metrics; built once at start-up."""
+
+    def __init__(self, ladder: LoadedLadder, lanes: dict[str, Lane], meter: EnergyMeter,
+                 metrics: Metrics, settings: Settings, device: str) -> None:
+        self.ladder = ladder
+        self.lanes = lanes
+        self.meter = meter
+        self.metrics = metrics
+        self.settings = settings
+        self.device = device
+
+    # -- routing (a fixed default until routing/ decides) --------------------------------
+    def known(self, name: str) -> bool:
+        return name in self.ladder.manifest.variants
+
+    def route(self, call: Call, prompt_tokens: int) -> Route:
+        engines = self.ladder.engines
+        if call.variant is not None:
+            if not self.known(call.variant):
+                raise ApiError(404, "model_not_found", f"unknown variant {call.variant!r}; "
+                               f"known: auto, {', '.join(self.ladder.manifest.variants)}",
+                               "variant")
+            if call.variant not in engines:
+                raise ApiError(503, "variant_unavailable",
+                               f"variant {call.variant!r} failed to load", "variant")
+            return self._predict(call.variant, "pinned", call, prompt_tokens)
+        name = self.settings.default_variant
+        if name not in engines:
+            name = next(iter(engines))
+        return self._predict(name, "default", call, prompt_tokens)
+
+    def _predict(self, name: str, reason: str, call: Call, prompt_tokens: int) -> Route:
+        cal = self.ladder.manifest.variants[name].calibration
+        latency = None
+        if cal is not None:
+            latency = (cal.prefill_ms_per_token * prompt_tokens
+                       + cal.decode_ms_per_token * call.params.max_new_tokens)
+        return Route(name, reason, latency, None)
+
+    # -- running -------------------------------------------------------------------------
+    def _lane_for(self, variant: str) -> Lane:
+        return self.lanes[self.device]
+
+    def open(self, call: Call) -> Run:
+        """Validate, route and queue ``call``; raise :class:`ApiError` for a caller mistake
+        (4xx) or a full queue (429) before any response has started."""
+        any_engine = next(iter(self.ladder.engines.values()))
+        prompt_ids = any_engine.encode(call.prompt)
+        if not prompt_ids:
+            raise ApiError(422, "invalid_request_error", "prompt encodes to no tokens", "prompt")
+        route = self.route(call, len(prompt_ids))
+        engine = self.ladder.engines[route.variant]
+        try:
+            engine.check_fits(len(prompt_ids), call.params.max_new_tokens)
+        except ContextOverflowError as err:
+            raise ApiError(422, "context_length_exceeded", str(err), "max_new_tokens") from err
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def push(kind: str, payload: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        def work() -> None:
+            push("start", time.perf_counter())
+            mark = self.meter.begin()
+            produced = 0
+            try:
+                for chunk in engine.stream(prompt_ids, call.params, call.cancel):
+                    produced += int(chunk.token_id >= 0
+                                    and chunk.token_id not in engine.eos_token_ids)
+                    push("chunk", chunk)
+            except Exception as err:  # reported to the waiting request
+                self.meter.end(mark)
+                push("error", err)
+                return
+            reading = self.meter.end(mark)
+            self._account(route.variant, len(prompt_ids), produced, reading)
+            push("energy", reading)
+
+        lane = self._lane_for(route.variant)
+        try:
+            lane.submit(Job(work, lambda: push("skipped", None), call.cancel))
+        except QueueFullError as err:
+            self.metrics.requests.labels(call.endpoint, route.variant, "rejected").inc()
+            raise ApiError(429, "queue_full", f"the {err.device} lane is full; retry in about "
+                           f"{err.retry_after_s} s", None,
+                           {"Retry-After": str(err.retry_after_s)}) from err
+        self.metrics.inflight.inc()
+        return Run(self, call, route, len(prompt_ids), events,
+                   frozenset(engine.eos_token_ids))
+
+    def _account(self, variant: str, prompt_tokens: int, generated: int,
+                 reading: EnergyReading) -> None:
+        """Per-request cost metrics, recorded even when the caller has gone away."""
+        m = self.metrics
+        m.energy.labels(variant).observe(reading.joules)
+        m.power.labels(variant).observe(reading.avg_watts)
+        m.energy_total.labels(variant).inc(reading.joules)
+        m.prompt_tokens.labels(variant).inc(prompt_tokens)
+        m.generated_tokens.labels(variant).inc(generated)
+
+
+
+class Run:
+    """A queued call: iterate :meth:`events` for its chunks and final :class:`Outcome`."""
+
+    def __init__(self, service: GenerationService, call: Call, route: Route, prompt_tokens: int,
+                 events: asyncio.Queue[tuple[str, Any]], eos: frozenset[int]) -> None:
+        self.service = service
+        self.call = call
+        self.route = route
+        self.prompt_tokens = prompt_tokens
+        self._events = events
+        self._eos = eos
+
+    async def events(self) -> AsyncIterator[Chunk | Outcome]:
+        """Chunks as produced, then one :class:`Outcome`. Raises :class:`ApiError` (504) on
+        timeout; closing the iterator early cancels the generation between tokens."""
+        call, route, metrics = self.call, self.route, self.service.metrics
+        timeout_s = self.service.settings.request_timeout_s
+        status = "error"
+        started = call.arrived
+        parts: list[str] = []
+        completion_tokens = 0
+        finish = "length"
+        try:
+            deadline = call.arrived + timeout_s
+            while True:
+                remaining = deadline - time.perf_counter()
+                try:
+                    kind, payload = await asyncio.wait_for(self._events.get(),
+                                                           max(0.0, remaining))
+                except TimeoutError:
+                    status = "timeout"
+                    raise ApiError(504, "timeout", "generation ran past the request timeout "
+                                   f"of {timeout_s:g} s") from None
+                if kind == "start":
+                    started = payload
+                elif kind == "chunk":
+                    chunk: Chunk = payload
+                    parts.append(chunk.text)
+                    if chunk.token_id >= 0 and chunk.token_id not in self._eos:
+                        completion_tokens += 1
+                    if chunk.finish_reason:
+                        finish = chunk.finish_reason
+                    yield chunk
+                elif kind == "skipped":
+                    status = "cancelled"
+                    return
+                elif kind == "error":
+                    raise payload
+                else:  # "energy": the run is over
+                    reading: EnergyReading = payload
+                    status = "cancelled" if finish == "cancelled" else "ok"
+                    now = time.perf_counter()
+                    metrics.duration.labels(route.variant).observe(now - call.arrived)
+                    yield Outcome(call.id, route.variant, "".join(parts), finish,
+                                  self.prompt_tokens, completion_tokens, reading,
+                                  1000 * (now - call.arrived), 1000 * (started - call.arrived),
+                                  route)
+                    return
+        except (GeneratorExit, asyncio.CancelledError):
+            status = "cancelled"
+            raise
+        finally:
+            if status != "ok":
+                call.cancel.set()  # stop decoding: nobody will read further tokens
+            metrics.inflight.dec()
+            metrics.requests.labels(call.endpoint, route.variant, status).inc()
+
+    async def outcome(self) -> Outcome | None:
+        """Run to the end; ``None`` if the call was cancelled before it started."""
+        result: Outcome | None = None
+        async for event in self.events():
+            if isinstance(event, Outcome):
+                result = event
+        return result

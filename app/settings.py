@@ -1,0 +1,62 @@
+"""All service settings in one pydantic-settings class (``GREENROUTE_*`` environment variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.build.ladder import default_ladder_dir
+
+
+class Settings(BaseSettings):
+    """Validated once at start-up and passed in; nothing reads ``os.environ`` deeper down."""
+
+    model_config = SettingsConfigDict(env_prefix="GREENROUTE_", extra="ignore")
+
+    # where the ladder is and how it runs
+    ladder_dir: Path = Field(default_factory=default_ladder_dir)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(2, ge=1, le=256, description="intra-op threads per session")
+    runtime: Literal["auto", "onnxruntime", "onnxruntime-genai"] = "auto"
+    variants: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="load only these variants (comma-separated)")
+
+    # request defaults and limits
+    default_variant: str = Field("full", description="what `auto` serves until routing decides")
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens_limit: int = Field(512, ge=1)
+    max_prompt_chars: int = Field(16_000, ge=1)
+    max_stop_sequences: int = Field(4, ge=0)
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    default_min_quality: float = Field(0.0, ge=0.0, le=1.0)
+    default_latency_ms: float = Field(30_000.0, gt=0)
+
+    # admission and time limits
+    queue_size: int = Field(8, ge=1, description="waiting requests per lane before 429")
+    request_timeout_s: float = Field(120.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+    # security
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # energy estimate (used when no NVML/RAPL meter is available)
+    estimate_watts_per_core: float = Field(10.0, gt=0)
+    estimate_idle_watts: float = Field(0.0, ge=0)
+
+    @field_validator("api_keys", "variants", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: list[str]) -> list[str]:
+        short = [k for k in keys if len(k) < 16]
+        if short:
+            raise ValueError("every API key must be at least 16 characters long")
+        return keys

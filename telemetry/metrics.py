@@ -1,0 +1,65 @@
+"""Every Prometheus metric of the contract, defined once, on a registry passed in.
+
+Names, units and labels are frozen by dashboards: prefix ``greenroute_``, base units, labels
+only from closed sets (variant names, device names, endpoint paths, status and reason enums).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ENDPOINTS = ("/v1/generate", "/v1/completions", "/v1/chat/completions")
+STATUSES = ("ok", "error", "rejected", "cancelled", "timeout")
+# Buckets: per-request durations on this service span ~10 ms (a few tokens of the student) to
+# tens of seconds (512 tokens of full under load); energies follow at ~1-30 W.
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ENERGY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 500.0)
+POWER_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 75.0, 150.0, 300.0, 700.0)
+
+
+class Metrics:
+    """The service's metrics; label children for known values are created up front."""
+
+    def __init__(self, registry: CollectorRegistry, variants: Iterable[str],
+                 devices: Iterable[str]) -> None:
+        p = "greenroute_"
+        self.registry = registry
+        self.requests = Counter(f"{p}requests", "Generation requests by outcome",
+                                ["endpoint", "variant", "status"], registry=registry)
+        self.duration = Histogram(f"{p}request_duration_seconds", "End-to-end request time",
+                                  ["variant"], buckets=DURATION_BUCKETS, registry=registry)
+        self.energy = Histogram(f"{p}request_energy_joules", "Energy per request",
+                                ["variant"], buckets=ENERGY_BUCKETS, registry=registry)
+        self.power = Histogram(f"{p}request_power_watts", "Average power per request",
+                               ["variant"], buckets=POWER_BUCKETS, registry=registry)
+        self.energy_total = Counter(f"{p}energy_joules", "Energy spent on requests",
+                                    ["variant"], registry=registry)
+        self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens processed",
+                                     ["variant"], registry=registry)
+        self.generated_tokens = Counter(f"{p}generated_tokens", "Tokens generated",
+                                        ["variant"], registry=registry)
+        self.device_power = Gauge(f"{p}device_power_watts", "Device power (recent average)",
+                                  ["device", "source"], registry=registry)
+        self.device_energy = Counter(f"{p}device_energy_joules",
+                                     "All device energy, idle included",
+                                     ["device", "source"], registry=registry)
+        self.route_decisions = Counter(f"{p}route_decisions", "Routing decisions",
+                                       ["variant", "reason"], registry=registry)
+        self.queue_depth = Gauge(f"{p}queue_depth", "Requests waiting per lane", ["device"],
+                                 registry=registry)
+        self.inflight = Gauge(f"{p}inflight_requests", "Requests being served",
+                              registry=registry)
+        self.quality = Gauge(f"{p}variant_quality", "Measured quality (ppl_full / ppl_variant)",
+                             ["variant"], registry=registry)
+        variants = list(variants)
+        for v in variants:
+            for endpoint in ENDPOINTS:
+                for status in STATUSES:
+                    self.requests.labels(endpoint, v, status)
+            for metric in (self.duration, self.energy, self.power, self.energy_total,
+                           self.prompt_tokens, self.generated_tokens):
+                metric.labels(v)
+        for d in devices:
+            self.queue_depth.labels(d)
