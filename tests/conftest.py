@@ -21,7 +21,7 @@ TINY_MODEL = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
+    "max_position_embeddings": 512,
     "rope_theta": 10000.0,
 }
 TINY_TRAIN = {
