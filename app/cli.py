@@ -103,6 +103,19 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve import report, run_bench
+    from models.build.ladder import default_ladder_dir
+
+    ladder = Path(args.ladder) if args.ladder else default_ladder_dir()
+    figures = run_bench(ladder, variant=args.variant, new_tokens=args.new_tokens,
+                        repeats=args.repeats, threads=args.threads)
+    print(report(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.models import report, run_bench
     from models.build.ladder import DEFAULT_TEACHER, default_ladder_dir
@@ -175,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baselines", action="store_true")
     b.add_argument("--json", default=None, help="also write the figures here")
     b.set_defaults(func=_cmd_bench)
+    b = bench.add_parser("serve", help="HTTP overhead vs a direct call; 1/4/16-client load")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--variant", default="full")
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--json", default=None)
+    b.set_defaults(func=_cmd_bench_serve)
 
     p = sub.add_parser("train", help="train a model (or distil a student) from a TOML config")
     p.add_argument("--config", required=True)
