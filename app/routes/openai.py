@@ -62,19 +62,31 @@ def _open(service: GenerationService, call: Call) -> Run:
         raise
 
 
-async def _stream(run: Run, chunk: Callable[[str, str | None, bool], dict[str, Any]],
-                  final: Callable[[Outcome], dict[str, Any]]) -> AsyncIterator[str]:
+ChunkFn = Callable[[str, str | None, bool], dict[str, Any]]
+
+
+async def _stream(run: Run, chunk: ChunkFn) -> AsyncIterator[str]:
     first = True
     try:
         async for event in run.events():
-            if isinstance(event, Outcome):
-                yield sse(final(event))
+            if isinstance(event, Outcome):  # last chunk: finish reason, usage and energy
+                yield sse({**chunk("", event.finish_reason, False), "usage": _usage(event)})
             elif event.text or first:
                 yield sse(chunk(event.text, None, first))
                 first = False
     except ApiError as err:
         yield sse(envelope(err.type, err.message, err.param))
     yield sse("[DONE]")
+
+
+async def _answer(stream: bool, run: Run, request: Request, chunk: ChunkFn,
+                  whole: Callable[[Outcome], dict[str, Any]]) -> Any:
+    """SSE chunks when streaming, else one JSON body (``whole``) with usage and energy."""
+    if stream:
+        return StreamingResponse(_stream(run, chunk), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
+    o = await finish(run, request)
+    return JSONResponse({**whole(o), "usage": _usage(o)}, headers=cost_headers(o))
 
 
 @router.post("/v1/completions")
@@ -90,15 +102,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
                 "choices": [{"index": 0, "text": text, "logprobs": None,
                              "finish_reason": reason}]}
 
-    def final(o: Outcome) -> dict[str, Any]:
-        return {**chunk("", o.finish_reason, False), "usage": _usage(o)}
-
-    if body.stream:
-        return StreamingResponse(_stream(run, chunk, final), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
-    o = await finish(run, request)
-    return JSONResponse({**chunk(o.text, o.finish_reason, False), "usage": _usage(o)},
-                        headers=cost_headers(o))
+    return await _answer(body.stream, run, request, chunk,
+                         lambda o: chunk(o.text, o.finish_reason, False))
 
 
 @router.post("/v1/chat/completions")
@@ -118,18 +123,12 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
                              "finish_reason": reason}]}
 
-    def final(o: Outcome) -> dict[str, Any]:
-        return {**chunk("", o.finish_reason, False), "usage": _usage(o)}
+    def whole(o: Outcome) -> dict[str, Any]:
+        return {"id": cid, "object": "chat.completion", "created": created, "model": o.variant,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text},
+                             "logprobs": None, "finish_reason": o.finish_reason}]}
 
-    if body.stream:
-        return StreamingResponse(_stream(run, chunk, final), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
-    o = await finish(run, request)
-    return JSONResponse({
-        "id": cid, "object": "chat.completion", "created": created, "model": o.variant,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text},
-                     "logprobs": None, "finish_reason": o.finish_reason}],
-        "usage": _usage(o)}, headers=cost_headers(o))
+    return await _answer(body.stream, run, request, chunk, whole)
 
 
 @router.get("/v1/models")
