@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_zero(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -75,6 +80,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
+    # uvicorn drains in-flight requests on SIGTERM, restores this handler and re-raises the
+    # signal into it: a drained shutdown then exits 0 instead of "killed by SIGTERM".
+    signal.signal(signal.SIGTERM, _exit_zero)
     uvicorn.run(create_app(settings), host=args.host, port=args.port,
                 timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                 log_level=args.log_level)

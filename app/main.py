@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from app.errors import ApiError, envelope, install_error_handlers
+from app.errors import envelope, install_error_handlers
 from app.lanes import Lane
 from app.routes import native, openai, ops
 from app.service import GenerationService
@@ -81,13 +81,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             service.meter.close()
 
 
-class BodyTooLargeError(ApiError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, "payload_too_large", f"request body exceeds {limit} bytes")
-
-
 class BodyLimitMiddleware:
-    """ASGI middleware: 413 for a body over ``limit`` bytes, declared or streamed."""
+    """ASGI middleware: 413 for a body over ``limit`` bytes, declared or streamed.
+
+    The body (at most ``limit`` bytes) is read here and replayed to the app, so an oversized
+    chunked upload is refused before any handler sees it.
+    """
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app = app
@@ -95,26 +94,32 @@ class BodyLimitMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
+        too_large = envelope("payload_too_large", f"request body exceeds {self.limit} bytes")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_json(send, 413, envelope("payload_too_large",
-                                                 f"request body exceeds {self.limit} bytes"))
+            await _send_json(send, 413, too_large)
             return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
+        buffered: list[dict[str, Any]] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLargeError(self.limit)
-            return message
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await _send_json(send, 413, too_large)
+                return
+            if not message.get("more_body", False):
+                break
 
-        await self.app(scope, limited, send)
+        async def replay() -> Any:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
 
 async def _send_json(send: Callable[[Any], Awaitable[None]], status: int,

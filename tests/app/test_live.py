@@ -35,7 +35,8 @@ def test_openai_client_unchanged(live_server: Callable[..., LiveServer]) -> None
         stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    assert (chunks[-1].model_extra or {})["usage"]["energy_joules"] > 0
+    usage = chunks[-1].usage
+    assert usage is not None and (usage.model_extra or {})["energy_joules"] > 0
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     streamed = list(client.completions.create(model="int8", prompt="Hello", max_tokens=8,
                                               stream=True, temperature=0))
