@@ -55,11 +55,13 @@ def pinned(name: str | None) -> str | None:
 
 
 async def _watch_disconnect(request: Request, run: Run) -> None:
-    while not run.call.cancel.is_set():
-        if await request.is_disconnected():
+    """Wait (no polling) for the server's ``http.disconnect``: the body is already read, so
+    the next ASGI message arrives only when the client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             run.call.cancel.set()
             return
-        await asyncio.sleep(0.05)
 
 
 async def finish(run: Run, request: Request) -> Outcome:

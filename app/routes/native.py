@@ -58,7 +58,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
     call = Call(prompt=check_prompt(settings, body.prompt), params=params,
                 budget=make_budget(settings, b.latency_ms if b else None,
                                    b.min_quality if b else None, b.max_joules if b else None),
-                endpoint=ENDPOINT, variant=pinned(body.variant))
+                endpoint=ENDPOINT, variant=pinned(body.variant), stream=body.stream)
     run = service.open(call)
     if body.stream:
         return StreamingResponse(_events(run), media_type="text/event-stream",

@@ -49,6 +49,7 @@ def _call(body: OpenAIBase, prompt: str, endpoint: str, settings: Settings,
                          top_p=body.top_p, top_k=0, seed=body.seed,
                          stop=[*body.stop, *extra_stop], field=field)
     return Call(prompt=prompt, params=params, endpoint=endpoint, variant=pinned(body.model),
+                stream=body.stream,
                 budget=make_budget(settings, body.latency_budget_ms, body.min_quality,
                                    body.max_joules))
 
