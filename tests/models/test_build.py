@@ -134,3 +134,27 @@ def test_cli_reports_a_broken_checkpoint_without_traceback(tmp_path: Path,
     assert proc.stderr.strip().splitlines() == [
         f"greenroute build: error: {bad}: no weights (*.safetensors or *.bin) in the directory"]
     assert "Traceback" not in proc.stderr
+
+
+def test_distill_layers_builds_a_student_from_the_teacher(
+    tiny_teacher: Path, tiny_corpus: Path, tiny_texts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``--distill-layers N --corpus FILE``: the build distils its own student and ladders it."""
+    opts = tiny_build_options(tiny_teacher, None, tmp_path / "ladder", tiny_texts[1])
+    opts.distill_layers, opts.distill_steps, opts.corpus = 1, 4, str(tiny_corpus)
+    opts.consider_int4 = False
+    manifest, built = build_ladder(opts, log=lambda _m: None)
+    assert built
+    v = manifest.variants
+    assert set(v) == {"full", "int8", "distilled", "distilled-int8"}
+    assert v["distilled"].parameters < v["full"].parameters
+    assert manifest.build_config["distill_layers"] == 1
+    assert "corpus_sha256" in manifest.source
+
+
+def test_distill_layers_without_corpus_is_a_clear_error(tiny_teacher: Path,
+                                                        tmp_path: Path) -> None:
+    opts = tiny_build_options(tiny_teacher, None, tmp_path / "ladder", tmp_path / "x")
+    opts.distill_layers = 1
+    with pytest.raises(BuildError, match="needs --corpus"):
+        build_ladder(opts, log=lambda _m: None)
