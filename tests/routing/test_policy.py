@@ -1,0 +1,106 @@
+"""Routing policy, table-driven with synthetic profiles (no I/O, no models)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from routing.cost import CostModel
+from routing.policy import Budget, InfeasibleError, VariantState, decide
+
+
+def ladder(**waits: float) -> list[VariantState]:
+    """full: slow/costly; int8: 2x faster; distilled: 4x faster, lower quality."""
+    def v(name: str, q: float, decode: float, watts: float, ref: bool = False) -> VariantState:
+        return VariantState(name, q, CostModel(prefill_ms_per_token=decode / 10,
+                                               decode_ms_per_token=decode, watts=watts),
+                            queue_wait_ms=waits.get(name.replace("-", "_"), 0.0),
+                            reference=ref)
+    return [v("full", 1.0, 8.0, 20.0, ref=True), v("int8", 0.99, 4.0, 20.0),
+            v("distilled", 0.83, 2.0, 18.0), v("distilled-int8", 0.82, 1.8, 18.0)]
+
+
+CASES = [
+    # (budget, prompt, new, expected variant, expected reason)
+    (Budget(10_000, 0.0), 32, 64, "distilled-int8", "cheapest_feasible"),
+    (Budget(10_000, 0.9), 32, 64, "int8", "cheapest_feasible"),
+    (Budget(10_000, 1.0), 32, 64, "full", "cheapest_feasible"),
+    (Budget(10_000, 0.995), 32, 64, "full", "cheapest_feasible"),
+    (Budget(300, 0.9), 32, 64, "int8", "cheapest_feasible"),  # int8 ~269 ms fits
+    (Budget(200, 0.9), 32, 64, "int8", "best_effort"),  # nothing at 0.9 fits: fastest
+    (Budget(10_000, 0.0, max_joules=2.3), 32, 64, "distilled-int8", "cheapest_feasible"),
+    (Budget(10_000, 0.9, max_joules=5.0), 32, 64, "int8", "best_effort"),  # int8 ~5.4 J
+]
+
+
+@pytest.mark.parametrize(("budget", "prompt", "new", "variant", "reason"), CASES)
+def test_table(budget: Budget, prompt: int, new: int, variant: str, reason: str) -> None:
+    d = decide(ladder(), budget, prompt, new)
+    assert (d.variant, d.reason) == (variant, reason)
+    chosen = next(c for c in d.candidates if c.variant == variant)
+    assert d.predicted_joules == chosen.predicted_joules
+    assert len(d.candidates) == 4
+
+
+def test_candidates_say_why_they_were_excluded() -> None:
+    d = decide(ladder(), Budget(300, 0.9), 32, 64)
+    why = {c.variant: c.why for c in d.candidates}
+    assert why == {"full": "over_latency_budget", "int8": "ok",
+                   "distilled": "quality_below_floor", "distilled-int8": "quality_below_floor"}
+
+
+def test_floor_of_one_means_the_reference_even_if_an_approximation_measures_above() -> None:
+    vs = ladder()
+    vs[1] = VariantState("int8", 1.002, vs[1].cost)  # noise made int8 "better" than full
+    assert decide(vs, Budget(10_000, 1.0), 8, 8).variant == "full"
+
+
+def test_ties_go_to_higher_quality() -> None:
+    same = CostModel(1.0, 2.0, 10.0)
+    vs = [VariantState("a", 0.9, same), VariantState("b", 0.95, same)]
+    assert decide(vs, Budget(10_000, 0.0), 8, 8).variant == "b"
+
+
+def test_reject_mode_names_best_achievable_latency() -> None:
+    with pytest.raises(InfeasibleError, match="best achievable latency at that quality: 5"):
+        decide(ladder(), Budget(100, 1.0), 32, 64, on_infeasible="reject")
+
+
+def test_energy_cap_excludes_costly_variants() -> None:
+    d = decide(ladder(), Budget(10_000, 0.9, max_joules=0.001), 32, 64)
+    assert d.reason == "best_effort"
+    assert {c.why for c in d.candidates if c.variant in ("full", "int8")} == {
+        "over_energy_budget"}
+
+
+def test_pinned_variant_wins_but_is_explained() -> None:
+    d = decide(ladder(), Budget(1, 1.0), 32, 64, pinned="distilled")
+    assert (d.variant, d.reason) == ("distilled", "pinned")
+    assert not next(c for c in d.candidates if c.variant == "distilled").eligible
+
+
+def test_queue_wait_counts_against_the_budget() -> None:
+    assert decide(ladder(), Budget(600, 1.0 - 1e-9), 32, 64).variant == "full"
+    busy = ladder(full=500.0)
+    d = decide(busy, Budget(600, 0.9), 32, 64)
+    assert d.variant == "int8"
+
+
+def test_unavailable_variants_are_skipped() -> None:
+    vs = ladder()
+    vs[3] = VariantState("distilled-int8", 0.82, vs[3].cost, available=False)
+    assert decide(vs, Budget(10_000, 0.0), 32, 64).variant == "distilled"
+
+
+def test_power_cap_sheds_to_cheapest_allowed_by_the_floor() -> None:
+    d = decide(ladder(), Budget(10_000, 0.9), 32, 64, power_capped=True)
+    assert (d.variant, d.reason) == ("int8", "power_cap")
+
+
+def test_deciding_is_cheap() -> None:
+    vs = ladder()
+    start = time.perf_counter()
+    for _ in range(1000):
+        decide(vs, Budget(300, 0.9), 32, 64)
+    assert (time.perf_counter() - start) / 1000 < 0.001  # well under a millisecond each
