@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +21,12 @@ from app.lanes import Lane
 from app.routes import native, openai, ops
 from app.service import GenerationService
 from app.settings import Settings
-from models.ladder import load_ladder
+from models.build.calibrate import calibrate
+from models.build.ladder import CALIBRATION_PROMPT, cpu_name
+from models.ladder import LoadedLadder, load_ladder
+from routing.cost import CostModel
+from routing.router import Router
+from telemetry.base import EnergyMeter
 from telemetry.estimate import EstimateMeter
 from telemetry.metrics import Metrics
 
@@ -50,9 +56,30 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     depth = metrics.queue_depth.labels(device)
     lanes = {device: Lane(device, settings.queue_size, on_depth=depth.set)}
     meter = EstimateMeter(settings.estimate_watts_per_core, settings.estimate_idle_watts, device)
+    router = Router({v.name: v.quality for v in ladder.manifest.variants.values()},
+                    seed_costs(ladder, meter), on_infeasible=settings.on_infeasible)
     log.info("ladder loaded from %s: %s (failed: %s) on %s", settings.ladder_dir,
              sorted(ladder.engines), ladder.failed or "none", device)
-    return GenerationService(ladder, lanes, meter, metrics, settings, device)
+    return GenerationService(ladder, lanes, meter, metrics, settings, device, router)
+
+
+def seed_costs(ladder: LoadedLadder, meter: EnergyMeter) -> dict[str, CostModel]:
+    """Start-up calibration: a short measured run per loaded variant gives its watts (and its
+    per-token times when this host is not the one the manifest was calibrated on)."""
+    host_matches = (ladder.manifest.host.get("processor") == cpu_name()
+                    and ladder.manifest.host.get("cpu_count") == os.cpu_count())
+    costs: dict[str, CostModel] = {}
+    for name, engine in ladder.engines.items():
+        prompt = engine.encode(CALIBRATION_PROMPT)
+        mark = meter.begin()
+        measured = calibrate(engine, prompt, new_tokens=16, repeats=1)
+        reading = meter.end(mark)
+        cal = ladder.manifest.variants[name].calibration
+        if not host_matches or cal is None:
+            cal = measured
+        costs[name] = CostModel(cal.prefill_ms_per_token, cal.decode_ms_per_token,
+                                watts=max(reading.avg_watts, 1e-3))
+    return costs
 
 
 @asynccontextmanager

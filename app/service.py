@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from app.errors import ApiError
@@ -18,8 +18,12 @@ from app.lanes import Job, Lane, QueueFullError
 from app.settings import Settings
 from models.engine.base import Chunk, ContextOverflowError, GenerationParams
 from models.ladder import LoadedLadder
+from routing.policy import Budget as PolicyBudget
+from routing.policy import InfeasibleError
+from routing.router import Router
 from telemetry.base import EnergyMeter, EnergyReading
 from telemetry.metrics import Metrics
+from telemetry.power import PowerWindow
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,9 @@ class GenerationService:
     """Owns the loaded ladder, the lanes, the meter and the metrics; built once at start-up."""
 
     def __init__(self, ladder: LoadedLadder, lanes: dict[str, Lane], meter: EnergyMeter,
-                 metrics: Metrics, settings: Settings, device: str) -> None:
+                 metrics: Metrics, settings: Settings, device: str, router: Router) -> None:
+        self.router = router
+        self.power = PowerWindow(settings.power_window_s)
         self.ladder = ladder
         self.lanes = lanes
         self.meter = meter
@@ -85,9 +91,13 @@ class GenerationService:
         self.settings = settings
         self.device = device
 
-    # -- routing (a fixed default until routing/ decides) --------------------------------
+    # -- routing ----------------------------------------------------------------------------
     def known(self, name: str) -> bool:
         return name in self.ladder.manifest.variants
+
+    def power_capped(self) -> bool:
+        cap = self.settings.power_cap_watts
+        return cap is not None and self.power.watts() > cap
 
     def route(self, call: Call, prompt_tokens: int) -> Route:
         engines = self.ladder.engines
@@ -99,19 +109,20 @@ class GenerationService:
             if call.variant not in engines:
                 raise ApiError(503, "variant_unavailable",
                                f"variant {call.variant!r} failed to load", "variant")
-            return self._predict(call.variant, "pinned", call, prompt_tokens)
-        name = self.settings.default_variant
-        if name not in engines:
-            name = next(iter(engines))
-        return self._predict(name, "default", call, prompt_tokens)
-
-    def _predict(self, name: str, reason: str, call: Call, prompt_tokens: int) -> Route:
-        cal = self.ladder.manifest.variants[name].calibration
-        latency = None
-        if cal is not None:
-            latency = (cal.prefill_ms_per_token * prompt_tokens
-                       + cal.decode_ms_per_token * call.params.max_new_tokens)
-        return Route(name, reason, latency, None)
+        lane = self.lanes[self.device]
+        wait_ms = 1000.0 * lane.depth * lane.mean_service_s
+        budget = PolicyBudget(call.budget.latency_ms, call.budget.min_quality,
+                              call.budget.max_joules)
+        try:
+            d = self.router.decide(budget, prompt_tokens, call.params.max_new_tokens,
+                                   set(engines), {n: wait_ms for n in engines}, call.variant,
+                                   self.power_capped())
+        except InfeasibleError as err:
+            self.metrics.route_decisions.labels("none", "rejected").inc()
+            raise ApiError(422, "budget_unsatisfiable", str(err), "budget") from err
+        self.metrics.route_decisions.labels(d.variant, d.reason).inc()
+        return Route(d.variant, d.reason, d.predicted_latency_ms, d.predicted_joules,
+                     [asdict(c) for c in d.candidates])
 
     # -- running -------------------------------------------------------------------------
     def _lane_for(self, variant: str) -> Lane:
@@ -138,12 +149,15 @@ class GenerationService:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
         def work() -> None:
-            push("start", time.perf_counter())
+            t0 = time.perf_counter()
+            push("start", t0)
             mark = self.meter.begin()
             produced = 0
+            first = 0.0
             held: list[Chunk] = []
             try:
                 for chunk in engine.stream(prompt_ids, call.params, call.cancel):
+                    first = first or time.perf_counter()
                     produced += int(chunk.token_id >= 0
                                     and chunk.token_id not in engine.eos_token_ids)
                     if call.stream:
@@ -158,6 +172,11 @@ class GenerationService:
             if held:
                 push("chunks", held)
             self._account(route.variant, len(prompt_ids), produced, reading)
+            self.power.add(reading.joules)
+            if produced and not call.cancel.is_set():
+                self.router.observe(route.variant, len(prompt_ids), produced,
+                                    1000 * (first - t0), 1000 * reading.seconds,
+                                    reading.joules)
             push("energy", reading)
 
         lane = self._lane_for(route.variant)

@@ -25,7 +25,6 @@ class Settings(BaseSettings):
         default_factory=list, description="load only these variants (comma-separated)")
 
     # request defaults and limits
-    default_variant: str = Field("full", description="what `auto` serves until routing decides")
     default_max_new_tokens: int = Field(64, ge=1)
     max_new_tokens_limit: int = Field(512, ge=1)
     max_prompt_chars: int = Field(16_000, ge=1)
@@ -33,6 +32,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     default_min_quality: float = Field(0.0, ge=0.0, le=1.0)
     default_latency_ms: float = Field(30_000.0, gt=0)
+    on_infeasible: Literal["best_effort", "reject"] = "best_effort"
+    power_cap_watts: float | None = Field(None, gt=0)
+    power_window_s: float = Field(5.0, gt=0)
 
     # admission and time limits
     queue_size: int = Field(8, ge=1, description="waiting requests per lane before 429")

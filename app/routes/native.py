@@ -72,6 +72,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
 async def variants(service: ServiceDep) -> dict[str, Any]:
     """The ladder: measured quality, size, cost calibration and load health per variant."""
     ladder = service.ladder
+    live = service.router.coefficients()
     out = []
     for v in ladder.manifest.ordered():
         out.append({
@@ -79,6 +80,7 @@ async def variants(service: ServiceDep) -> dict[str, Any]:
             "loaded": v.name in ladder.engines,
             "error": ladder.failed.get(v.name),
             "runtime": ladder.engines[v.name].runtime if v.name in ladder.engines else None,
+            "cost": live.get(v.name),  # current learned coefficients
         })
-    return {"object": "list", "data": out, "default": service.settings.default_variant,
-            "device": service.device}
+    return {"object": "list", "data": out, "device": service.device,
+            "power_watts": service.power.watts(), "power_capped": service.power_capped()}

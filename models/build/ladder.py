@@ -310,7 +310,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         source=sources,
         build_config=config,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        host={"machine": platform.machine(), "processor": _cpu_name(),
+        host={"machine": platform.machine(), "processor": cpu_name(),
               "cpu_count": os.cpu_count(), "threads": opts.threads,
               "onnxruntime": onnxruntime.__version__},
         tokenizer=tok_path.name,
@@ -350,7 +350,7 @@ def _choose_runtime(out: Path, tokenizer: Tokenizer, context: int, eos: list[int
     return result
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
