@@ -6,6 +6,7 @@ No HTTP here: route modules turn the events into JSON or Server-Sent Events.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import uuid
@@ -120,6 +121,14 @@ class GenerationService:
         except InfeasibleError as err:
             self.metrics.route_decisions.labels("none", "rejected").inc()
             raise ApiError(422, "budget_unsatisfiable", str(err), "budget") from err
+        if d.reason == "power_cap" and lane.depth > 0:
+            # already on the cheapest variant the floor allows and still over the cap:
+            # refuse queued work instead of adding to it
+            retry = max(1, math.ceil(self.settings.power_window_s))
+            self.metrics.requests.labels(call.endpoint, d.variant, "rejected").inc()
+            raise ApiError(429, "power_cap", f"device power {self.power.watts():.1f} W is over "
+                           f"the cap of {self.settings.power_cap_watts:g} W; retry in about "
+                           f"{retry} s", None, {"Retry-After": str(retry)})
         self.metrics.route_decisions.labels(d.variant, d.reason).inc()
         return Route(d.variant, d.reason, d.predicted_latency_ms, d.predicted_joules,
                      [asdict(c) for c in d.candidates])

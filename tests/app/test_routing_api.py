@@ -1,0 +1,91 @@
+"""The router inside the real app with tiny models: floors, infeasible budgets, load, power."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections import Counter
+from collections.abc import Callable
+
+from fastapi.testclient import TestClient
+
+from routing.cost import CostModel
+
+
+def gen(c: TestClient, **body: object) -> dict:  # type: ignore[type-arg]
+    resp = c.post("/v1/generate", json={"prompt": "The json", "max_new_tokens": 8, **body})
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def test_quality_floor_of_one_always_gets_full(make_client: Callable[..., TestClient]) -> None:
+    c = make_client()
+    with cf.ThreadPoolExecutor(4) as pool:
+        bodies = list(pool.map(lambda _: gen(c, budget={"min_quality": 1.0}), range(8)))
+    assert {b["variant"] for b in bodies} == {"full"}
+    for b in bodies:
+        why = {x["variant"]: x["why"] for x in b["route"]["candidates"]}
+        assert all(w == "quality_below_floor" for v, w in why.items() if v != "full")
+
+
+def test_no_floor_picks_the_lowest_predicted_joules(make_client: Callable[..., TestClient]
+                                                    ) -> None:
+    body = gen(make_client(), budget={"min_quality": 0.0})
+    cands = body["route"]["candidates"]
+    assert body["route"]["reason"] == "cheapest_feasible"
+    assert body["variant"] == min(cands, key=lambda x: x["predicted_joules"])["variant"]
+
+
+def test_infeasible_budget_best_effort_or_reject(make_client: Callable[..., TestClient]) -> None:
+    tight = {"budget": {"latency_ms": 0.001, "min_quality": 0.0}}
+    body = gen(make_client(), **tight)
+    assert body["route"]["reason"] == "best_effort"
+    fastest = min(body["route"]["candidates"], key=lambda x: x["predicted_latency_ms"])
+    assert body["variant"] == fastest["variant"]
+    strict = make_client(on_infeasible="reject")
+    resp = strict.post("/v1/generate", json={"prompt": "x", **tight})
+    assert resp.status_code == 422
+    err = resp.json()["error"]
+    assert err["type"] == "budget_unsatisfiable" and "best achievable latency" in err["message"]
+
+
+def test_tight_budget_under_load_shifts_traffic_to_a_faster_variant(
+    make_client: Callable[..., TestClient],
+) -> None:
+    c = make_client(queue_size=32)
+    router = c.app.state.service.router  # type: ignore[attr-defined]
+    # fixed (non-learning) costs: full is the cheapest in joules but the slowest
+    costs = {"full": CostModel(0.1, 1.0, watts=1.0, alpha=0.0),
+             "int8": CostModel(0.05, 0.5, watts=10.0, alpha=0.0),
+             "int4": CostModel(0.05, 0.6, watts=50.0, alpha=0.0),
+             "distilled": CostModel(0.05, 0.6, watts=100.0, alpha=0.0),
+             "distilled-int8": CostModel(0.05, 0.6, watts=100.0, alpha=0.0)}
+    router._costs = {n: costs[n] for n in router._costs}
+    body = {"max_new_tokens": 100, "budget": {"latency_ms": 150, "min_quality": 0.0}}
+    assert gen(c, **body)["variant"] == "full"  # idle: full fits and is cheapest
+    with cf.ThreadPoolExecutor(8) as pool:
+        burst = list(pool.map(lambda _: gen(c, **body), range(16)))
+    mix = Counter(b["variant"] for b in burst)
+    assert mix["int8"] > 0, mix  # queued requests no longer fit full's latency
+    shifted = next(b for b in burst if b["variant"] == "int8")
+    full = next(x for x in shifted["route"]["candidates"] if x["variant"] == "full")
+    assert full["why"] == "over_latency_budget"
+
+
+def test_power_cap_routes_to_the_cheapest_allowed(make_client: Callable[..., TestClient]) -> None:
+    c = make_client(power_cap_watts=0.001)
+    gen(c)  # the first run puts measured power over the tiny cap
+    body = gen(c, budget={"min_quality": 0.0})
+    assert body["route"]["reason"] == "power_cap"
+    cands = body["route"]["candidates"]
+    assert body["variant"] == min(cands, key=lambda x: x["predicted_joules"])["variant"]
+    text = c.get("/metrics").text
+    assert 'reason="power_cap"' in text
+
+
+def test_variants_show_learned_coefficients(make_client: Callable[..., TestClient]) -> None:
+    c = make_client()
+    before = {v["name"]: v["cost"]["observations"] for v in c.get("/v1/variants").json()["data"]}
+    gen(c, variant="int8")
+    after = {v["name"]: v["cost"]["observations"] for v in c.get("/v1/variants").json()["data"]}
+    assert after["int8"] == before["int8"] + 1
+    assert after["full"] == before["full"]
