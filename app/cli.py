@@ -124,6 +124,19 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_route(args: argparse.Namespace) -> int:
+    from bench.route import WORKLOAD, report, run_bench
+    from models.build.ladder import default_ladder_dir
+
+    ladder = Path(args.ladder) if args.ladder else default_ladder_dir()
+    figures = run_bench(ladder, Path(args.workload) if args.workload else WORKLOAD,
+                        threads=args.threads)
+    print(report(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.models import report, run_bench
     from models.build.ladder import DEFAULT_TEACHER, default_ladder_dir
@@ -204,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench_serve)
+    b = bench.add_parser("route", help="mixed workload: routed vs always-full vs cheapest")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--workload", default=None, help="JSON lines (default bench/workloads)")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--json", default=None)
+    b.set_defaults(func=_cmd_bench_route)
 
     p = sub.add_parser("train", help="train a model (or distil a student) from a TOML config")
     p.add_argument("--config", required=True)

@@ -89,3 +89,21 @@ def test_variants_show_learned_coefficients(make_client: Callable[..., TestClien
     after = {v["name"]: v["cost"]["observations"] for v in c.get("/v1/variants").json()["data"]}
     assert after["int8"] == before["int8"] + 1
     assert after["full"] == before["full"]
+
+
+def test_power_cap_refuses_queued_work_when_shedding_is_not_enough(
+    make_client: Callable[..., TestClient],
+) -> None:
+    c = make_client(power_cap_watts=0.001, queue_size=32)
+    gen(c)
+
+    def post(_: int) -> object:
+        return c.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 60})
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(post, range(12)))
+    refused = [r for r in responses if r.status_code == 429]  # type: ignore[attr-defined]
+    assert refused, [r.status_code for r in responses]  # type: ignore[attr-defined]
+    assert refused[0].json()["error"]["type"] == "power_cap"  # type: ignore[attr-defined]
+    assert int(refused[0].headers["retry-after"]) >= 1  # type: ignore[attr-defined]
+    assert any(r.status_code == 200 for r in responses)  # type: ignore[attr-defined]

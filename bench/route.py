@@ -1,0 +1,136 @@
+"""``greenroute bench route``: a mixed workload run three ways against the live service.
+
+Modes: routed (``auto``), always ``full``, always the cheapest variant (lowest calibrated
+joules per token). Printed per mode: total and per-request joules, quality-floor violations,
+latency-budget hit rate, p50/p99 latency. The workload (``bench/workloads/mixed.jsonl``) is
+generated once by :func:`make_workload` and committed, so every run sends the same requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+WORKLOAD = Path(__file__).parent / "workloads" / "mixed.jsonl"
+FLOORS = ((0.0, 20), (0.5, 15), (0.8, 25), (0.9, 20), (0.95, 10), (1.0, 10))  # (floor, weight)
+MS_PER_TOKEN_BUDGETS = (4.0, 8.0, 15.0, 40.0)  # tight .. loose, per requested token
+
+
+def make_workload(n: int = 240, seed: int = 7) -> list[dict[str, Any]]:
+    """Prompts cut from the held-out text (4-400 chars), 8-96 new tokens, varied budgets."""
+    from models.build.ladder import DEFAULT_HELDOUT
+
+    rng = random.Random(seed)
+    text = DEFAULT_HELDOUT.read_text(encoding="utf-8")
+    floors = [f for f, w in FLOORS for _ in range(w)]
+    out = []
+    for i in range(n):
+        length = rng.choice((4, 16, 60, 150, 400))
+        start = rng.randrange(0, len(text) - length)
+        prompt = text[start : start + length]
+        new = rng.choice((8, 16, 32, 64, 96))
+        out.append({"id": i, "prompt": prompt if prompt.strip() else "The",
+                    "max_new_tokens": new,
+                    "latency_ms": round(50 + new * rng.choice(MS_PER_TOKEN_BUDGETS), 1),
+                    "min_quality": rng.choice(floors)})
+    return out
+
+
+def write_workload(path: Path = WORKLOAD) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_workload()))
+    return path
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def run_bench(ladder: Path, workload: Path = WORKLOAD, threads: int = 2) -> dict[str, Any]:
+    reqs = [json.loads(line) for line in workload.read_text().splitlines() if line.strip()]
+    port = 18000 + os.getpid() % 1000
+    env = {**os.environ, "GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64"}
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+                               "--ladder", str(ladder), "--log-level", "warning"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+        for _ in range(600):
+            try:
+                if c.get("/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        variants = {v["name"]: v for v in c.get("/v1/variants").json()["data"] if v["loaded"]}
+        quality = {n: v["quality"] for n, v in variants.items()}
+
+        def joules_per_token(v: dict[str, Any]) -> float:
+            return float(v["cost"]["decode_ms_per_token"] * v["cost"]["watts"])
+
+        cheapest = min(variants.values(), key=joules_per_token)["name"]
+        modes = {"routed": None, "always-full": "full", f"always-{cheapest}": cheapest}
+        results: dict[str, Any] = {}
+        for mode, pin in modes.items():
+            joules, lats, hits, violations, chosen = [], [], 0, 0, []
+            for r in reqs:
+                body = {"prompt": r["prompt"], "max_new_tokens": r["max_new_tokens"],
+                        "budget": {"latency_ms": r["latency_ms"], "min_quality": r["min_quality"]}}
+                if pin:
+                    body["variant"] = pin
+                t = time.perf_counter()
+                resp = c.post("/v1/generate", json=body)
+                lat = 1000 * (time.perf_counter() - t)
+                out = resp.json()
+                if resp.status_code != 200:
+                    raise RuntimeError(f"request {r['id']} in mode {mode}: {resp.status_code} "
+                                       f"{out}")
+                joules.append(out["energy"]["joules"])
+                lats.append(lat)
+                hits += lat <= r["latency_ms"]
+                floor_ok = quality[out["variant"]] >= r["min_quality"] or (
+                    out["variant"] == "full")
+                violations += not floor_ok
+                chosen.append(out["variant"])
+            results[mode] = {
+                "requests": len(reqs), "total_joules": sum(joules),
+                "mean_joules": statistics.mean(joules), "quality_violations": violations,
+                "latency_hit_rate": hits / len(reqs), "p50_ms": _pct(lats, 0.5),
+                "p99_ms": _pct(lats, 0.99),
+                "mix": {v: chosen.count(v) for v in sorted(set(chosen))},
+                "energy_source": out["energy"]["source"]}
+        return {"workload": str(workload), "cheapest": cheapest, "modes": results}
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def report(f: dict[str, Any]) -> str:
+    m = f["modes"]
+    lines = [f"workload {f['workload']} ({next(iter(m.values()))['requests']} requests), energy "
+             f"source: {next(iter(m.values()))['energy_source']}",
+             f"{'mode':<24}{'total J':>10}{'J/req':>9}{'floor viol.':>12}{'budget hit':>11}"
+             f"{'p50 ms':>9}{'p99 ms':>9}"]
+    for mode, r in m.items():
+        lines.append(f"{mode:<24}{r['total_joules']:>10.1f}{r['mean_joules']:>9.3f}"
+                     f"{r['quality_violations']:>12}{100 * r['latency_hit_rate']:>10.1f}%"
+                     f"{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}")
+    for mode, r in m.items():
+        lines.append(f"  mix {mode}: {r['mix']}")
+    routed, full = m["routed"], m["always-full"]
+    ratio = routed["total_joules"] / full["total_joules"]
+    lines.append(f"routed / always-full energy = {ratio:.2f} (target <= 0.5): "
+                 f"{'met' if ratio <= 0.5 else 'MISSED'}; floor violations "
+                 f"{routed['quality_violations']} (target 0); budget hit "
+                 f"{100 * routed['latency_hit_rate']:.1f} % (target >= 95 %)")
+    return "\n".join(lines)
