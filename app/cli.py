@@ -9,8 +9,9 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -90,10 +91,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from models.build.ladder import default_ladder_dir
     from models.manifest import Manifest
 
-    ladder = Path(args.ladder) if args.ladder else default_ladder_dir()
+    ladder = _ladder_arg(args)
     try:
         manifest = Manifest.load(ladder)
     except FileNotFoundError:
@@ -111,46 +111,47 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_serve(args: argparse.Namespace) -> int:
-    from bench.serve import report, run_bench
+def _emit(figures: dict[str, Any], report: Callable[[dict[str, Any]], str],
+          json_path: str | None) -> int:
+    """Print a benchmark's report; also write its figures as JSON when asked."""
+    print(report(figures))
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+def _ladder_arg(args: argparse.Namespace) -> Path:
     from models.build.ladder import default_ladder_dir
 
-    ladder = Path(args.ladder) if args.ladder else default_ladder_dir()
-    figures = run_bench(ladder, variant=args.variant, new_tokens=args.new_tokens,
+    return Path(args.ladder) if args.ladder else default_ladder_dir()
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve import report, run_bench
+
+    figures = run_bench(_ladder_arg(args), variant=args.variant, new_tokens=args.new_tokens,
                         repeats=args.repeats, threads=args.threads)
-    print(report(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+    return _emit(figures, report, args.json)
 
 
 def _cmd_bench_route(args: argparse.Namespace) -> int:
     from bench.route import WORKLOAD, report, run_bench
-    from models.build.ladder import default_ladder_dir
 
-    ladder = Path(args.ladder) if args.ladder else default_ladder_dir()
-    figures = run_bench(ladder, Path(args.workload) if args.workload else WORKLOAD,
+    figures = run_bench(_ladder_arg(args), Path(args.workload) if args.workload else WORKLOAD,
                         threads=args.threads)
-    print(report(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+    return _emit(figures, report, args.json)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.models import report, run_bench
-    from models.build.ladder import DEFAULT_TEACHER, default_ladder_dir
+    from models.build.ladder import DEFAULT_TEACHER
 
-    ladder = Path(args.ladder) if args.ladder else default_ladder_dir()
-    figures = run_bench(ladder, Path(args.teacher) if args.teacher else DEFAULT_TEACHER,
+    figures = run_bench(_ladder_arg(args), Path(args.teacher) if args.teacher else DEFAULT_TEACHER,
                         runs=args.runs, new_tokens=args.new_tokens,
                         prompt_tokens=args.prompt_tokens,
                         batch_sizes=tuple(int(b) for b in args.batch.split(",")),
                         threads=args.threads, baselines=not args.no_baselines)
-    print(report(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+    return _emit(figures, report, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,16 +9,13 @@ generated once by :func:`make_workload` and committed, so every run sends the sa
 from __future__ import annotations
 
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from bench.live import live_service
 
 WORKLOAD = Path(__file__).parent / "workloads" / "mixed.jsonl"
 FLOORS = ((0.0, 20), (0.5, 15), (0.8, 25), (0.9, 20), (0.95, 10), (1.0, 10))  # (floor, weight)
@@ -58,20 +55,8 @@ def _pct(values: list[float], q: float) -> float:
 
 def run_bench(ladder: Path, workload: Path = WORKLOAD, threads: int = 2) -> dict[str, Any]:
     reqs = [json.loads(line) for line in workload.read_text().splitlines() if line.strip()]
-    port = 18000 + os.getpid() % 1000
-    env = {**os.environ, "GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64"}
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-                               "--ladder", str(ladder), "--log-level", "warning"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-        for _ in range(600):
-            try:
-                if c.get("/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    env = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64"}
+    with live_service(ladder, env) as c:
         variants = {v["name"]: v for v in c.get("/v1/variants").json()["data"] if v["loaded"]}
         quality = {n: v["quality"] for n, v in variants.items()}
 
@@ -110,9 +95,6 @@ def run_bench(ladder: Path, workload: Path = WORKLOAD, threads: int = 2) -> dict
                 "mix": {v: chosen.count(v) for v in sorted(set(chosen))},
                 "energy_source": out["energy"]["source"]}
         return {"workload": str(workload), "cheapest": cheapest, "modes": results}
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 def report(f: dict[str, Any]) -> str:

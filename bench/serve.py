@@ -9,28 +9,20 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.live import live_service
+
 PROMPTS = [
     "The json module", "Return a new list", "Raise ValueError if", "The interpreter reads",
     "A context manager is", "Use the logging module to", "This function returns the",
     "Changed in version 3.11:",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -44,26 +36,10 @@ def run_bench(ladder: Path, variant: str = "full", new_tokens: int = 64, repeats
     from models.engine.base import GenerationParams
     from models.ladder import load_ladder
 
-    port = _free_port()
-    env = {**os.environ, "GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64",
+    env = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64",
            "GREENROUTE_VARIANTS": variant}
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-                               "--ladder", str(ladder), "--log-level", "warning"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        client = httpx.Client(base_url=url, timeout=300)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if client.get("/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("service did not become ready")
-
+    with live_service(ladder, env) as client:
+        url = str(client.base_url).rstrip("/")
         engine = load_ladder(ladder, threads=threads, only=[variant]).engines[variant]
         params = GenerationParams(max_new_tokens=new_tokens)
         body = {"max_new_tokens": new_tokens, "variant": variant}
@@ -116,9 +92,6 @@ def run_bench(ladder: Path, variant: str = "full", new_tokens: int = 64, repeats
         return {"variant": variant, "new_tokens": new_tokens, "threads": threads,
                 "prompts": len(PROMPTS), "repeats": repeats, "overhead": overhead,
                 "load": load}
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 def report(f: dict[str, Any]) -> str:

@@ -1,0 +1,48 @@
+"""Start ``greenroute serve`` in a subprocess for a benchmark and wait until it is ready."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_service(ladder: Path, env: dict[str, str],
+                 ready_timeout_s: float = 120.0) -> Iterator[httpx.Client]:
+    """A client bound to a freshly started service on a free loopback port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+                             "--ladder", str(ladder), "--log-level", "warning"],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                if client.get("/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("service did not become ready")
+            time.sleep(0.2)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(60)
