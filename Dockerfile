@@ -1,0 +1,92 @@
+# syntax=docker/dockerfile:1
+# greenroute: a build stage (torch CPU, transformers, optimum) builds the default ladder; the
+# runtime stage carries onnxruntime, tokenizers, numpy, the web stack and the built ladder only.
+#
+#   docker build -t greenroute .                                  # CPU image
+#   docker build -t greenroute:gpu --build-arg ORT_FLAVOUR=gpu .  # onnxruntime-gpu (CUDA 13)
+#
+# No secrets are baked in: API keys and every other setting come from GREENROUTE_* at run time.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+# DL3064 takes TOKENIZERS_PARALLELISM for a secret (it matches "TOKEN"); it is not one.
+# hadolint ignore=DL3064
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    TOKENIZERS_PARALLELISM=false
+
+# ---- the greenroute wheel, without the training checkpoints (models/default, 34 MB) --------
+FROM base AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY deploy/docker/requirements.py deploy/docker/requirements.py
+COPY app/ app/
+COPY bench/ bench/
+COPY models/ models/
+COPY routing/ routing/
+COPY telemetry/ telemetry/
+ARG ORT_GPU="onnxruntime-gpu[cuda,cudnn]==1.31.1"
+ARG GENAI_GPU="onnxruntime-genai-cuda==0.18.0"
+RUN rm -rf models/default \
+    && pip wheel --no-deps --wheel-dir /wheels . \
+    && python deploy/docker/requirements.py > /wheels/requirements-cpu.txt \
+    && python deploy/docker/requirements.py --gpu --ort-gpu "${ORT_GPU}" \
+        --genai-gpu "${GENAI_GPU}" > /wheels/requirements-gpu.txt
+
+# ---- build: install the build extra (torch from the CPU index) and build the default ladder -
+FROM base AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY deploy/docker/requirements.py deploy/docker/requirements.py
+# Dependencies first, in their own layer: a source change does not re-download torch.
+RUN python deploy/docker/requirements.py --extra build > /tmp/requirements-build.txt \
+    && pip install --index-url https://download.pytorch.org/whl/cpu \
+        "$(grep '^torch==' /tmp/requirements-build.txt)" \
+    && pip install -r /tmp/requirements-build.txt
+COPY app/ app/
+COPY bench/ bench/
+COPY models/ models/
+COPY routing/ routing/
+COPY telemetry/ telemetry/
+ARG BUILD_THREADS=2
+RUN pip install --no-deps . \
+    && greenroute build --out /opt/greenroute/ladder --threads "${BUILD_THREADS}" > /dev/null \
+    && greenroute show --ladder /opt/greenroute/ladder
+
+# ---- runtime: serving dependencies only, non-root, the ladder read-only -------------------
+FROM base AS runtime
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# cpu: onnxruntime + onnxruntime-genai; gpu: onnxruntime-gpu with pip-installed CUDA/cuDNN
+# libraries + onnxruntime-genai-cuda (same Python modules, so the code is unchanged).
+ARG ORT_FLAVOUR=cpu
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
+    pip install -r "/tmp/wheels/requirements-${ORT_FLAVOUR}.txt" \
+    && pip install --no-deps /tmp/wheels/greenroute-*.whl \
+    && if [ "${ORT_FLAVOUR}" = gpu ]; then \
+        find /usr/local/lib/python3.11/site-packages/nvidia -name 'lib*.so*' -printf '%h\n' \
+            | sort -u > /etc/ld.so.conf.d/nvidia-pip.conf && ldconfig; \
+    fi \
+    && groupadd --system --gid 10001 greenroute \
+    && useradd --system --uid 10001 --gid greenroute --create-home greenroute \
+    && mkdir -p /var/cache/greenroute \
+    && chown greenroute:greenroute /var/cache/greenroute
+COPY --from=build /opt/greenroute/ladder /opt/greenroute/ladder
+
+# The ladder is baked in; the cache directory is where a mounted volume can hold other ladders.
+ENV GREENROUTE_LADDER_DIR=/opt/greenroute/ladder \
+    GREENROUTE_CACHE_DIR=/var/cache/greenroute \
+    GREENROUTE_SHUTDOWN_GRACE_S=30
+USER 10001:10001
+WORKDIR /home/greenroute
+EXPOSE 8000
+# /ready is 503 until every variant has loaded (start-up calibration included).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
+# SIGTERM: stop accepting, drain in-flight generations (GREENROUTE_SHUTDOWN_GRACE_S), exit 0.
+# Give the container runtime a stop timeout above the grace (compose: stop_grace_period).
+STOPSIGNAL SIGTERM
+CMD ["greenroute", "serve", "--host", "0.0.0.0", "--port", "8000"]
