@@ -27,8 +27,9 @@ from models.ladder import LoadedLadder, load_ladder
 from routing.cost import CostModel
 from routing.router import Router
 from telemetry.base import EnergyMeter
-from telemetry.estimate import EstimateMeter
+from telemetry.factory import MeterConfig, create_meter
 from telemetry.metrics import Metrics
+from telemetry.sampler import DeviceSampler
 
 log = logging.getLogger("greenroute")
 
@@ -55,12 +56,24 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
         metrics.quality.labels(v.name).set(v.quality)
     depth = metrics.queue_depth.labels(device)
     lanes = {device: Lane(device, settings.queue_size, on_depth=depth.set)}
-    meter = EstimateMeter(settings.estimate_watts_per_core, settings.estimate_idle_watts, device)
+    meter = create_meter(meter_config(settings, device))
     router = Router({v.name: v.quality for v in ladder.manifest.variants.values()},
                     seed_costs(ladder, meter), on_infeasible=settings.on_infeasible)
     log.info("ladder loaded from %s: %s (failed: %s) on %s", settings.ladder_dir,
              sorted(ladder.engines), ladder.failed or "none", device)
-    return GenerationService(ladder, lanes, meter, metrics, settings, device, router)
+    metrics.meter_opened(meter.device, meter.source)
+    sampler = DeviceSampler(
+        meter, lambda watts, joules: metrics.device_sample(meter.device, meter.source, watts,
+                                                           joules),
+        settings.device_sample_period_s)
+    return GenerationService(ladder, lanes, meter, metrics, settings, device, router, sampler)
+
+
+def meter_config(settings: Settings, device: str) -> MeterConfig:
+    return MeterConfig(settings.energy_meter, device, settings.gpu_index,
+                       settings.cuda_visible_devices, settings.nvml_sample_hz,
+                       settings.nvml_counter_period_s, settings.rapl_root,
+                       settings.estimate_watts_per_core, settings.estimate_idle_watts)
 
 
 def seed_costs(ladder: LoadedLadder, meter: EnergyMeter) -> dict[str, CostModel]:
@@ -105,6 +118,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             for lane in service.lanes.values():
                 await asyncio.to_thread(lane.stop, grace)
             service.ladder.close()
+            if service.sampler is not None:
+                service.sampler.stop()
             service.meter.close()
 
 

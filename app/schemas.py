@@ -60,6 +60,8 @@ class EnergyOut(BaseModel):
     device: str
     estimated: bool
     joules_per_token: float | None
+    note: str | None = None  # how the number came about (estimate formula, short window, ...)
+    gco2e: float | None = None  # grams CO2e, when a grid carbon intensity is configured
 
 
 class RouteOut(BaseModel):

@@ -6,6 +6,7 @@ No HTTP here: route modules turn the events into JSON or Server-Sent Events.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -23,8 +24,12 @@ from routing.policy import Budget as PolicyBudget
 from routing.policy import InfeasibleError
 from routing.router import Router
 from telemetry.base import EnergyMeter, EnergyReading
+from telemetry.carbon import grams_co2e
 from telemetry.metrics import Metrics
 from telemetry.power import PowerWindow
+from telemetry.sampler import DeviceSampler
+
+log = logging.getLogger("greenroute.requests")
 
 
 @dataclass(frozen=True)
@@ -76,14 +81,17 @@ class Outcome:
     latency_ms: float
     queue_ms: float
     route: Route
+    gco2e: float | None = None  # when GREENROUTE_GRID_GCO2_PER_KWH is set
 
 
 class GenerationService:
     """Owns the loaded ladder, the lanes, the meter and the metrics; built once at start-up."""
 
     def __init__(self, ladder: LoadedLadder, lanes: dict[str, Lane], meter: EnergyMeter,
-                 metrics: Metrics, settings: Settings, device: str, router: Router) -> None:
+                 metrics: Metrics, settings: Settings, device: str, router: Router,
+                 sampler: DeviceSampler | None = None) -> None:
         self.router = router
+        self.sampler = sampler  # keeps the device power/energy series current
         self.power = PowerWindow(settings.power_window_s)
         self.ladder = ladder
         self.lanes = lanes
@@ -180,7 +188,7 @@ class GenerationService:
             reading = self.meter.end(mark)
             if held:
                 push("chunks", held)
-            self._account(route.variant, len(prompt_ids), produced, reading)
+            self._account(call.id, route.variant, len(prompt_ids), produced, reading)
             self.power.add(reading.joules)
             if produced and not call.cancel.is_set():
                 self.router.observe(route.variant, len(prompt_ids), produced,
@@ -200,15 +208,21 @@ class GenerationService:
         return Run(self, call, route, len(prompt_ids), events,
                    frozenset(engine.eos_token_ids))
 
-    def _account(self, variant: str, prompt_tokens: int, generated: int,
+    def _account(self, request_id: str, variant: str, prompt_tokens: int, generated: int,
                  reading: EnergyReading) -> None:
-        """Per-request cost metrics, recorded even when the caller has gone away."""
+        """Per-request cost metrics and log line, recorded even when the caller has gone away.
+        The request id rides on the histograms as an exemplar (never as a label)."""
         m = self.metrics
-        m.energy.labels(variant).observe(reading.joules)
-        m.power.labels(variant).observe(reading.avg_watts)
+        exemplar = {"request_id": request_id}
+        m.energy.labels(variant).observe(reading.joules, exemplar)
+        m.power.labels(variant).observe(reading.avg_watts, exemplar)
         m.energy_total.labels(variant).inc(reading.joules)
         m.prompt_tokens.labels(variant).inc(prompt_tokens)
         m.generated_tokens.labels(variant).inc(generated)
+        log.info("request %s variant=%s prompt_tokens=%d generated=%d joules=%.4f watts=%.2f "
+                 "seconds=%.3f source=%s device=%s%s", request_id, variant, prompt_tokens,
+                 generated, reading.joules, reading.avg_watts, reading.seconds, reading.source,
+                 reading.device, f" ({reading.note})" if reading.note else "")
 
 
 
@@ -264,11 +278,13 @@ class Run:
                     reading: EnergyReading = payload
                     status = "cancelled" if finish == "cancelled" else "ok"
                     now = time.perf_counter()
-                    metrics.duration.labels(route.variant).observe(now - call.arrived)
+                    metrics.duration.labels(route.variant).observe(
+                        now - call.arrived, {"request_id": call.id})
                     yield Outcome(call.id, route.variant, "".join(parts), finish,
                                   self.prompt_tokens, completion_tokens, reading,
                                   1000 * (now - call.arrived), 1000 * (started - call.arrived),
-                                  route)
+                                  route, grams_co2e(reading.joules,
+                                                    self.service.settings.grid_gco2_per_kwh))
                     return
         except (GeneratorExit, asyncio.CancelledError):
             status = "cancelled"

@@ -14,7 +14,8 @@ from models.build.ladder import default_ladder_dir
 class Settings(BaseSettings):
     """Validated once at start-up and passed in; nothing reads ``os.environ`` deeper down."""
 
-    model_config = SettingsConfigDict(env_prefix="GREENROUTE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GREENROUTE_", extra="ignore",
+                                      populate_by_name=True)
 
     # where the ladder is and how it runs
     ladder_dir: Path = Field(default_factory=default_ladder_dir)
@@ -44,6 +45,15 @@ class Settings(BaseSettings):
     # security
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # energy metering (telemetry/factory.py): best available meter, or the one named here
+    energy_meter: Literal["auto", "nvml", "rapl", "estimate"] = "auto"
+    gpu_index: int | None = Field(None, ge=0, description="NVML index of the GPU to meter")
+    cuda_visible_devices: str | None = Field(None, validation_alias="CUDA_VISIBLE_DEVICES")
+    nvml_sample_hz: float = Field(10.0, gt=0, le=1000)
+    nvml_counter_period_s: float = Field(0.1, ge=0, le=5)
+    rapl_root: Path = Path("/sys/class/powercap")
+    device_sample_period_s: float = Field(1.0, gt=0, le=60)
+    grid_gco2_per_kwh: float | None = Field(None, ge=0, description="grid carbon intensity")
     # energy estimate (used when no NVML/RAPL meter is available)
     estimate_watts_per_core: float = Field(10.0, gt=0)
     estimate_idle_watts: float = Field(0.0, ge=0)

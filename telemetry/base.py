@@ -1,10 +1,21 @@
-"""The energy-meter interface: open a window, close it, get joules with their source."""
+"""The energy-meter interface: a cumulative device counter, and windows over it.
+
+Every meter exposes one thing, :meth:`EnergyMeter.total_joules` — the device's energy since the
+meter opened, idle included, monotonic — and windows (``begin``/``end``) are differences of it.
+Units are joules and seconds from here on; vendor units (mJ, µJ, mW) are converted inside the
+vendor's file, once.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+
+
+class MeterUnavailableError(Exception):
+    """This meter cannot measure here (no library, no device, no permission): try the next."""
 
 
 @dataclass(frozen=True)
@@ -23,19 +34,46 @@ class EnergyReading:
         return self.joules / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Mark:
+    """The start of a window: wall clock (``perf_counter`` seconds) and the meter's total."""
+
+    wall_s: float
+    joules: float
+
+
 class EnergyMeter(ABC):
-    """A device's energy source. ``begin`` returns an opaque mark; ``end`` closes the window."""
+    """A device's energy source. Thread-safe: the lane and the device sampler both read it."""
 
     source: str = "abstract"
     device: str = "cpu"
+    estimated: bool = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
 
     @abstractmethod
-    def begin(self) -> Any:
-        """Mark the start of a window (cheap: no blocking device I/O beyond one counter read)."""
+    def total_joules(self) -> float:
+        """Device energy since the meter opened, idle included (J, never decreasing)."""
 
-    @abstractmethod
-    def end(self, mark: Any) -> EnergyReading:
+    def begin(self) -> Mark:
+        """Mark the start of a window (one counter read, no blocking device I/O beyond it)."""
+        return Mark(time.perf_counter(), self.total_joules())
+
+    def end(self, mark: Mark) -> EnergyReading:
         """Close the window opened by ``mark``."""
+        joules = self.total_joules() - mark.joules
+        seconds = time.perf_counter() - mark.wall_s
+        return EnergyReading(max(joules, 0.0), seconds, self.source, self.device,
+                             self.estimated, self.note(joules, seconds))
+
+    def note(self, joules: float, seconds: float) -> str | None:
+        """How a window's number came about, when that is worth saying."""
+        return None
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        return f"{self.source} on {self.device}"
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release the device (stop samplers, shut NVML down)."""

@@ -12,8 +12,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ENDPOINTS = ("/v1/generate", "/v1/completions", "/v1/chat/completions")
 STATUSES = ("ok", "error", "rejected", "cancelled", "timeout")
-# Buckets: per-request durations on this service span ~10 ms (a few tokens of the student) to
-# tens of seconds (512 tokens of full under load); energies follow at ~1-30 W.
+# Buckets, from what this service measured (`greenroute bench route`, 240 mixed requests on the
+# 2-core CPU: p50 78 ms, p99 460 ms, 0.1-6 J each, 1.09-3.45 J mean by mode): durations span
+# ~10 ms (a few student tokens) to tens of seconds (512 tokens of `full` behind a queue);
+# energies ~0.01 J to hundreds of J (a GPU at 300-700 W for seconds); per-request average power
+# 1 W (estimate, one idle-ish core) to 700 W (a loaded H100).
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENERGY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 500.0)
 POWER_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 75.0, 150.0, 300.0, 700.0)
@@ -63,3 +66,13 @@ class Metrics:
                 metric.labels(v)
         for d in devices:
             self.queue_depth.labels(d)
+
+    def meter_opened(self, device: str, source: str) -> None:
+        """Create the device series for the meter in use, so they exist before a sample."""
+        self.device_power.labels(device, source)
+        self.device_energy.labels(device, source)
+
+    def device_sample(self, device: str, source: str, watts: float, joules: float) -> None:
+        """One device-sampler reading: recent power, and the energy since the last one."""
+        self.device_power.labels(device, source).set(watts)
+        self.device_energy.labels(device, source).inc(joules)

@@ -83,7 +83,7 @@ def energy_out(o: Outcome) -> EnergyOut:
     return EnergyOut(joules=e.joules, avg_watts=e.avg_watts, source=e.source, device=e.device,
                      estimated=e.estimated,
                      joules_per_token=e.joules / o.completion_tokens if o.completion_tokens
-                     else None)
+                     else None, note=e.note, gco2e=o.gco2e)
 
 
 def route_out(o: Outcome) -> RouteOut:

@@ -38,7 +38,8 @@ def _usage(o: Outcome) -> dict[str, Any]:
     return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
             "total_tokens": o.prompt_tokens + o.completion_tokens,
             "energy_joules": o.energy.joules, "avg_watts": o.energy.avg_watts,
-            "energy_source": o.energy.source, "energy_estimated": o.energy.estimated}
+            "energy_source": o.energy.source, "energy_estimated": o.energy.estimated,
+            **({"gco2e": o.gco2e} if o.gco2e is not None else {})}
 
 
 def _call(body: OpenAIBase, prompt: str, endpoint: str, settings: Settings,
