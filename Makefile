@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 LADDER ?= $(or $(GREENROUTE_CACHE_DIR),$(HOME)/.cache/greenroute)/ladder
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run build test lint typecheck bench clean
+.PHONY: run build test lint typecheck bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,21 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
+# Programs (Debian packages) that tests drive for real: a Prometheus server scraping the service.
+# Installed with apt-get when missing and we are root (or have sudo); otherwise their tests say
+# what to install (skipped outside CI, failed under CI=true).
+SYSTEM_TOOLS ?= prometheus
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo -n"; \
+	else echo "not installed:$$missing (apt-get install$$missing)"; exit 0; fi; \
+	echo "installing:$$missing"; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
+	  --no-install-recommends $$missing > /dev/null
+
 ## install everything and run lint, type check and the whole test suite
-test: lint typecheck
+test: system-deps lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: build

@@ -142,6 +142,13 @@ def _cmd_bench_route(args: argparse.Namespace) -> int:
     return _emit(figures, report, args.json)
 
 
+def _cmd_bench_energy(args: argparse.Namespace) -> int:
+    from bench.energy import report, run_bench
+
+    figures = run_bench(_ladder_arg(args), threads=args.threads, gpu_runs=args.gpu_runs)
+    return _emit(figures, report, args.json)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.models import report, run_bench
     from models.build.ladder import DEFAULT_TEACHER
@@ -224,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", default=None)
     b.set_defaults(func=_cmd_bench_route)
+    b = bench.add_parser("energy", help="meter overhead per request window; on a GPU, energy "
+                                        "counter vs integrated power samples")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--gpu-runs", type=int, default=5)
+    b.add_argument("--json", default=None)
+    b.set_defaults(func=_cmd_bench_energy)
 
     p = sub.add_parser("train", help="train a model (or distil a student) from a TOML config")
     p.add_argument("--config", required=True)

@@ -11,6 +11,7 @@ once per wrap period (minutes at full power; the device sampler reads every seco
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +26,26 @@ _SUBZONE = re.compile(r"^(intel|amd)-rapl:\d+:\d+$")
 @dataclass
 class _Zone:
     name: str
-    energy_file: Path
+    fd: int  # energy_uj, kept open: a window costs two pread calls, not two opens
     max_uj: int
     last_uj: int
 
 
-def _read_int(path: Path) -> int:
+def open_counter(path: Path) -> int:
+    """Open a counter file for repeated reads (the sysfs boundary tests fake)."""
     try:
-        return int(path.read_text().strip())
+        fd = os.open(path, os.O_RDONLY)
+        _pread_int(fd)
+        return fd
     except PermissionError as err:
         raise MeterUnavailableError(f"RAPL: permission denied reading {path} (needs root or "
                                     "a readable energy_uj)") from err
     except (OSError, ValueError) as err:
         raise MeterUnavailableError(f"RAPL: cannot read {path}: {err}") from err
+
+
+def _pread_int(fd: int) -> int:
+    return int(os.pread(fd, 64, 0).strip())
 
 
 def discover_zones(root: Path) -> list[tuple[str, Path]]:
@@ -68,17 +76,23 @@ class RaplMeter(EnergyMeter):
     def __init__(self, root: Path = DEFAULT_ROOT, device: str = "cpu") -> None:
         super().__init__()
         self.device = device
-        self._zones = []
-        for label, path in discover_zones(root):
-            start = _read_int(path / "energy_uj")
-            self._zones.append(_Zone(label, path / "energy_uj",
-                                     _read_int(path / "max_energy_range_uj"), start))
+        self._zones: list[_Zone] = []
+        try:
+            for label, path in discover_zones(root):
+                max_fd = open_counter(path / "max_energy_range_uj")
+                max_uj = _pread_int(max_fd)
+                os.close(max_fd)
+                fd = open_counter(path / "energy_uj")
+                self._zones.append(_Zone(label, fd, max_uj, _pread_int(fd)))
+        except MeterUnavailableError:
+            self.close()
+            raise
         self._total_uj = 0
 
     def total_joules(self) -> float:
         with self._lock:
             for zone in self._zones:
-                now = _read_int(zone.energy_file)
+                now = _pread_int(zone.fd)
                 delta = now - zone.last_uj
                 if delta < 0:  # the counter wrapped past max_energy_range_uj
                     delta += zone.max_uj
@@ -88,3 +102,8 @@ class RaplMeter(EnergyMeter):
 
     def describe(self) -> str:
         return f"rapl on {self.device} ({', '.join(z.name for z in self._zones)})"
+
+    def close(self) -> None:
+        for zone in self._zones:
+            os.close(zone.fd)
+        self._zones = []

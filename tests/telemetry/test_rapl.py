@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from telemetry import rapl
 from telemetry.base import MeterUnavailableError
 from telemetry.factory import MeterConfig, create_meter
 from telemetry.rapl import RaplMeter
@@ -41,14 +42,14 @@ def test_permission_denied_is_unavailable_and_falls_back_to_estimate(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     root = make_powercap(tmp_path, {0: 1_000})
-    real_read_text = Path.read_text
+    real_open = rapl.os.open
 
-    def read_text(self: Path, *args: object, **kwargs: object) -> str:
-        if self.name == "energy_uj":  # as on hosts where only root may read it (CVE-2020-8694)
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+    def open_(path: Path, flags: int) -> int:
+        if Path(path).name == "energy_uj":  # as where only root may read it (CVE-2020-8694)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags)
 
-    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(rapl.os, "open", open_)
     with pytest.raises(MeterUnavailableError, match="permission denied"):
         RaplMeter(root)
     with caplog.at_level(logging.WARNING, logger="telemetry.factory"):
