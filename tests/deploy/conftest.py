@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
-from tests.app.conftest import client, make_client  # noqa: F401  (the live app for /metrics)
+from tests.app.conftest import client, live_server, make_client  # noqa: F401  (live service)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
