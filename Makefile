@@ -22,8 +22,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[build,dev]'
 	touch $@ $(VENV)/.installed-build
 
+# onnxruntime-genai's model builder (fused Llama graphs) needs transformers 5.x, optimum-onnx
+# needs < 4.58: the builder gets its own environment, used by `greenroute build` as a subprocess.
+BUILDER_VENV ?= .venv-builder
+BUILDER_REQ := models/build/genai-builder-requirements.txt
+export GREENROUTE_GENAI_BUILDER ?= $(abspath $(BUILDER_VENV))/bin/python
+
+$(BUILDER_VENV)/.installed: $(BUILDER_REQ)
+	test -x $(BUILDER_VENV)/bin/python || $(PYTHON) -m venv $(BUILDER_VENV)
+	$(BUILDER_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BUILDER_VENV)/bin/pip install -q -r $(BUILDER_REQ)
+	touch $@
+
 ## build the default ladder if missing or stale (skipped when up to date)
-build: $(VENV)/.installed-build
+build: $(VENV)/.installed-build $(BUILDER_VENV)/.installed
 	$(BIN)/greenroute build --out $(LADDER) > /dev/null
 
 ## install, build the default ladder if needed, start the service on :$(PORT)
@@ -51,11 +63,11 @@ system-deps:
 	  --no-install-recommends $$missing > /dev/null
 
 ## install everything and run lint, type check and the whole test suite
-test: system-deps lint typecheck
+test: system-deps lint typecheck $(BUILDER_VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: build
 	$(BIN)/greenroute bench models --ladder $(LADDER)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BUILDER_VENV) .pytest_cache .mypy_cache .ruff_cache

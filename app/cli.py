@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else default_ladder_dir(),
         threads=args.threads,
         force=args.force,
+        genai_builder=args.genai_builder or None,
     )
     if args.model != BuildOptions.model and args.student == BuildOptions.student:
         opts.student = None  # the default student belongs to the default teacher only
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="ladder directory (default: cache)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--genai-builder", default=os.environ.get("GREENROUTE_GENAI_BUILDER"),
+                   help="python of an environment with onnxruntime-genai's model builder "
+                        "(make creates .venv-builder); exports with it where it covers the "
+                        "architecture, else with optimum (default: $GREENROUTE_GENAI_BUILDER)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("serve", help="start the HTTP service (builds the default ladder if "

@@ -79,6 +79,21 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                                   lambda: eng.generate(prompt, full), runs, n, 1)
         return _median_timing(lambda: eng.generate_batch(prompts, one),
                               lambda: eng.generate_batch(prompts, full), runs, n, batch)
+    if kind == "ours-optimum-graph":  # our loop on optimum's export of the same weights
+        from tokenizers import Tokenizer
+
+        from models.engine.base import GenerationParams
+        from models.engine.ort import OrtEngine
+        from models.manifest import Manifest
+
+        m = Manifest.load(ladder)
+        eng = OrtEngine(Path(args.optimum_dir) / "model.onnx",
+                        Tokenizer.from_file(str(ladder / m.tokenizer)), m.context_length,
+                        m.eos_token_ids, threads=args.threads)
+        one = GenerationParams(max_new_tokens=1, ignore_eos=True)
+        full = GenerationParams(max_new_tokens=n, ignore_eos=True)
+        return _median_timing(lambda: eng.generate(prompt, one),
+                              lambda: eng.generate(prompt, full), runs, n, 1)
     if kind == "genai":
         from models.engine.base import GenerationParams
         from models.ladder import load_ladder
@@ -100,7 +115,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
         so.inter_op_num_threads = 1
-        model: Any = ORTModelForCausalLM.from_pretrained(str(ladder / variant), use_cache=True,
+        model: Any = ORTModelForCausalLM.from_pretrained(args.optimum_dir, use_cache=True,
                                                          session_options=so)
     else:  # torch: the source checkpoint of that variant
         from transformers import AutoModelForCausalLM
@@ -124,6 +139,17 @@ def run_bench(ladder: Path, teacher: Path | None, runs: int = 5, new_tokens: int
     manifest = Manifest.load(ladder)
     jobs: list[tuple[str, int]] = [(f"ours:{v.name}", b) for v in manifest.ordered()
                                    for b in batch_sizes]
+    optimum_dir = ladder / "full"
+    if baselines and manifest.variants["full"].exporter != "optimum":
+        # optimum's baseline needs optimum's own export of the same weights
+        if teacher is None:
+            raise ValueError("the optimum baseline needs the teacher checkpoint")
+        from models.build.export import export_decoder
+
+        optimum_dir = ladder / ".bench" / "optimum-full"
+        if not (optimum_dir / "model.onnx").is_file():
+            export_decoder(teacher, optimum_dir)
+        jobs += [("ours-optimum-graph:full", 1)]
     if baselines:
         jobs += [("genai:full", 1), ("optimum:full", 1), ("torch:full", 1)]
         if 8 in batch_sizes:
@@ -132,7 +158,8 @@ def run_bench(ladder: Path, teacher: Path | None, runs: int = 5, new_tokens: int
     for name, batch in jobs:
         cmd = [sys.executable, "-m", "bench.models", "--worker", name, "--ladder", str(ladder),
                "--runs", str(runs), "--new-tokens", str(new_tokens), "--batch", str(batch),
-               "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
+               "--prompt-tokens", str(prompt_tokens), "--threads", str(threads),
+               "--optimum-dir", str(optimum_dir)]
         if teacher is not None:
             cmd += ["--checkpoint", str(teacher)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -176,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", required=True)
     p.add_argument("--ladder", required=True)
     p.add_argument("--checkpoint", default=None)
+    p.add_argument("--optimum-dir", default=None, help="optimum's export of full")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)

@@ -76,3 +76,19 @@ def write_genai_config(variant_dir: Path, onnx_filename: str, threads: int,
     path = variant_dir / "genai_config.json"
     path.write_text(json.dumps(genai_config(hf, onnx_filename, threads, device), indent=2) + "\n")
     return path
+
+
+def adapt_builder_genai_config(variant_dir: Path, base_dir: Path, onnx_filename: str,
+                               threads: int, device: str = "cpu") -> Path:
+    """For a graph written by onnxruntime-genai's builder (or quantized from one): the builder's
+    own ``genai_config.json`` from ``base_dir`` (shared KV buffer, its input names), with our
+    file name and session options, written into ``variant_dir``."""
+    cfg = json.loads((base_dir / "genai_config.json").read_text())
+    decoder = cfg["model"]["decoder"]
+    decoder["filename"] = onnx_filename
+    options = decoder.setdefault("session_options", {})
+    options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    options["provider_options"] = [{"cuda": {}}] if device == "cuda" else []
+    path = variant_dir / "genai_config.json"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path

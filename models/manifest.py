@@ -38,6 +38,7 @@ class VariantInfo(BaseModel):
     bytes: int  # ONNX graph + external weights on disk
     precision: str  # "fp32", "int8", "int4"
     quantization: str | None = None  # method, e.g. "matmulnbits-8bit-block32"
+    exporter: str = "optimum"  # who wrote the fp32 graph: "genai-builder" or "optimum"
     perplexity: float
     quality: float = Field(ge=0.0)  # ppl_full / ppl_variant; 1.0 for full
     top1_agreement: float = Field(ge=0.0, le=1.0)  # next-token argmax agreement with full

@@ -87,12 +87,26 @@ def tiny_student(tiny_teacher: Path, tiny_corpus: Path) -> Path:
     return out
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def genai_builder_python() -> str | None:
+    """Python of the onnxruntime-genai builder environment (``make`` creates ``.venv-builder``
+    and exports ``GREENROUTE_GENAI_BUILDER``); ``None`` when absent, an error under CI."""
+    found = os.environ.get("GREENROUTE_GENAI_BUILDER") or str(REPO / ".venv-builder/bin/python")
+    if Path(found).is_file():
+        return found
+    if os.environ.get("CI"):
+        raise RuntimeError(f"the genai builder environment is missing ({found}): run make test")
+    return None
+
+
 def tiny_build_options(teacher: Path, student: Path | None, out: Path, heldout: Path):  # type: ignore[no-untyped-def]
     from models.build.ladder import BuildOptions
 
     return BuildOptions(model=str(teacher), student=str(student) if student else None, out=out,
                         heldout=heldout, eval_tokens=2048, eval_window=64,
-                        calibration_tokens=16)
+                        calibration_tokens=16, genai_builder=genai_builder_python())
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +139,16 @@ def random_llama(tiny_teacher: Path) -> tuple[Path, Path]:
     shutil.copy2(tiny_teacher / "tokenizer.json", root / "ckpt" / "tokenizer.json")
     export_decoder(root / "ckpt", root / "onnx")
     return root / "ckpt", root / "onnx"
+
+
+@pytest.fixture(scope="session")
+def random_llama_builder(random_llama: tuple[Path, Path]) -> tuple[Path, Path]:
+    """(checkpoint dir, ONNX dir) of the same untrained Llama through the genai builder."""
+    from models.build.export import export_with_genai_builder
+
+    builder = genai_builder_python()
+    if builder is None:
+        pytest.skip("no genai builder environment (make test creates .venv-builder)")
+    ckpt = random_llama[0]
+    export_with_genai_builder(ckpt, ckpt.parent / "onnx-builder", builder)
+    return ckpt, ckpt.parent / "onnx-builder"

@@ -1,16 +1,31 @@
-"""fp32 ONNX export of a causal LM with KV cache, through optimum."""
+"""fp32 ONNX export of a causal LM with KV cache: onnxruntime-genai's model builder where it covers
+the architecture, optimum's exporter otherwise.
+
+The builder writes a fused graph (``GroupQueryAttention`` with rotary embedding inside,
+``SkipSimplifiedLayerNormalization``, one QKV ``MatMul``): ~100 nodes for the default 8-layer
+Llama against ~1,360 from optimum, which is what sets decode speed at this model size. It needs
+transformers 5.x while optimum-onnx needs < 4.58, so it runs as a subprocess in its own
+environment (``BUILDER_PYTHON``, created by ``make``; see ``genai-builder-requirements.txt``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import os
 import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from models.build.source import BuildError
 
 ONNX_FILE = "model.onnx"
+OPTIMUM = "optimum"
+GENAI_BUILDER = "genai-builder"
+_HF_SIDECARS = ("config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json")
 
 
 def onnx_bytes(variant_dir: Path, onnx_file: str = ONNX_FILE) -> int:
@@ -49,3 +64,44 @@ def export_decoder(checkpoint: Path, out_dir: Path, opset: int = 18) -> Path:
     if not (out_dir / ONNX_FILE).is_file():
         raise BuildError(f"ONNX export of {checkpoint} produced no {ONNX_FILE}")
     return out_dir / ONNX_FILE
+
+
+def export_with_genai_builder(checkpoint: Path, out_dir: Path, builder_python: str,
+                              timeout_s: float = 1800.0) -> Path:
+    """fp32 export through ``python -m onnxruntime_genai.models.builder`` run by
+    ``builder_python`` (offline); the variant directory also gets the checkpoint's configs."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    cache = out_dir.parent / f".{out_dir.name}-builder-cache"
+    cmd = [builder_python, "-m", "onnxruntime_genai.models.builder", "-m", str(checkpoint),
+           "-o", str(out_dir), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BuildError(f"genai builder could not run ({builder_python}): {err}") from err
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    if proc.returncode != 0 or not (out_dir / ONNX_FILE).is_file():
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise BuildError(f"genai builder could not export {checkpoint}: "
+                         f"{lines[-1] if lines else f'exit {proc.returncode}'}")
+    for name in _HF_SIDECARS:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, out_dir / name)
+    return out_dir / ONNX_FILE
+
+
+def export_fp32(checkpoint: Path, out_dir: Path, opset: int, builder_python: str | None,
+                log: Callable[[str], None]) -> str:
+    """Export with the genai builder when one is given and it covers the model, else optimum;
+    return which exporter made the graph."""
+    if builder_python:
+        try:
+            export_with_genai_builder(checkpoint, out_dir, builder_python)
+            return GENAI_BUILDER
+        except BuildError as err:
+            log(f"  {err}; exporting with optimum instead")
+    export_decoder(checkpoint, out_dir, opset)
+    return OPTIMUM

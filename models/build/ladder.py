@@ -21,12 +21,12 @@ from tokenizers import Tokenizer
 
 from models.build import quantize as q
 from models.build.calibrate import calibrate
-from models.build.export import ONNX_FILE, export_decoder, onnx_bytes
+from models.build.export import GENAI_BUILDER, ONNX_FILE, export_fp32, onnx_bytes
 from models.build.quality import QualityReport, agreement, evaluate, heldout_ids
 from models.build.source import BuildError, checkpoint_hash, resolve_checkpoint
 from models.engine.base import Engine
 from models.engine.ort import OrtEngine
-from models.genai_config import write_genai_config
+from models.genai_config import adapt_builder_genai_config, write_genai_config
 from models.manifest import Calibration, Manifest, VariantInfo
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -56,6 +56,9 @@ class BuildOptions:
     opset: int = 18
     consider_int4: bool = True
     force: bool = False
+    # python of an environment with onnxruntime-genai's model builder (see Makefile); None:
+    # optimum's exporter for every architecture
+    genai_builder: str | None = None
 
     def config_for_hash(self) -> dict[str, Any]:
         """The settings that change the built files (paths and ``force`` do not)."""
@@ -70,6 +73,7 @@ class BuildOptions:
             "distill_steps": self.distill_steps if self.distill_layers else None,
             "quant_candidates": [asdict(m) for m in (*q.CANDIDATES_8BIT, q.CANDIDATE_4BIT)],
             "onnxruntime": onnxruntime.__version__,
+            "exporter": "genai-builder, else optimum" if self.genai_builder else "optimum",
             "heldout_sha256": hashlib.sha256(self.heldout.read_bytes()).hexdigest(),
         }
 
@@ -201,12 +205,14 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
 
     # 1. fp32 exports ---------------------------------------------------------------------
     log(f"exporting full (fp32) from {teacher}")
-    export_decoder(teacher, out / "full", opts.opset)
+    exporters = {"full": export_fp32(teacher, out / "full", opts.opset, opts.genai_builder, log)}
     sources_by_variant = {"full": ("teacher", teacher)}
     if student is not None:
         log(f"exporting distilled (fp32) from {student}")
-        export_decoder(student, out / "distilled", opts.opset)
+        exporters["distilled"] = export_fp32(student, out / "distilled", opts.opset,
+                                             opts.genai_builder, log)
         sources_by_variant["distilled"] = ("student", student)
+    log(f"  exporters: {exporters}")
 
     def engine_for(vdir: Path) -> OrtEngine:
         return OrtEngine(vdir / ONNX_FILE, tokenizer, context, eos, threads=opts.threads)
@@ -280,8 +286,12 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
                 chosen_methods["int4"] = q.CANDIDATE_4BIT
 
     # 3. runtime: our loop vs onnxruntime-genai on the same full graph ---------------------
-    for name in sources_by_variant:
-        write_genai_config(out / name, ONNX_FILE, opts.threads)
+    for name, (role, _) in sources_by_variant.items():
+        base = "full" if role == "teacher" else "distilled"
+        if exporters[base] == GENAI_BUILDER:
+            adapt_builder_genai_config(out / name, out / base, ONNX_FILE, opts.threads)
+        else:
+            write_genai_config(out / name, ONNX_FILE, opts.threads)
     runtime_choice = _choose_runtime(out, tokenizer, context, eos, prompt, measured["full"], opts,
                                      log)
 
@@ -298,6 +308,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
             bytes=onnx_bytes(out / name),
             precision=chosen.precision if chosen else "fp32",
             quantization=chosen.name if chosen else None,
+            exporter=exporters["full" if role == "teacher" else "distilled"],
             perplexity=reports[name].perplexity,
             quality=ref.perplexity / reports[name].perplexity,
             top1_agreement=agreement(reports[name], ref),

@@ -8,6 +8,7 @@ through ``IOBinding`` and only the logits come back to the host for sampling.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,22 @@ def providers_for(device: str) -> list[str]:
     if device == "cuda":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def _head_dim_from_config(variant_dir: Path) -> int:
+    """The KV head size when the graph leaves it symbolic (onnxruntime-genai's builder does):
+    from the variant's ``genai_config.json`` or ``config.json``."""
+    for name in ("genai_config.json", "config.json"):
+        path = variant_dir / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            cfg = cfg.get("model", {}).get("decoder", cfg)
+            if "head_size" in cfg or "head_dim" in cfg:
+                return int(cfg.get("head_size") or cfg["head_dim"])
+            if "hidden_size" in cfg and "num_attention_heads" in cfg:
+                return int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    raise VariantLoadError(f"{variant_dir}: the graph's KV head size is symbolic and no "
+                           "config.json/genai_config.json gives it")
 
 
 class OrtEngine(Engine):
@@ -78,7 +95,9 @@ class OrtEngine(Engine):
         self._past_names = [name for _, _, name in past]
         self._present_names = [n.replace("past_key_values", "present") for n in self._past_names]
         first = inputs[self._past_names[0]]
-        self._kv_heads, self._head_dim = int(first.shape[1]), int(first.shape[3])
+        self._kv_heads = int(first.shape[1])
+        self._head_dim = (first.shape[3] if isinstance(first.shape[3], int)
+                          else _head_dim_from_config(model_path.parent))
         self._kv_dtype = _NP_DTYPES[first.type]
         self._has_mask = "attention_mask" in inputs
         self._has_positions = "position_ids" in inputs
@@ -165,6 +184,10 @@ class OrtEngine(Engine):
         for p in prompts:
             self.check_fits(len(p), params.max_new_tokens)
         width = max(len(p) for p in prompts)
+        if not self._has_positions and any(len(p) != width for p in prompts):
+            # no position_ids input (genai builder graphs): positions and the attention span
+            # come from each row's mask count, which assumes no left padding
+            raise ValueError("this graph batches prompts of equal length only")
         pad = next(iter(self.eos_token_ids), 0)
         ids = np.full((len(prompts), width), pad, dtype=np.int64)
         mask = np.zeros_like(ids)

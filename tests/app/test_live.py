@@ -106,7 +106,8 @@ def test_non_streaming_disconnect_stops_generation(
     server = live_server()
     body = {"prompt": "The", "max_new_tokens": 500, "variant": "full", "stop": []}
     with contextlib.suppress(httpx.TimeoutException):  # the client gives up and closes
-        httpx.post(f"{server.url}/v1/generate", json=body, timeout=0.15)
+        # 500 tokens of the tiny full take ~150 ms on one thread; give up well before that
+        httpx.post(f"{server.url}/v1/generate", json=body, timeout=0.03)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if server.metric("greenroute_requests_total", endpoint="/v1/generate", variant="full",
@@ -130,7 +131,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.15)  # the request is in flight
+    deadline = time.monotonic() + 10
+    while server.metric("greenroute_inflight_requests") < 1:  # wait until it is in flight
+        assert time.monotonic() < deadline, "the request never started"
     server.proc.send_signal(signal.SIGTERM)
     t.join(60)
     assert result["r"].status_code == 200

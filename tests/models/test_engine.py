@@ -53,14 +53,21 @@ def varied(random_llama: tuple[Path, Path], tokenizer: Tokenizer) -> OrtEngine:
     return OrtEngine(random_llama[1] / "model.onnx", tokenizer, 128, [0])
 
 
+@pytest.fixture(scope="module", params=["optimum", "genai-builder"])
+def exported_llama(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """The same untrained Llama exported by each exporter the build can use."""
+    fixture = "random_llama" if request.param == "optimum" else "random_llama_builder"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize("prompt", [PROMPT, "x", "Return a new list of the items in"])
 def test_greedy_matches_pytorch_token_for_token(
-    random_llama: tuple[Path, Path], tokenizer: Tokenizer, prompt: str
+    exported_llama: tuple[Path, Path], tokenizer: Tokenizer, prompt: str
 ) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    ckpt, onnx_dir = random_llama
+    ckpt, onnx_dir = exported_llama
     engine = OrtEngine(onnx_dir / "model.onnx", tokenizer, 128, [0])
     ids = engine.encode(prompt)
     ours = engine.generate(ids, GenerationParams(max_new_tokens=40, ignore_eos=True)).token_ids
@@ -82,12 +89,25 @@ def test_genai_runs_the_same_graph_to_the_same_tokens(
     assert genai.generate(ids, params).token_ids == full.generate(ids, params).token_ids
 
 
-def test_batch_generation_with_left_padding_matches_single(full: OrtEngine) -> None:
-    prompts = [full.encode(PROMPT), full.encode("Return a new"), full.encode("x")]
+def test_batch_generation_with_left_padding_matches_single(varied: OrtEngine) -> None:
+    prompts = [varied.encode(PROMPT), varied.encode("Return a new"), varied.encode("x")]
     params = GenerationParams(max_new_tokens=12, ignore_eos=True)
-    batched = full.generate_batch(prompts, params)
+    batched = varied.generate_batch(prompts, params)  # optimum's graph: position_ids input
     for ids, row in zip(prompts, batched, strict=True):
-        assert row == full.generate(ids, params).token_ids
+        assert row == varied.generate(ids, params).token_ids
+
+
+def test_batch_on_a_mask_positioned_graph_needs_equal_lengths(
+        random_llama_builder: tuple[Path, Path], tokenizer: Tokenizer) -> None:
+    engine = OrtEngine(random_llama_builder[1] / "model.onnx", tokenizer, 128, [0])
+    params = GenerationParams(max_new_tokens=12, ignore_eos=True)
+    first = engine.encode(PROMPT)
+    same = [first, engine.encode("Return a new list of the items in a sequence")[:len(first)]]
+    assert len(same[1]) == len(first) and same[1] != first
+    for ids, row in zip(same, engine.generate_batch(same, params), strict=True):
+        assert row == engine.generate(ids, params).token_ids
+    with pytest.raises(ValueError, match="equal length"):
+        engine.generate_batch([engine.encode(PROMPT), engine.encode("x")], params)
 
 
 def test_seeded_sampling_is_reproducible(varied: OrtEngine) -> None:
