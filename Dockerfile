@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# greenroute: a build stage (torch CPU, transformers, optimum) builds the default ladder; the
-# runtime stage carries onnxruntime, tokenizers, numpy, the web stack and the built ladder only.
+# greenroute: a build stage (torch CPU, transformers, optimum, and onnxruntime-genai's model
+# builder in its own venv) builds the default ladder; the runtime stage carries onnxruntime,
+# tokenizers, numpy, the web stack and the built ladder only.
 #
 #   docker build -t greenroute .                                  # CPU image
 #   docker build -t greenroute:gpu --build-arg ORT_FLAVOUR=gpu .  # onnxruntime-gpu (CUDA 13)
@@ -47,6 +48,13 @@ RUN python deploy/docker/requirements.py --extra build > /tmp/requirements-build
     && pip install --index-url https://download.pytorch.org/whl/cpu \
         "$(grep '^torch==' /tmp/requirements-build.txt)" \
     && pip install -r /tmp/requirements-build.txt
+# onnxruntime-genai's model builder (fused Llama graphs) needs transformers 5.x while optimum
+# needs < 4.58: its own environment, called by `greenroute build --genai-builder`.
+COPY models/build/genai-builder-requirements.txt /tmp/genai-builder-requirements.txt
+RUN python -m venv /opt/genai-builder \
+    && /opt/genai-builder/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
+        "$(grep '^torch==' /tmp/genai-builder-requirements.txt)" \
+    && /opt/genai-builder/bin/pip install -r /tmp/genai-builder-requirements.txt
 COPY app/ app/
 COPY bench/ bench/
 COPY models/ models/
@@ -54,7 +62,8 @@ COPY routing/ routing/
 COPY telemetry/ telemetry/
 ARG BUILD_THREADS=2
 RUN pip install --no-deps . \
-    && greenroute build --out /opt/greenroute/ladder --threads "${BUILD_THREADS}" > /dev/null \
+    && greenroute build --out /opt/greenroute/ladder --threads "${BUILD_THREADS}" \
+        --genai-builder /opt/genai-builder/bin/python > /dev/null \
     && greenroute show --ladder /opt/greenroute/ladder
 
 # ---- runtime: serving dependencies only, non-root, the ladder read-only -------------------

@@ -43,6 +43,15 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _shares_kv_buffer(variant_dir: Path) -> bool:
+    """``past_present_share_buffer`` from the variant's ``genai_config.json`` (the builder sets
+    it for its GroupQueryAttention graphs; optimum's concat graphs never share)."""
+    path = variant_dir / "genai_config.json"
+    if not path.is_file():
+        return False
+    return bool(json.loads(path.read_text()).get("search", {}).get("past_present_share_buffer"))
+
+
 def _head_dim_from_config(variant_dir: Path) -> int:
     """The KV head size when the graph leaves it symbolic (onnxruntime-genai's builder does):
     from the variant's ``genai_config.json`` or ``config.json``."""
@@ -101,6 +110,11 @@ class OrtEngine(Engine):
         self._kv_dtype = _NP_DTYPES[first.type]
         self._has_mask = "attention_mask" in inputs
         self._has_positions = "position_ids" in inputs
+        # GroupQueryAttention graphs (genai builder) can write the new K/V in place into one
+        # buffer per layer: no per-step concat or output allocation
+        self.shared_kv = self._has_mask and _shares_kv_buffer(model_path.parent)
+        logits_out = self.session.get_outputs()[0]
+        self._vocab, self._logits_dtype = int(logits_out.shape[-1]), _NP_DTYPES[logits_out.type]
         self._output_names = ["logits", *self._present_names]
         # positions for single-sequence decoding: views of one array, no per-step allocation
         self._arange = np.arange(context_length, dtype=np.int64)[None, :]
@@ -158,6 +172,9 @@ class OrtEngine(Engine):
 
     # -- decoding ---------------------------------------------------------------------------
     def _token_ids(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[int]:
+        if self.shared_kv:
+            yield from self._token_ids_shared(prompt_ids, params)
+            return
         rng = make_rng(params.seed)
         ids = np.asarray([prompt_ids], dtype=np.int64)
         length = ids.shape[1]
@@ -173,6 +190,47 @@ class OrtEngine(Engine):
             logits, past = self.forward(np.asarray([[token]], dtype=np.int64),
                                         ones[:, :length], past,
                                         self._arange[:, length - 1 : length])
+
+    def _token_ids_shared(self, prompt_ids: Sequence[int],
+                          params: GenerationParams) -> Iterator[int]:
+        """Decoding with one KV buffer per layer bound as both past and present: the graph
+        writes each step's K/V in place (as onnxruntime-genai does). Every input and output of
+        a decode step is bound once; a step writes two integers and runs."""
+        rng = make_rng(params.seed)
+        length = len(prompt_ids)
+        max_len = length + params.max_new_tokens
+        binding = self.session.io_binding()
+        shape = [1, self._kv_heads, max_len, self._head_dim]
+        for past, present in zip(self._past_names, self._present_names, strict=True):
+            if self.device == "cpu":
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype))
+            else:
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype,
+                                                                   self.device, 0)
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        # the mask spans the whole buffer; its count of ones is the sequence so far
+        mask = np.zeros((1, max_len), dtype=np.int64)
+        mask[0, :length] = 1
+        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(mask))
+        binding.bind_cpu_input("input_ids", np.asarray([prompt_ids], dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[-1].numpy()[0, -1]
+        step = np.zeros((1, 1), dtype=np.int64)
+        step_logits = np.zeros((1, 1, self._vocab), dtype=self._logits_dtype)
+        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(step))
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(step_logits))
+        for produced in range(1, params.max_new_tokens + 1):
+            token = select_token(logits, params, rng)
+            yield token
+            if produced == params.max_new_tokens:
+                return
+            step[0, 0] = token
+            mask[0, length] = 1
+            length += 1
+            self.session.run_with_iobinding(binding)
+            logits = step_logits[0, -1]
 
     def generate_batch(
         self, prompts: Sequence[Sequence[int]], params: GenerationParams

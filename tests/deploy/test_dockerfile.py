@@ -134,13 +134,18 @@ def test_gpu_requirements_refuse_missing_pins() -> None:
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
-    """Whether .dockerignore's patterns (no `!` exceptions are used) leave ``path`` out."""
+    """Whether .dockerignore's patterns (no `!` exceptions are used) leave ``path`` out, as
+    Docker reads them: a pattern matches from the context root (a matched directory takes its
+    contents with it); only a ``**/`` prefix matches at any depth."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
     for pattern in patterns:
-        pattern = pattern.removeprefix("**/")
-        parts = path.split("/")
-        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p.split("/")[-1], pattern)
-               for p in prefixes):
+        if pattern.startswith("**/"):
+            name = pattern.removeprefix("**/")
+            if any(fnmatch.fnmatch(p.split("/")[-1], name) for p in prefixes):
+                return True
+        elif any(fnmatch.fnmatch(p, pattern) and p.count("/") == pattern.count("/")
+                 for p in prefixes):
             return True
     return False
 
@@ -149,7 +154,8 @@ def test_dockerignore_keeps_caches_out_and_what_the_build_copies_in() -> None:
     lines = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
     patterns = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
     assert not [p for p in patterns if p.startswith("!")]  # `ignored` does not model them
-    for unwanted in (".git/config", ".venv/bin/python", "app/__pycache__/x.pyc",
+    for unwanted in (".git/config", ".venv/bin/python", ".venv-builder/bin/python",
+                     "app/__pycache__/x.pyc",
                      ".pytest_cache/v", ".mypy_cache/x", ".ruff_cache/x", "models/x/model.onnx",
                      "tests/conftest.py", "greenroute.egg-info/PKG-INFO", "deploy/greenroute.env"):
         assert ignored(unwanted, patterns), unwanted

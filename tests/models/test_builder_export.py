@@ -8,8 +8,11 @@ from pathlib import Path
 
 import onnx
 import pytest
+from tokenizers import Tokenizer
 
 from models.build.export import GENAI_BUILDER, OPTIMUM, export_fp32
+from models.engine.base import GenerationParams
+from models.engine.ort import OrtEngine
 from models.manifest import Manifest
 
 
@@ -58,3 +61,21 @@ def test_no_builder_means_optimum(random_llama: tuple[Path, Path], tmp_path: Pat
     said: list[str] = []
     assert export_fp32(random_llama[0], tmp_path / "x", 18, builder, said.append) == OPTIMUM
     assert said == []
+
+
+@pytest.mark.parametrize("params", [
+    GenerationParams(max_new_tokens=40, ignore_eos=True),
+    GenerationParams(max_new_tokens=40, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True),
+], ids=["greedy", "seeded"])
+def test_shared_kv_buffer_decoding_matches_the_concat_path(
+        random_llama_builder: tuple[Path, Path], params: GenerationParams) -> None:
+    ckpt, onnx_dir = random_llama_builder
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    shared = OrtEngine(onnx_dir / "model.onnx", tokenizer, 128, [0])
+    concat = OrtEngine(onnx_dir / "model.onnx", tokenizer, 128, [0])
+    concat.shared_kv = False
+    assert shared.shared_kv
+    ids = shared.encode("Return a new list of the items in")
+    got = shared.generate(ids, params).token_ids
+    assert got == concat.generate(ids, params).token_ids
+    assert len(got) == 40 and len(set(got)) > 5
