@@ -34,6 +34,14 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_genai_builder() -> str | None:
+    """``$GREENROUTE_GENAI_BUILDER``, else the checkout's ``.venv-builder`` when it exists."""
+    from models.build.ladder import PACKAGE_DIR
+
+    local = PACKAGE_DIR.parent / ".venv-builder" / "bin" / "python"
+    return os.environ.get("GREENROUTE_GENAI_BUILDER") or (str(local) if local.is_file() else None)
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from models.build.ladder import BuildOptions, build_ladder, default_ladder_dir
     from models.build.source import BuildError
@@ -190,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="ladder directory (default: cache)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    p.add_argument("--genai-builder", default=os.environ.get("GREENROUTE_GENAI_BUILDER"),
+    p.add_argument("--genai-builder", default=_default_genai_builder(),
                    help="python of an environment with onnxruntime-genai's model builder "
                         "(make creates .venv-builder); exports with it where it covers the "
-                        "architecture, else with optimum (default: $GREENROUTE_GENAI_BUILDER)")
+                        "architecture, else with optimum (default: $GREENROUTE_GENAI_BUILDER, "
+                        "else .venv-builder beside a source checkout)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("serve", help="start the HTTP service (builds the default ladder if "
