@@ -201,26 +201,33 @@ class OrtEngine(Engine):
         max_len = length + params.max_new_tokens
         binding = self.session.io_binding()
         shape = [1, self._kv_heads, max_len, self._head_dim]
+        # Bound values point into numpy arrays; they stay referenced from this frame until
+        # decoding ends (the IOBinding wrapper keeps them too, but does not promise to).
+        buffers = []
         for past, present in zip(self._past_names, self._present_names, strict=True):
             if self.device == "cpu":
                 buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype))
             else:
                 buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype,
                                                                    self.device, 0)
+            buffers.append(buffer)
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
         # the mask spans the whole buffer; its count of ones is the sequence so far
         mask = np.zeros((1, max_len), dtype=np.int64)
         mask[0, :length] = 1
-        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(mask))
+        buffers.append(ort.OrtValue.ortvalue_from_numpy(mask))
+        binding.bind_ortvalue_input("attention_mask", buffers[-1])
         binding.bind_cpu_input("input_ids", np.asarray([prompt_ids], dtype=np.int64))
         binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[-1].numpy()[0, -1]
         step = np.zeros((1, 1), dtype=np.int64)
         step_logits = np.zeros((1, 1, self._vocab), dtype=self._logits_dtype)
-        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(step))
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(step_logits))
+        buffers += [ort.OrtValue.ortvalue_from_numpy(step),
+                    ort.OrtValue.ortvalue_from_numpy(step_logits)]
+        binding.bind_ortvalue_input("input_ids", buffers[-2])
+        binding.bind_ortvalue_output("logits", buffers[-1])
         for produced in range(1, params.max_new_tokens + 1):
             token = select_token(logits, params, rng)
             yield token
