@@ -82,5 +82,8 @@ async def variants(service: ServiceDep) -> dict[str, Any]:
             "runtime": ladder.engines[v.name].runtime if v.name in ladder.engines else None,
             "cost": live.get(v.name),  # current learned coefficients
         })
+    meter = service.meter
     return {"object": "list", "data": out, "device": service.device,
-            "power_watts": service.power.watts(), "power_capped": service.power_capped()}
+            "power_watts": service.power.watts(), "power_capped": service.power_capped(),
+            "energy_meter": {"source": meter.source, "device": meter.device,
+                             "estimated": meter.estimated, "description": meter.describe()}}

@@ -38,6 +38,9 @@ def test_estimate_reading_is_labelled_and_carbon_is_reported(
     energy = body["energy"]
     assert energy["source"] == "estimate" and energy["estimated"] is True
     assert "CPU-s" in energy["note"] and energy["device"] == "cpu"
+    meter = client.get("/v1/variants").json()["energy_meter"]
+    assert meter["source"] == "estimate" and meter["estimated"] is True
+    assert "not a measurement" in meter["description"]
     assert energy["gco2e"] == pytest.approx(energy["joules"] / 3.6e6 * 400.0)
     assert energy["joules_per_token"] == pytest.approx(
         energy["joules"] / body["usage"]["completion_tokens"])
@@ -84,6 +87,8 @@ def test_rapl_meter_serves_requests_and_device_energy(
     assert client.get("/ready").status_code == 200
     energy = client.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 2}).json()["energy"]
     assert energy["source"] == "rapl" and energy["estimated"] is False
+    meter = client.get("/v1/variants").json()["energy_meter"]
+    assert meter["source"] == "rapl" and "intel-rapl:0(package)" in meter["description"]
     labels = {"device": "cpu", "source": "rapl"}
     before = sample(client, "greenroute_device_energy_joules_total", **labels) or 0.0
     set_energy(root, "intel-rapl:0", 4_000_000)  # the package spends 3 J
