@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,10 +68,13 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "GREENROUTE_THREADS": "1", **env}
+        # the server's log goes to a file: an undrained pipe would block it once full
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop)
+            "w+", prefix="greenroute-live-", suffix=".log")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--ladder",
              str(ladder), "--log-level", "warning"],
-            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         self.http = httpx.Client(base_url=self.url, timeout=60)
         try:
             wait_ready(self.http.get)
@@ -99,7 +103,14 @@ class LiveServer:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return int(self.proc.wait())
+        code = int(self.proc.wait())
+        self.log.close()
+        return code
+
+    def output(self) -> str:
+        """What the server has logged so far."""
+        self.log.flush()
+        return Path(self.log.name).read_text()
 
 
 @pytest.fixture

@@ -82,7 +82,8 @@ def test_full_queue_gets_429_while_accepted_requests_complete(
 def _disconnects_cancel(server: LiveServer, disconnect: Callable[[], None]) -> bool:
     """Run ``disconnect`` (a request the client abandons); True when the server counted it
     cancelled and stopped decoding early. A tiny model on a fast host can finish all 500 tokens
-    before the disconnect is seen; then nothing was left to cancel and this returns False."""
+    before the disconnect is seen; then nothing was left to cancel and this returns False, so a
+    caller retries; if cancellation never works, every try returns False."""
     def metric(name: str, **labels: str) -> float:
         return server.metric(name, variant="full", **labels)
 
@@ -98,13 +99,13 @@ def _disconnects_cancel(server: LiveServer, disconnect: Callable[[], None]) -> b
                           status="ok") - ok0
         if cancelled:
             time.sleep(0.2)  # let the lane record the tokens it did produce
-            generated = metric("greenroute_generated_tokens_total") - generated0
-            assert generated < 500, "a cancelled generation ran to its end"
-            return True
+            # all 500 made: the lane outran the disconnect (nothing left to stop); try again
+            return metric("greenroute_generated_tokens_total") - generated0 < 500
         if finished:
             return False
         time.sleep(0.05)
-    raise AssertionError("the abandoned request was counted neither cancelled nor ok")
+    raise AssertionError("the abandoned request was counted neither cancelled nor ok:\n"
+                         + server.output()[-3000:])
 
 
 def test_disconnect_stops_generation(live_server: Callable[..., LiveServer]) -> None:
@@ -120,7 +121,7 @@ def test_disconnect_stops_generation(live_server: Callable[..., LiveServer]) -> 
             assert all(json.loads(x[6:])["type"] == "token" for x in got
                        if x.startswith("data"))
 
-    assert any(_disconnects_cancel(server, read_three_tokens_then_leave) for _ in range(3))
+    assert any(_disconnects_cancel(server, read_three_tokens_then_leave) for _ in range(5))
 
 
 def test_non_streaming_disconnect_stops_generation(
@@ -133,7 +134,7 @@ def test_non_streaming_disconnect_stops_generation(
         with contextlib.suppress(httpx.TimeoutException):
             httpx.post(f"{server.url}/v1/generate", json=body, timeout=0.03)
 
-    assert any(_disconnects_cancel(server, give_up) for _ in range(3))
+    assert any(_disconnects_cancel(server, give_up) for _ in range(5))
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(
