@@ -167,7 +167,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         runs=args.runs, new_tokens=args.new_tokens,
                         prompt_tokens=args.prompt_tokens,
                         batch_sizes=tuple(int(b) for b in args.batch.split(",")),
-                        threads=args.threads, baselines=not args.no_baselines)
+                        threads=args.threads, baselines=not args.no_baselines,
+                        rounds=args.rounds)
     return _emit(figures, report, args.json)
 
 
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--no-baselines", action="store_true")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="run every engine this many times in turn; report medians")
     b.add_argument("--json", default=None, help="also write the figures here")
     b.set_defaults(func=_cmd_bench)
     b = bench.add_parser("serve", help="HTTP overhead vs a direct call; 1/4/16-client load")
