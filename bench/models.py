@@ -66,12 +66,25 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     kind, variant = args.worker.split(":")
     n, batch, runs = args.new_tokens, args.batch, args.runs
     prompts = [prompt] * batch
-    if kind == "ours":
+    if kind in ("ours", "ours-optimum-graph", "genai"):  # our engines, one timing path
         from models.engine.base import GenerationParams
         from models.ladder import load_ladder
 
-        eng: Any = load_ladder(ladder, threads=args.threads, runtime="onnxruntime",
-                               only=[variant]).engines[variant]
+        eng: Any
+        if kind == "ours-optimum-graph":  # our loop on optimum's export of the same weights
+            from tokenizers import Tokenizer
+
+            from models.engine.ort import OrtEngine
+            from models.manifest import Manifest
+
+            m = Manifest.load(ladder)
+            eng = OrtEngine(Path(args.optimum_dir) / "model.onnx",
+                            Tokenizer.from_file(str(ladder / m.tokenizer)), m.context_length,
+                            m.eos_token_ids, threads=args.threads)
+        else:
+            runtime = "onnxruntime" if kind == "ours" else "onnxruntime-genai"
+            eng = load_ladder(ladder, threads=args.threads, runtime=runtime,
+                              only=[variant]).engines[variant]
         one = GenerationParams(max_new_tokens=1, ignore_eos=True)
         full = GenerationParams(max_new_tokens=n, ignore_eos=True)
         if batch == 1:
@@ -79,31 +92,6 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                                   lambda: eng.generate(prompt, full), runs, n, 1)
         return _median_timing(lambda: eng.generate_batch(prompts, one),
                               lambda: eng.generate_batch(prompts, full), runs, n, batch)
-    if kind == "ours-optimum-graph":  # our loop on optimum's export of the same weights
-        from tokenizers import Tokenizer
-
-        from models.engine.base import GenerationParams
-        from models.engine.ort import OrtEngine
-        from models.manifest import Manifest
-
-        m = Manifest.load(ladder)
-        eng = OrtEngine(Path(args.optimum_dir) / "model.onnx",
-                        Tokenizer.from_file(str(ladder / m.tokenizer)), m.context_length,
-                        m.eos_token_ids, threads=args.threads)
-        one = GenerationParams(max_new_tokens=1, ignore_eos=True)
-        full = GenerationParams(max_new_tokens=n, ignore_eos=True)
-        return _median_timing(lambda: eng.generate(prompt, one),
-                              lambda: eng.generate(prompt, full), runs, n, 1)
-    if kind == "genai":
-        from models.engine.base import GenerationParams
-        from models.ladder import load_ladder
-
-        eng = load_ladder(ladder, threads=args.threads, runtime="onnxruntime-genai",
-                          only=[variant]).engines[variant]
-        one = GenerationParams(max_new_tokens=1, ignore_eos=True)
-        full = GenerationParams(max_new_tokens=n, ignore_eos=True)
-        return _median_timing(lambda: eng.generate(prompt, one),
-                              lambda: eng.generate(prompt, full), runs, n, 1)
     import torch
 
     torch.set_num_threads(args.threads)
