@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -32,14 +31,6 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
     print(f"train: {args.train_out} ({train_bytes} bytes); heldout: {args.heldout_out} "
           f"({held_bytes} bytes)")
     return 0
-
-
-def _default_genai_builder() -> str | None:
-    """``$GREENROUTE_GENAI_BUILDER``, else the checkout's ``.venv-builder`` when it exists."""
-    from models.build.ladder import PACKAGE_DIR
-
-    local = PACKAGE_DIR.parent / ".venv-builder" / "bin" / "python"
-    return os.environ.get("GREENROUTE_GENAI_BUILDER") or (str(local) if local.is_file() else None)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -199,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="ladder directory (default: cache)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    p.add_argument("--genai-builder", default=_default_genai_builder(),
+    from models.build.export import default_genai_builder
+
+    p.add_argument("--genai-builder", default=default_genai_builder(),
                    help="python of an environment with onnxruntime-genai's model builder "
                         "(make creates .venv-builder); exports with it where it covers the "
                         "architecture, else with optimum (default: $GREENROUTE_GENAI_BUILDER, "

@@ -87,14 +87,13 @@ def tiny_student(tiny_teacher: Path, tiny_corpus: Path) -> Path:
     return out
 
 
-REPO = Path(__file__).resolve().parent.parent
-
-
 def genai_builder_python() -> str | None:
-    """Python of the onnxruntime-genai builder environment (``make`` creates ``.venv-builder``
-    and exports ``GREENROUTE_GENAI_BUILDER``); ``None`` when absent, an error under CI."""
-    found = os.environ.get("GREENROUTE_GENAI_BUILDER") or str(REPO / ".venv-builder/bin/python")
-    if Path(found).is_file():
+    """Python of the onnxruntime-genai builder environment (``make`` creates ``.venv-builder``);
+    ``None`` when absent, an error under CI."""
+    from models.build.export import default_genai_builder
+
+    found = default_genai_builder()
+    if found is not None and Path(found).is_file():
         return found
     if os.environ.get("CI"):
         raise RuntimeError(f"the genai builder environment is missing ({found}): run make test")

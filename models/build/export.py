@@ -66,6 +66,13 @@ def export_decoder(checkpoint: Path, out_dir: Path, opset: int = 18) -> Path:
     return out_dir / ONNX_FILE
 
 
+def default_genai_builder() -> str | None:
+    """``$GREENROUTE_GENAI_BUILDER``, else the source checkout's ``.venv-builder`` (made by
+    ``make``) when it exists, else ``None`` (optimum exports everything)."""
+    local = Path(__file__).resolve().parents[2] / ".venv-builder" / "bin" / "python"
+    return os.environ.get("GREENROUTE_GENAI_BUILDER") or (str(local) if local.is_file() else None)
+
+
 def export_with_genai_builder(checkpoint: Path, out_dir: Path, builder_python: str,
                               timeout_s: float = 1800.0) -> Path:
     """fp32 export through ``python -m onnxruntime_genai.models.builder`` run by
