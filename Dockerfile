@@ -50,7 +50,7 @@ RUN python deploy/docker/requirements.py --extra build > /tmp/requirements-build
     && pip install -r /tmp/requirements-build.txt
 # onnxruntime-genai's model builder (fused Llama graphs) needs transformers 5.x while optimum
 # needs < 4.58: its own environment, called by `greenroute build --genai-builder`.
-COPY models/build/genai-builder-requirements.txt /tmp/genai-builder-requirements.txt
+COPY models/pipeline/genai-builder-requirements.txt /tmp/genai-builder-requirements.txt
 RUN python -m venv /opt/genai-builder \
     && /opt/genai-builder/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
         "$(grep '^torch==' /tmp/genai-builder-requirements.txt)" \

@@ -34,8 +34,9 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from models.build.ladder import BuildOptions, build_ladder, default_ladder_dir
-    from models.build.source import BuildError
+    from models.manifest import default_ladder_dir
+    from models.pipeline.ladder import BuildOptions, build_ladder
+    from models.pipeline.source import BuildError
 
     opts = BuildOptions(
         model=args.model,
@@ -122,7 +123,7 @@ def _emit(figures: dict[str, Any], report: Callable[[dict[str, Any]], str],
 
 
 def _ladder_arg(args: argparse.Namespace) -> Path:
-    from models.build.ladder import default_ladder_dir
+    from models.manifest import default_ladder_dir
 
     return Path(args.ladder) if args.ladder else default_ladder_dir()
 
@@ -152,7 +153,7 @@ def _cmd_bench_energy(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.models import report, run_bench
-    from models.build.ladder import DEFAULT_TEACHER
+    from models.pipeline.ladder import DEFAULT_TEACHER
 
     figures = run_bench(_ladder_arg(args), Path(args.teacher) if args.teacher else DEFAULT_TEACHER,
                         runs=args.runs, new_tokens=args.new_tokens,
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-out", default="models/data/heldout.txt")
     p.set_defaults(func=_cmd_corpus)
 
-    from models.build.ladder import BuildOptions
+    from models.pipeline.ladder import BuildOptions
 
     p = sub.add_parser("build", help="build the ladder (full, int8, distilled, distilled-int8)")
     p.add_argument("--model", default=BuildOptions.model,
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="ladder directory (default: cache)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    from models.build.export import default_genai_builder
+    from models.pipeline.export import default_genai_builder
 
     p.add_argument("--genai-builder", default=default_genai_builder(),
                    help="python of an environment with onnxruntime-genai's model builder "

@@ -21,8 +21,7 @@ from app.lanes import Lane
 from app.routes import native, openai, ops
 from app.service import GenerationService
 from app.settings import Settings
-from models.build.calibrate import calibrate
-from models.build.ladder import CALIBRATION_PROMPT, cpu_name
+from models.calibrate import CALIBRATION_PROMPT, calibrate, cpu_name
 from models.ladder import LoadedLadder, load_ladder
 from routing.cost import CostModel
 from routing.router import Router

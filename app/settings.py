@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.build.ladder import default_ladder_dir
+from models.manifest import default_ladder_dir
 
 
 class Settings(BaseSettings):

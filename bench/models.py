@@ -31,8 +31,8 @@ TARGETS = (  # (numerator, denominator, minimum ratio) on batch-1 decode tokens/
 def _prompt_ids(ladder: Path, prompt_tokens: int) -> list[int]:
     from tokenizers import Tokenizer
 
-    from models.build.ladder import DEFAULT_HELDOUT
     from models.manifest import Manifest
+    from models.pipeline.ladder import DEFAULT_HELDOUT
 
     tok = Tokenizer.from_file(str(ladder / Manifest.load(ladder).tokenizer))
     ids = tok.encode(DEFAULT_HELDOUT.read_text(encoding="utf-8")[:4000],
@@ -132,7 +132,7 @@ def run_bench(ladder: Path, teacher: Path | None, runs: int = 5, new_tokens: int
         # optimum's baseline needs optimum's own export of the same weights
         if teacher is None:
             raise ValueError("the optimum baseline needs the teacher checkpoint")
-        from models.build.export import export_decoder
+        from models.pipeline.export import export_decoder
 
         optimum_dir = ladder / ".bench" / "optimum-full"
         if not (optimum_dir / "model.onnx").is_file():

@@ -24,7 +24,7 @@ MS_PER_TOKEN_BUDGETS = (4.0, 8.0, 15.0, 40.0)  # tight .. loose, per requested t
 
 def make_workload(n: int = 240, seed: int = 7) -> list[dict[str, Any]]:
     """Prompts cut from the held-out text (4-400 chars), 8-96 new tokens, varied budgets."""
-    from models.build.ladder import DEFAULT_HELDOUT
+    from models.pipeline.ladder import DEFAULT_HELDOUT
 
     rng = random.Random(seed)
     text = DEFAULT_HELDOUT.read_text(encoding="utf-8")

@@ -1,6 +1,6 @@
 """``manifest.json``: what a built ladder holds, how each variant was made and how good it is.
 
-Written by the build (``models.build``), read by serving and routing; plain JSON, no torch.
+Written by the build (``models.pipeline``), read by serving and routing; plain JSON, no torch.
 """
 
 from __future__ import annotations
@@ -14,6 +14,17 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 SCHEMA_VERSION = 1
+
+
+def cache_root() -> Path:
+    """``$GREENROUTE_CACHE_DIR`` or ``~/.cache/greenroute``: built ladders, converted sources."""
+    return Path(os.environ.get("GREENROUTE_CACHE_DIR") or Path.home() / ".cache" / "greenroute")
+
+
+def default_ladder_dir() -> Path:
+    """``$GREENROUTE_CACHE_DIR/ladder`` or ``~/.cache/greenroute/ladder``."""
+    return cache_root() / "ladder"
+
 VARIANT_ORDER = ("full", "int8", "int4", "distilled", "distilled-int8")
 
 

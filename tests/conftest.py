@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from models.build.ladder import DEFAULT_HELDOUT
+from models.pipeline.ladder import DEFAULT_HELDOUT
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -90,7 +90,7 @@ def tiny_student(tiny_teacher: Path, tiny_corpus: Path) -> Path:
 def genai_builder_python() -> str | None:
     """Python of the onnxruntime-genai builder environment (``make`` creates ``.venv-builder``);
     ``None`` when absent, an error under CI."""
-    from models.build.export import default_genai_builder
+    from models.pipeline.export import default_genai_builder
 
     found = default_genai_builder()
     if found is not None and Path(found).is_file():
@@ -101,7 +101,7 @@ def genai_builder_python() -> str | None:
 
 
 def tiny_build_options(teacher: Path, student: Path | None, out: Path, heldout: Path):  # type: ignore[no-untyped-def]
-    from models.build.ladder import BuildOptions
+    from models.pipeline.ladder import BuildOptions
 
     return BuildOptions(model=str(teacher), student=str(student) if student else None, out=out,
                         heldout=heldout, eval_tokens=2048, eval_window=64,
@@ -111,7 +111,7 @@ def tiny_build_options(teacher: Path, student: Path | None, out: Path, heldout: 
 @pytest.fixture(scope="session")
 def tiny_ladder(tiny_teacher: Path, tiny_student: Path, tiny_texts: tuple[Path, Path]) -> Path:
     """A full ladder built from the tiny teacher and student through ``build_ladder``."""
-    from models.build.ladder import build_ladder
+    from models.pipeline.ladder import build_ladder
 
     out = tiny_teacher.parent / "ladder"
     build_ladder(tiny_build_options(tiny_teacher, tiny_student, out, tiny_texts[1]),
@@ -128,7 +128,7 @@ def random_llama(tiny_teacher: Path) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.build.export import export_decoder
+    from models.pipeline.export import export_decoder
 
     torch.manual_seed(3)
     root = tiny_teacher.parent / "random"
@@ -143,7 +143,7 @@ def random_llama(tiny_teacher: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def random_llama_builder(random_llama: tuple[Path, Path]) -> tuple[Path, Path]:
     """(checkpoint dir, ONNX dir) of the same untrained Llama through the genai builder."""
-    from models.build.export import export_with_genai_builder
+    from models.pipeline.export import export_with_genai_builder
 
     builder = genai_builder_python()
     if builder is None:

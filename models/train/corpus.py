@@ -1,4 +1,4 @@
-"""Prepare the default model's corpus: the reStructuredText sources of the Python 3.11 docs.
+"""Prepare text corpora (for the tiny test models and the held-out evaluation set): the reStructuredText sources of the Python 3.11 docs.
 
 Source: Debian package ``python3.11-doc`` (PSF licence), folder ``html/_sources``.
 Documents are joined with the end-of-text token; a deterministic few hundred KB of whole
@@ -57,3 +57,52 @@ def write_corpus(sources: Path, train_out: Path, heldout_out: Path) -> tuple[int
     train_out.write_text(sep.join(train) + "\n", encoding="utf-8")
     heldout_out.write_text(sep.join(heldout) + "\n", encoding="utf-8")
     return train_out.stat().st_size, heldout_out.stat().st_size
+
+
+FAQ_SOURCES = DEFAULT_SOURCES / "faq"
+_HEADING = re.compile(r"^(?P<title>[^\n]+)\n(?P<rule>[-=~^]{3,})\n", re.MULTILINE)
+_ROLE = re.compile(r":(?:ref|func|mod|class|meth|data|attr|exc|term|file|program|pep|envvar|"
+                   r"option|keyword|c:\w+|py:\w+):`(?:[^`<]*<)?~?([^`>]+)>?`")
+_LINK = re.compile(r"`([^`<]+?)\s*<[^>]+>`_+")
+
+
+def _plain(rst: str) -> str:
+    """reST to readable text: roles and links keep their text, directives are dropped."""
+    text = _LINK.sub(r"\1", _ROLE.sub(r"\1", rst))
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(".. ")]
+    return _clean("\n".join(lines).replace("``", "`").replace("::\n", ":\n"))
+
+
+def faq_chats(faq_dir: Path = FAQ_SOURCES) -> list[tuple[str, str]]:
+    """(question, answer) pairs from the Python FAQ: every ``?``-titled section is a question
+    (its title), written by people, and its body the answer."""
+    pairs: list[tuple[str, str]] = []
+    for path in sorted(faq_dir.glob("*.txt")):
+        text = path.read_text(encoding="utf-8")
+        heads = list(_HEADING.finditer(text))
+        for i, head in enumerate(heads):
+            nxt = heads[i + 1] if i + 1 < len(heads) else None
+            title = head.group("title").strip()
+            if not title.endswith("?"):
+                continue
+            body = _plain(text[head.end(): nxt.start() if nxt else len(text)])
+            if len(body) >= 80:
+                pairs.append((title, body))
+    return pairs
+
+
+def write_faq_heldout(out: Path, faq_dir: Path = FAQ_SOURCES,
+                      max_bytes: int = HELDOUT_MAX_BYTES) -> int:
+    """The held-out evaluation text for chat models: FAQ pairs as ChatML turns (PSF licence),
+    in file order, up to ``max_bytes``; return the bytes written."""
+    chunks: list[str] = []
+    size = 0
+    for question, answer in faq_chats(faq_dir):
+        turn = (f"<|im_start|>user\n{question}<|im_end|>\n"
+                f"<|im_start|>assistant\n{answer}<|im_end|>\n")
+        if size + len(turn.encode()) > max_bytes:
+            break
+        chunks.append(turn)
+        size += len(turn.encode())
+    out.write_text("".join(chunks), encoding="utf-8")
+    return size

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from models.build.ladder import build_ladder, is_up_to_date
-from models.build.source import BuildError, resolve_checkpoint
 from models.manifest import Manifest
+from models.pipeline.ladder import build_ladder, is_up_to_date
+from models.pipeline.source import BuildError, resolve_checkpoint
 from tests.conftest import tiny_build_options
 
 

@@ -1,6 +1,6 @@
 """8-bit (and 4-bit) quantization candidates for an exported fp32 decoder.
 
-Two families, chosen between by measurement in :mod:`models.build.ladder`:
+Two families, chosen between by measurement in :mod:`models.pipeline.ladder`:
 ``dynamic-int8`` (``MatMulInteger`` with activations quantized at run time) and weight-only
 ``MatMulNBits`` (block-wise int8/int4 weights; compute in int8 with ``accuracy_level=4``).
 """
@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.build.export import ONNX_FILE
+from models.pipeline.export import ONNX_FILE
 
 
 @dataclass(frozen=True)

