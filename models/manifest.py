@@ -53,6 +53,9 @@ class VariantInfo(BaseModel):
     perplexity: float
     quality: float = Field(ge=0.0)  # ppl_full / ppl_variant; 1.0 for full
     top1_agreement: float = Field(ge=0.0, le=1.0)  # next-token argmax agreement with full
+    # share of the committed question set answered correctly (greedy, chat template); None when
+    # the build ran without a task set
+    task_score: float | None = Field(default=None, ge=0.0, le=1.0)
     calibration: Calibration | None = None
 
 
@@ -72,6 +75,8 @@ class Manifest(BaseModel):
     runtime_choice: dict[str, Any]  # why: measurements of both engines
     quantization_choice: dict[str, Any]  # why: measurements of every candidate method
     heldout: dict[str, Any]
+    tasks: dict[str, Any] | None = None  # question-set file, count, each variant's answers
+    chat_template: str = "fallback"  # "checkpoint": the source's own template ships in the ladder
     variants: dict[str, VariantInfo]
 
     @classmethod

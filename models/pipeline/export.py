@@ -75,12 +75,12 @@ def default_genai_builder() -> str | None:
 
 def export_with_genai_builder(checkpoint: Path, out_dir: Path, builder_python: str,
                               timeout_s: float = 1800.0) -> Path:
-    """fp32 export through ``python -m onnxruntime_genai.models.pipelineer`` run by
+    """fp32 export through ``python -m onnxruntime_genai.models.builder`` run by
     ``builder_python`` (offline); the variant directory also gets the checkpoint's configs."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     cache = out_dir.parent / f".{out_dir.name}-builder-cache"
-    cmd = [builder_python, "-m", "onnxruntime_genai.models.pipelineer", "-m", str(checkpoint),
+    cmd = [builder_python, "-m", "onnxruntime_genai.models.builder", "-m", str(checkpoint),
            "-o", str(out_dir), "-p", "fp32", "-e", "cpu", "-c", str(cache)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:

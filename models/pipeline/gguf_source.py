@@ -117,7 +117,8 @@ def gguf_to_checkpoint(gguf: Path, out: Path | None = None) -> Path:
         eot_id = tokenizer.convert_tokens_to_ids(eot)
         tokenizer.eos_token = eot
         model.config.eos_token_id = eot_id
-        model.generation_config.eos_token_id = eot_id
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = eot_id
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)

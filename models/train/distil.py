@@ -128,8 +128,10 @@ def _pack(seqs: list[list[int]], seq_len: int, pad: int) -> np.ndarray:
 
 def distil(teacher: Any, tokenizer: Any, config: dict[str, Any], out_dir: Path,
            checkpoint_dir: Path, device: str = "cpu", exclude: list[str] | None = None,
-           deadline_s: float | None = None, log: Any = print) -> dict[str, Any]:
-    """Generate the data, train the student and save its own tensors in ``out_dir``.
+           deadline_s: float | None = None, log: Any = print,
+           rows: np.ndarray | None = None) -> dict[str, Any]:
+    """Generate the data (or take ``rows`` of ``seq_len + 1`` token ids), train the student and
+    save its own tensors in ``out_dir``.
 
     ``deadline_s`` (seconds from now) ends training early with the cosine schedule cut short;
     the summary says so. The checkpoint lets a later run resume where this one stopped.
@@ -151,7 +153,9 @@ def distil(teacher: Any, tokenizer: Any, config: dict[str, Any], out_dir: Path,
     eos = int(config["eos_token_id"])
 
     data_file = checkpoint_dir / "data.npy"
-    if data_file.exists():
+    if rows is not None:
+        pass
+    elif data_file.exists():
         rows = np.load(data_file)
     else:
         prompts = make_prompts(int(gcfg["prompts"]), seed, exclude or [])
@@ -277,6 +281,39 @@ def distil(teacher: Any, tokenizer: Any, config: dict[str, Any], out_dir: Path,
     }
     (out_dir / STUDENT_META).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def distil_on_corpus(teacher_dir: Path, layers: int, steps: int, corpus: Path, work: Path,
+                     threads: int = 2, log: Any = print) -> Path:
+    """A ``layers``-block student of ``teacher_dir`` distilled on a text file (CPU, small
+    settings: ``greenroute build --distill-layers N --corpus FILE``); return the assembled
+    Hugging Face checkpoint of the student."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    eos = teacher.config.eos_token_id
+    eos = int((eos[0] if isinstance(eos, list) else eos) or 0)
+    config = {
+        "seed": 1234, "layers": layers, "eos_token_id": eos,
+        "data": {}, "distill": {"temperature": 2.0, "alpha": 0.7},
+        "train": {"seq_len": 128, "batch_size": 8, "steps": steps,
+                  "warmup_steps": max(1, steps // 20), "lr": 1e-3, "min_lr": 1e-4,
+                  "weight_decay": 0.01, "grad_clip": 1.0, "log_every": max(1, steps // 10),
+                  "checkpoint_every": max(1, steps // 4)},
+    }
+    ids = tokenizer(corpus.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    if len(ids) < 2 * 129:
+        raise ValueError(f"corpus {corpus} has only {len(ids)} tokens: too little to distil on")
+    rows = _pack([list(ids)], 128, eos)
+    blocks = work / "student-blocks"
+    distil(teacher, tokenizer, config, blocks, work / "student-checkpoints", "cpu", log=log,
+           rows=rows)
+    return assemble_student(teacher_dir, blocks, work / "student")
 
 
 def load_config(path: Path) -> dict[str, Any]:

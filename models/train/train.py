@@ -82,53 +82,6 @@ def _lr_at(step: int, cfg: dict[str, Any]) -> float:
     return float(min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress)))
 
 
-def _student_from_teacher(teacher: Any, layers: int) -> Any:
-    """A copy of ``teacher``'s architecture with ``layers`` blocks, initialised from evenly
-    spaced teacher blocks (plus its embeddings, final norm and head) — DistilBERT's recipe."""
-    import copy
-    import re
-
-    from transformers import AutoModelForCausalLM
-
-    cfg = copy.deepcopy(teacher.config)
-    attr = next(a for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(cfg, a))
-    total = int(getattr(cfg, attr))
-    if not 1 <= layers < total:
-        raise ValueError(f"student layers must be between 1 and {total - 1}, got {layers}")
-    setattr(cfg, attr, layers)
-    student = AutoModelForCausalLM.from_config(cfg)
-    picks = [round(i * (total - 1) / max(1, layers - 1)) for i in range(layers)]
-    t_state = teacher.state_dict()
-    pattern = re.compile(r"\.(layers|h|layer|blocks)\.(\d+)\.")
-    new_state = {}
-    for key in student.state_dict():
-        m = pattern.search(key)
-        src = key if m is None else (
-            key[: m.start()] + f".{m.group(1)}.{picks[int(m.group(2))]}." + key[m.end():])
-        new_state[key] = t_state[src].clone()
-    student.load_state_dict(new_state)
-    return student
-
-
-def distil_student(teacher_dir: Path, layers: int, steps: int, corpus: Path, out_dir: Path,
-                   threads: int = 2, progress: bool = True) -> Path:
-    """Distil a ``layers``-layer student of ``teacher_dir`` on ``corpus`` into ``out_dir``."""
-    base = TrainConfig.load(Path(__file__).parent / "configs" / "student.toml")
-    cfg = TrainConfig(
-        seed=base.seed,
-        out_dir=out_dir,
-        corpus=corpus,
-        model={"num_hidden_layers": layers},
-        train={**base.train, "steps": steps, "warmup_steps": max(1, steps // 20),
-               "lr": base.train["lr"] / 3, "checkpoint_every": max(1, steps // 4)},
-        teacher=teacher_dir,
-        distill=base.distill,
-        init_from_teacher=True,
-    )
-    run(cfg, out_dir.parent / f"{out_dir.name}-checkpoints", threads, progress)
-    return out_dir
-
-
 def train(config_path: Path, checkpoint_dir: Path, threads: int = 2,
           until: int | None = None) -> dict[str, Any]:
     """Run (or resume) the training described by ``config_path``; return its summary."""
@@ -205,7 +158,9 @@ def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2, progress: bool
         **cfg.model,
     )
     if cfg.init_from_teacher and teacher is not None:
-        model = _student_from_teacher(teacher, int(cfg.model["num_hidden_layers"]))
+        from models.train.distil import student_from_teacher
+
+        model, _ = student_from_teacher(teacher, int(cfg.model["num_hidden_layers"]))
     else:
         model = LlamaForCausalLM(model_cfg)
 

@@ -43,17 +43,17 @@ def test_student_is_initialised_from_evenly_spaced_teacher_layers(tiny_teacher: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from models.train.train import _student_from_teacher
+    from models.train.distil import student_from_teacher
 
     teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher), dtype=torch.float32)
-    student = _student_from_teacher(teacher, 1)
+    student = student_from_teacher(teacher, 1)[0]
     assert student.config.num_hidden_layers == 1
     t, s = teacher.state_dict(), student.state_dict()
     assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
     key = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(s[key], t[key])
     with pytest.raises(ValueError, match="between 1 and 1"):
-        _student_from_teacher(teacher, 2)
+        student_from_teacher(teacher, 2)
 
 
 def test_distillation_pulls_the_student_towards_the_teacher(tiny_teacher: Path,
