@@ -27,8 +27,9 @@ def _clean(text: str) -> str:
     return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
-def split_documents(sources: Path) -> tuple[list[str], list[str]]:
-    """Return (train, heldout) documents, each list in sorted path order."""
+def split_documents(sources: Path, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Return (train, heldout) documents, each list in sorted path order; paths starting with
+    an ``exclude`` prefix are in neither."""
     files = sorted(p for p in sources.rglob("*.txt") if p.is_file())
     if not files:
         raise FileNotFoundError(f"no *.txt documents under {sources}")
@@ -40,6 +41,8 @@ def split_documents(sources: Path) -> tuple[list[str], list[str]]:
         if not text:
             continue
         rel = path.relative_to(sources).as_posix()
+        if rel.startswith(exclude):
+            continue
         digest = int(hashlib.sha1(rel.encode()).hexdigest(), 16)
         size = len(text.encode())
         if digest % HELDOUT_EVERY == 0 and held_bytes + size <= HELDOUT_MAX_BYTES:
@@ -108,3 +111,18 @@ def write_faq_heldout(out: Path, faq_dir: Path = FAQ_SOURCES,
         size += len(turn.encode())
     out.write_text("".join(chunks), encoding="utf-8")
     return size
+
+
+def write_distillation_text(out: Path, sources: Path = DEFAULT_SOURCES) -> int:
+    """The Python docs' training split without the FAQ (held out as ``heldout.txt``), joined by
+    the end-of-text token: general text for distilling a student (gzip when ``out`` ends
+    ``.gz``); return the documents written."""
+    import gzip
+
+    train, _ = split_documents(sources, exclude=("faq/",))
+    text = f"\n{EOT}\n".join(train) + "\n"
+    if out.suffix == ".gz":
+        out.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    else:
+        out.write_text(text, encoding="utf-8")
+    return len(train)

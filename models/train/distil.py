@@ -167,6 +167,10 @@ def distil(teacher: Any, tokenizer: Any, config: dict[str, Any], out_dir: Path,
         np.save(data_file, rows)
         log(f"generated {len(seqs)} chats, {sum(map(len, seqs))} tokens in "
             f"{time.monotonic() - t0:.0f} s")
+    text = config["data"].get("text_rows")
+    if text is not None:  # general text beside the chats: interleave so both are in every epoch
+        rows = np.concatenate([rows, text])
+        rows = rows[np.random.default_rng(seed).permutation(len(rows))]
     holdout = max(1, len(rows) // 50)
     val_rows, train_rows = rows[:holdout], rows[holdout:]
 
@@ -276,7 +280,8 @@ def distil(teacher: Any, tokenizer: Any, config: dict[str, Any], out_dir: Path,
         "trainable_parameters": sum(p.numel() for p in params),
         "device": device,
         "wall_seconds": round(time.monotonic() - started, 1),
-        "config": config,
+        "config": {**config, "data": {k: v for k, v in config["data"].items()
+                                      if k != "text_rows"}},
         "curve": curve,
     }
     (out_dir / STUDENT_META).write_text(json.dumps(summary, indent=2) + "\n")
@@ -335,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoints", type=Path, default=Path(".cache/distil"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--exclude", type=Path, help="JSONL whose 'question's are never prompts")
+    ap.add_argument("--text", type=Path, help="general text (.txt or .txt.gz, documents joined "
+                    "by <|endoftext|>) distilled on beside the generated chats")
     args = ap.parse_args(argv)
     config = load_config(args.config)
     if args.gguf:
@@ -353,6 +360,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.exclude and args.exclude.is_file():
         exclude = [json.loads(line)["question"] for line in args.exclude.read_text().splitlines()
                    if line.strip()]
+    if args.text:
+        import gzip
+        import hashlib
+
+        raw = args.text.read_bytes()
+        body = (gzip.decompress(raw) if args.text.suffix == ".gz" else raw).decode("utf-8")
+        docs = [d for d in body.split("\n<|endoftext|>\n") if d.strip()]
+        eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        ids = [t for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]
+               for t in (*enc, eot)]
+        config["data"]["text_rows"] = _pack([ids], int(config["train"]["seq_len"]), eot)
+        config["data"]["text"] = {"file": args.text.name, "tokens": len(ids),
+                                  "sha256": hashlib.sha256(raw).hexdigest()}
     summary = distil(teacher, tokenizer, config, args.out, args.checkpoints, args.device, exclude)
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=2))
 
