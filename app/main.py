@@ -7,10 +7,12 @@ The ladder loads in a worker thread after start-up so ``/health`` answers at onc
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -22,6 +24,7 @@ from app.routes import native, openai, ops
 from app.service import GenerationService
 from app.settings import Settings
 from models.calibrate import CALIBRATION_PROMPT, calibrate, cpu_name
+from models.chat import TOKENIZER_CONFIG, ChatTemplate
 from models.ladder import LoadedLadder, load_ladder
 from routing.cost import CostModel
 from routing.router import Router
@@ -43,8 +46,10 @@ def resolve_device(requested: str) -> str:
 
 
 def build_service(settings: Settings, registry: CollectorRegistry) -> GenerationService:
-    """Load the ladder and assemble lanes, meter and metrics (blocking; run off the loop)."""
+    """Load the ladder and its chat template, assemble lanes, meter and metrics (blocking; run
+    off the loop)."""
     device = resolve_device(settings.device)
+    chat_template = load_chat_template(settings.ladder_dir)  # before the slow part: fail fast
     ladder = load_ladder(settings.ladder_dir, device=device, threads=settings.threads,
                          runtime=settings.runtime, only=settings.variants or None)
     if not ladder.engines:
@@ -58,14 +63,34 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     meter = create_meter(meter_config(settings, device))
     router = Router({v.name: v.quality for v in ladder.manifest.variants.values()},
                     seed_costs(ladder, meter), on_infeasible=settings.on_infeasible)
-    log.info("ladder loaded from %s: %s (failed: %s) on %s", settings.ladder_dir,
-             sorted(ladder.engines), ladder.failed or "none", device)
+    log.info("ladder loaded from %s: %s (failed: %s) on %s; %s chat template",
+             settings.ladder_dir, sorted(ladder.engines), ladder.failed or "none", device,
+             chat_template.source)
     metrics.meter_opened(meter.device, meter.source)
     sampler = DeviceSampler(
         meter, lambda watts, joules: metrics.device_sample(meter.device, meter.source, watts,
                                                            joules),
         settings.device_sample_period_s)
-    return GenerationService(ladder, lanes, meter, metrics, settings, device, router, sampler)
+    return GenerationService(ladder, lanes, meter, metrics, settings, device, router,
+                             chat_template, sampler)
+
+
+def load_chat_template(ladder_dir: Path) -> ChatTemplate:
+    """The ladder's chat template, rendered once on a one-message probe so that a broken
+    template stops start-up (reported by ``/ready``) instead of failing every chat request."""
+    try:
+        template = ChatTemplate.for_directory(ladder_dir)
+    except json.JSONDecodeError as err:
+        raise RuntimeError(f"{ladder_dir / TOKENIZER_CONFIG} is not valid JSON: "
+                           f"{err}") from err
+    try:
+        template.render([{"role": "user", "content": "Hello"}])
+    except ValueError:
+        pass  # the template refused this conversation on purpose (raise_exception): it compiles
+    except Exception as err:  # jinja2's syntax and runtime errors
+        raise RuntimeError(f"the {template.source} chat template in {ladder_dir} cannot "
+                           f"be rendered: {err}") from err
+    return template
 
 
 def meter_config(settings: Settings, device: str) -> MeterConfig:

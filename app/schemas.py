@@ -128,9 +128,38 @@ class CompletionRequest(OpenAIBase):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content list (``{"type": "text", "text": ...}``); other types
+    (``image_url``, ``input_audio``, ...) parse here so that they can be refused by name."""
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
+    """A message whose ``content`` is a string or a list of text parts (joined by newlines,
+    as vLLM does); this service serves text-only models, so any other part is a 422."""
+
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[ContentPart]
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, value: str | list[ContentPart]) -> str | list[ContentPart]:
+        for part in value if isinstance(value, list) else ():
+            if part.type != "text":
+                raise ValueError(f"content part type {part.type!r} is not supported: the "
+                                 "served models read text only (send parts of type 'text')")
+            if part.text is None:
+                raise ValueError("a content part of type 'text' needs a 'text' string")
+        return value
+
+    @property
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content)
 
 
 class ChatRequest(OpenAIBase):

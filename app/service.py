@@ -18,6 +18,7 @@ from typing import Any
 from app.errors import ApiError
 from app.lanes import Job, Lane, QueueFullError
 from app.settings import Settings
+from models.chat import ChatTemplate
 from models.engine.base import Chunk, ContextOverflowError, GenerationParams
 from models.ladder import LoadedLadder
 from routing.policy import Budget as PolicyBudget
@@ -87,15 +88,17 @@ class Outcome:
 
 
 class GenerationService:
-    """Owns the loaded ladder, the lanes, the meter and the metrics; built once at start-up."""
+    """Owns the loaded ladder (and its chat template), the lanes, the meter and the metrics;
+    built once at start-up."""
 
     def __init__(self, ladder: LoadedLadder, lanes: dict[str, Lane], meter: EnergyMeter,
                  metrics: Metrics, settings: Settings, device: str, router: Router,
-                 sampler: DeviceSampler | None = None) -> None:
+                 chat_template: ChatTemplate, sampler: DeviceSampler | None = None) -> None:
         self.router = router
         self.sampler = sampler  # keeps the device power/energy series current
         self.power = PowerWindow(settings.power_window_s)
         self.ladder = ladder
+        self.chat_template = chat_template  # renders /v1/chat/completions messages
         self.lanes = lanes
         self.meter = meter
         self.metrics = metrics

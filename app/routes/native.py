@@ -84,6 +84,7 @@ async def variants(service: ServiceDep) -> dict[str, Any]:
         })
     meter = service.meter
     return {"object": "list", "data": out, "device": service.device,
+            "chat_template": service.chat_template.source,  # "checkpoint" or "fallback"
             "power_watts": service.power.watts(), "power_capped": service.power_capped(),
             "energy_meter": {"source": meter.source, "device": meter.device,
                              "estimated": meter.estimated, "description": meter.describe()}}

@@ -3,10 +3,13 @@
 ``model`` is ``auto`` (routed) or a variant name; budgets come as extra body fields
 ``latency_budget_ms``, ``min_quality`` (and ``max_joules``); ``usage`` adds ``energy_joules``,
 ``avg_watts`` and ``energy_source``. Streaming sends chunks and ends with ``data: [DONE]``.
+Chat messages are rendered with the ladder's chat template (:mod:`models.chat`); completions
+take the prompt as raw text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,7 +17,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.chat import CHAT_STOP, render
 from app.deps import ServiceDep, SettingsDep, require_api_key
 from app.errors import ApiError, envelope
 from app.routes.common import (
@@ -27,9 +29,10 @@ from app.routes.common import (
     pinned,
     sse,
 )
-from app.schemas import ChatRequest, CompletionRequest, OpenAIBase
+from app.schemas import ChatMessage, ChatRequest, CompletionRequest, OpenAIBase
 from app.service import Call, GenerationService, Outcome, Run
 from app.settings import Settings
+from models.chat import ChatTemplate
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -47,12 +50,27 @@ def _call(body: OpenAIBase, prompt: str, endpoint: str, settings: Settings,
     max_tokens = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     params = make_params(settings, max_new_tokens=max_tokens, temperature=body.temperature,
-                         top_p=body.top_p, top_k=0, seed=body.seed,
-                         stop=[*body.stop, *extra_stop], field=field)
+                         top_p=body.top_p, top_k=0, seed=body.seed, stop=body.stop,
+                         field=field)
+    if extra_stop:  # the template's own stops, on top of (and not counted in) the caller's
+        params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop,
+                                                                       *extra_stop))))
     return Call(prompt=prompt, params=params, endpoint=endpoint, variant=pinned(body.model),
                 stream=body.stream,
                 budget=make_budget(settings, body.latency_budget_ms, body.min_quality,
                                    body.max_joules))
+
+
+def _chat_prompt(template: ChatTemplate, messages: list[ChatMessage],
+                 settings: Settings) -> str:
+    """``messages`` rendered with the chat template; a template's own refusal (its
+    ``raise_exception``, e.g. roles that must alternate) is the caller's 422."""
+    try:
+        prompt = template.render([{"role": m.role, "content": m.text} for m in messages])
+    except ValueError as err:
+        raise ApiError(422, "invalid_request_error", f"the model's chat template refused "
+                       f"these messages: {err}", "messages") from err
+    return check_prompt(settings, prompt, "messages")
 
 
 def _open(service: GenerationService, call: Call) -> Run:
@@ -111,8 +129,10 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep,
                            settings: SettingsDep) -> Any:
-    prompt = check_prompt(settings, render(body.messages), "messages")
-    call = _call(body, prompt, "/v1/chat/completions", settings, extra_stop=(CHAT_STOP,))
+    template = service.chat_template
+    prompt = _chat_prompt(template, body.messages, settings)
+    call = _call(body, prompt, "/v1/chat/completions", settings,
+                 extra_stop=template.stop_strings)
     run = _open(service, call)
     cid, created = f"chatcmpl-{call.id}", int(time.time())
 
@@ -139,6 +159,8 @@ async def models(service: ServiceDep) -> dict[str, Any]:
     names = ["auto", *(v.name for v in service.ladder.manifest.ordered()
                        if v.name in service.ladder.engines)]
     return {"object": "list", "data": [{"id": n, "object": "model", "created": created,
-                                        "owned_by": "greenroute"} for n in names]}
+                                        "owned_by": "greenroute",
+                                        "chat_template": service.chat_template.source}
+                                       for n in names]}
 
 

@@ -34,11 +34,12 @@ def wait_ready(get: Callable[[str], Any], timeout_s: float = 60.0) -> None:
 
 @pytest.fixture(scope="module")
 def make_client(tiny_ladder: Path) -> Iterator[Callable[..., TestClient]]:
-    """``make_client(**settings)`` → a started TestClient on the tiny ladder."""
+    """``make_client(**settings)`` → a started TestClient on the tiny ladder (or the
+    ``ladder_dir`` given)."""
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        settings = Settings(ladder_dir=tiny_ladder, threads=1, **overrides)
+        settings = Settings(**{"ladder_dir": tiny_ladder, "threads": 1, **overrides})
         client = TestClient(create_app(settings))
         client.__enter__()
         clients.append(client)
