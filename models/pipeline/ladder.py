@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from models.pipeline.gguf_source import DEFAULT_MODEL
 from models.pipeline.quality import QualityReport, agreement, evaluate, heldout_ids
 from models.pipeline.source import BuildError, checkpoint_hash, resolve_checkpoint
 from models.pipeline.tasks import DEFAULT_TASKS, TaskReport, load_tasks, task_score
+from models.pipeline.tasks import MAX_NEW_TOKENS as TASK_TOKENS
 from models.train.distil import STUDENT_FILE, assemble_student
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -179,8 +181,16 @@ def _measure(engines: Mapping[str, Engine], prompt: list[int],
                           repeats=opts.calibration_repeats, threads=opts.threads)
 
 
+def _timed(log: Log) -> Log:
+    """``log`` with every line prefixed by the seconds since the build started."""
+    started = time.monotonic()
+    return lambda message: log(f"[{time.monotonic() - started:6.1f} s] {message}")
+
+
 def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     """Build (or confirm up to date) the ladder in ``opts.out``; return (manifest, built)."""
+    log = _timed(log)
+
     teacher = resolve_checkpoint(opts.model)
     student: Path | None = None
     student_blocks = opts.student is not None and (Path(opts.student) / STUDENT_FILE).is_file()
@@ -372,7 +382,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         heldout={"file": opts.heldout.name, "tokens_evaluated": ref.tokens,
                  "window": opts.eval_window},
         tasks=None if opts.tasks is None else {
-            "file": opts.tasks.name, "count": len(tasks), "max_new_tokens": 48,
+            "file": opts.tasks.name, "count": len(tasks), "max_new_tokens": TASK_TOKENS,
             "rule": "greedy answer contains an expected answer as a whole word",
             "answers": {n: list(r.answers) for n, r in task_reports.items()}},
         chat_template=template.source,

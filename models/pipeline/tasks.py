@@ -18,6 +18,7 @@ from models.chat import ChatTemplate
 from models.engine.base import Engine, GenerationParams
 
 DEFAULT_TASKS = Path(__file__).resolve().parent.parent / "data" / "tasks.jsonl"
+MAX_NEW_TOKENS = 32  # the expected answers are a few words; most answers end (EOS) well before
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def matches(answer: str, expected: Sequence[str]) -> bool:
 
 
 def task_score(engine: Engine, template: ChatTemplate, tasks: Sequence[Task],
-               max_new_tokens: int = 48) -> TaskReport:
+               max_new_tokens: int = MAX_NEW_TOKENS) -> TaskReport:
     """Answer every task greedily (one user turn each) and score the answers."""
     answers = []
     params = GenerationParams(max_new_tokens=max_new_tokens, stop=template.stop_strings)
