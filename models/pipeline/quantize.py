@@ -35,6 +35,7 @@ CANDIDATES_8BIT = (
     QuantMethod("matmulnbits-int8-block32", "nbits", 8, 32),
 )
 CANDIDATE_4BIT = QuantMethod("matmulnbits-int4-block32", "nbits", 4, 32)
+CANDIDATES_4BIT = (CANDIDATE_4BIT,)
 
 
 def _copy_sidecars(src_dir: Path, dst_dir: Path) -> None:
