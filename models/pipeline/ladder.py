@@ -307,22 +307,24 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         measured[qname] = measured[f"{qname}:{pick.name}"]
         sources_by_variant[qname] = sources_by_variant[base]
         if base == "full" and opts.consider_int4:
-            # the 4-bit method: the fastest within 0.02 quality of the best 4-bit quality
-            fours = [m for m in candidates if m.bits == 4]
-            best4 = max(trials[m.name]["quality"] for m in fours)
-            pick4 = max((m for m in fours if trials[m.name]["quality"] >= best4 - 0.02),
-                        key=lambda m: trials[m.name]["decode_tokens_per_s"])
-            four = trials[pick4.name]
-            int8_speed = trials[pick.name]["decode_tokens_per_s"]
             # A 4-bit rung earns its place only if no other rung dominates it: clearly faster
             # than int8, and better quality than the distilled student (when there is one).
+            # Among the 4-bit methods that earn it: the best quality, then the fastest.
+            int8_speed = trials[pick.name]["decode_tokens_per_s"]
             floor = (ref.perplexity / reports["distilled"].perplexity
                      if "distilled" in reports else 0.0)
-            earns = four["decode_tokens_per_s"] >= 1.1 * int8_speed and four["quality"] > floor
+            fours = [m for m in candidates if m.bits == 4]
+            earning = [m for m in fours
+                       if trials[m.name]["decode_tokens_per_s"] >= 1.1 * int8_speed
+                       and trials[m.name]["quality"] > floor]
+            earns = bool(earning)
+            pick4 = max(earning or fours, key=lambda m: (round(trials[m.name]["quality"], 2),
+                                                         trials[m.name]["decode_tokens_per_s"]))
+            four = trials[pick4.name]
             quant_choice["int4"] = {
-                "added": earns, "chosen": pick4.name,
-                "rule": "the fastest 4-bit method within 0.02 quality of the best 4-bit method; "
-                        "added if >= 1.1x int8 decode speed and quality above distilled",
+                "added": earns, "chosen": pick4.name if earns else None,
+                "rule": "4-bit methods >= 1.1x int8 decode speed with quality above distilled "
+                        "earn the rung; of those, the best quality (to 0.01), then the fastest",
                 "measured": four}
             if earns:
                 shutil.rmtree(out / "int4", ignore_errors=True)

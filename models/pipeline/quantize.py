@@ -20,7 +20,7 @@ class QuantMethod:
     """One quantization recipe; ``name`` is what the manifest records."""
 
     name: str
-    family: str  # "dynamic" or "nbits"
+    family: str  # "dynamic", "nbits", "q4repack" or "q4repack-offset"
     bits: int
     block_size: int = 32
     accuracy_level: int | None = 4
@@ -35,7 +35,14 @@ CANDIDATES_8BIT = (
     QuantMethod("matmulnbits-int8-block32", "nbits", 8, 32),
 )
 CANDIDATE_4BIT = QuantMethod("matmulnbits-int4-block32", "nbits", 4, 32)
-CANDIDATES_4BIT = (CANDIDATE_4BIT,)
+# Exact repacking of weights that came from a Q4_1 GGUF (models.pipeline.repack), not a
+# re-quantization: float zero points (exact, but onnxruntime's CPU kernel dequantizes the
+# whole matrix on every call: ~0.2x fp32 measured, so not raced) or the default zero point plus
+# a per-block fp32 offset term (raced; weights exact, activations int8 at accuracy_level 4).
+CANDIDATE_Q4_REPACK = QuantMethod("matmulnbits-int4-q4repack-block32", "q4repack", 4, 32)
+CANDIDATE_Q4_REPACK_OFFSET = QuantMethod("matmulnbits-int4-q4repack-offset-block32",
+                                         "q4repack-offset", 4, 32)
+CANDIDATES_4BIT = (CANDIDATE_4BIT, CANDIDATE_Q4_REPACK_OFFSET)
 
 
 def _copy_sidecars(src_dir: Path, dst_dir: Path) -> None:
@@ -47,6 +54,11 @@ def _copy_sidecars(src_dir: Path, dst_dir: Path) -> None:
 
 def quantize(src_dir: Path, dst_dir: Path, method: QuantMethod) -> Path:
     """Quantize ``src_dir/model.onnx`` into ``dst_dir/model.onnx`` with ``method``."""
+    if method.family in ("q4repack", "q4repack-offset"):
+        from models.pipeline.repack import repack_q4_blocks
+
+        return repack_q4_blocks(src_dir, dst_dir, method.block_size, method.accuracy_level,
+                                zero_points="float" if method.family == "q4repack" else "offset")
     import onnx
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
