@@ -192,8 +192,12 @@ class GenerationService:
                     if call.stream and now - flushed >= STREAM_FLUSH_S:
                         push("chunks", held)
                         held, flushed = [], now
-            except Exception as err:  # reported to the waiting request
-                self.meter.end(mark)
+            except Exception as err:  # reported to the waiting request, after its tokens
+                reading = self.meter.end(mark)
+                if held:
+                    push("chunks", held)
+                self._account(call.id, route.variant, len(prompt_ids), produced, reading)
+                self.power.add(reading.joules)
                 push("error", err)
                 return
             reading = self.meter.end(mark)
@@ -250,8 +254,9 @@ class Run:
         self._eos = eos
 
     async def events(self) -> AsyncIterator[Chunk | Outcome]:
-        """Chunks as produced, then one :class:`Outcome`. Raises :class:`ApiError` (504) on
-        timeout; closing the iterator early cancels the generation between tokens."""
+        """Chunks as produced, then one :class:`Outcome`. Raises :class:`ApiError`: 504 on
+        timeout, 500 when the engine fails (after the chunks it produced; counted ``error``);
+        closing the iterator early cancels the generation between tokens."""
         call, route, metrics = self.call, self.route, self.service.metrics
         timeout_s = self.service.settings.request_timeout_s
         status = "error"
@@ -283,8 +288,11 @@ class Run:
                 elif kind == "skipped":
                     status = "cancelled"
                     return
-                elif kind == "error":
-                    raise payload
+                elif kind == "error":  # the engine failed: logged here, never shown
+                    log.error("request %s failed on variant %s after %d tokens", call.id,
+                              route.variant, completion_tokens, exc_info=payload)
+                    raise ApiError(500, "internal_error", "generation failed; see the server "
+                                   f"log (request {call.id})") from payload
                 else:  # "energy": the run is over
                     reading: EnergyReading = payload
                     status = "cancelled" if finish == "cancelled" else "ok"

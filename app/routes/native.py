@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import ServiceDep, SettingsDep, require_api_key
-from app.errors import ApiError, envelope
+from app.errors import sse_error, stream_error
 from app.routes.common import (
     SSE_HEADERS,
     check_prompt,
@@ -37,6 +37,8 @@ def response_body(o: Outcome) -> GenerateResponse:
 
 
 async def _events(run: Run) -> AsyncIterator[str]:
+    """``token`` events, then ``done``; a failure after the start ends the stream with one
+    ``{"type": "error", "error": {...}}`` event instead of ``done``."""
     try:
         async for event in run.events():
             if isinstance(event, Outcome):
@@ -44,8 +46,8 @@ async def _events(run: Run) -> AsyncIterator[str]:
             elif event.text or event.finish_reason:
                 yield sse({"type": "token", "index": event.index, "text": event.text,
                            "finish_reason": event.finish_reason})
-    except ApiError as err:
-        yield sse(envelope(err.type, err.message, err.param))
+    except Exception as err:
+        yield sse_error(stream_error(err, run.call.id), type="error")
 
 
 @router.post("/v1/generate", response_model=GenerateResponse)

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import ServiceDep, SettingsDep, require_api_key
-from app.errors import ApiError, envelope
+from app.errors import ApiError, sse_error, stream_error
 from app.routes.common import (
     SSE_HEADERS,
     check_prompt,
@@ -86,6 +86,8 @@ ChunkFn = Callable[[str, str | None, bool], dict[str, Any]]
 
 
 async def _stream(run: Run, chunk: ChunkFn) -> AsyncIterator[str]:
+    """Chunks, then ``data: [DONE]``; a failure after the start sends one
+    ``{"error": {...}}`` event (as OpenAI and vLLM do) before ``[DONE]``."""
     first = True
     try:
         async for event in run.events():
@@ -94,8 +96,8 @@ async def _stream(run: Run, chunk: ChunkFn) -> AsyncIterator[str]:
             elif event.text or first:
                 yield sse(chunk(event.text, None, first))
                 first = False
-    except ApiError as err:
-        yield sse(envelope(err.type, err.message, err.param))
+    except Exception as err:
+        yield sse_error(stream_error(err, run.call.id))
     yield sse("[DONE]")
 
 
