@@ -208,6 +208,16 @@ def test_sampling_top_k_and_top_p() -> None:
     assert nucleus == {1}  # p(1) ≈ 0.71 already covers 0.5
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-310])
+def test_a_tiny_temperature_samples_the_top_token(temperature: float) -> None:
+    """logits / T overflows to +-inf for a tiny T (inf - inf was NaN, and sampling raised)."""
+    logits = np.array([0.0, 5.0, 4.0, 1.0, -3.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    params = GenerationParams(temperature=temperature)
+    assert not params.greedy
+    assert {select_token(logits, params, rng) for _ in range(20)} == {1}
+
+
 def test_broken_variant_fails_alone(tiny_ladder: Path, tmp_path: Path) -> None:
     ladder = tmp_path / "ladder"
     shutil.copytree(tiny_ladder, ladder)
