@@ -175,7 +175,8 @@ class GenerationService:
             push("start", t0)
             mark = self.meter.begin()
             produced = 0
-            first = 0.0
+            steps = 0  # decoded tokens, EOS included: the denominator of time per token
+            first = last = 0.0
             held: list[Chunk] = []
             # Waking the event loop per token slows decoding on few cores and, at thousands of
             # tokens/s, queues so many callbacks that a client's disconnect is seen late: a
@@ -185,7 +186,10 @@ class GenerationService:
             try:
                 for chunk in engine.stream(prompt_ids, call.params, call.cancel):
                     now = time.perf_counter()
-                    first = first or now
+                    if chunk.token_id >= 0:
+                        first = first or now
+                        last = now
+                        steps += 1
                     produced += int(chunk.token_id >= 0
                                     and chunk.token_id not in engine.eos_token_ids)
                     held.append(chunk)
@@ -196,14 +200,16 @@ class GenerationService:
                 reading = self.meter.end(mark)
                 if held:
                     push("chunks", held)
-                self._account(call.id, route.variant, len(prompt_ids), produced, reading)
+                self._account(call, route.variant, len(prompt_ids), produced, reading,
+                              first, last, steps)
                 self.power.add(reading.joules)
                 push("error", err)
                 return
             reading = self.meter.end(mark)
             if held:
                 push("chunks", held)
-            self._account(call.id, route.variant, len(prompt_ids), produced, reading)
+            self._account(call, route.variant, len(prompt_ids), produced, reading, first, last,
+                          steps)
             self.power.add(reading.joules)
             if produced and not call.cancel.is_set():
                 self.router.observe(route.variant, len(prompt_ids), produced,
@@ -223,12 +229,19 @@ class GenerationService:
         return Run(self, call, route, len(prompt_ids), events,
                    frozenset(engine.eos_token_ids))
 
-    def _account(self, request_id: str, variant: str, prompt_tokens: int, generated: int,
-                 reading: EnergyReading) -> None:
-        """Per-request cost metrics and log line, recorded even when the caller has gone away.
-        The request id rides on the histograms as an exemplar (never as a label)."""
+    def _account(self, call: Call, variant: str, prompt_tokens: int, generated: int,
+                 reading: EnergyReading, first: float, last: float, steps: int) -> None:
+        """Per-request cost metrics and log line, recorded even when the caller has gone away
+        or the engine failed. ``first``/``last``: ``perf_counter`` times of the first and last
+        decoded token (0 if none) over ``steps`` tokens. The request id rides on the
+        histograms as an exemplar (never as a label)."""
         m = self.metrics
+        request_id = call.id
         exemplar = {"request_id": request_id}
+        if steps:
+            m.ttft.labels(variant).observe(first - call.arrived, exemplar)
+        if steps > 1:
+            m.tpot.labels(variant).observe((last - first) / (steps - 1), exemplar)
         m.energy.labels(variant).observe(reading.joules, exemplar)
         m.power.labels(variant).observe(reading.avg_watts, exemplar)
         m.energy_total.labels(variant).inc(reading.joules)

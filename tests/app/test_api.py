@@ -212,11 +212,38 @@ def test_models_and_variants_list_the_ladder(client: TestClient,
     assert variants["full"]["quality"] == 1.0 and all(v["loaded"] for v in variants.values())
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a /metrics exposition (labels in any order)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    raise AssertionError(f"{name}{labels} not exposed")
+
+
 def test_metrics_count_requests_and_energy(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
+    text = c.get("/metrics").text  # children exist before any request
+    for name in ("greenroute_time_to_first_token_seconds_count",
+                 "greenroute_time_per_output_token_seconds_count"):
+        assert sample(text, name, variant="int8") == 0
+    assert sample(text, "greenroute_route_decisions_total", variant="int8", reason="pinned") == 0
+    assert sample(text, "greenroute_route_decisions_total", variant="none",
+                  reason="rejected") == 0
     c.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 3, "variant": "int8"})
     c.post("/v1/generate", json={"prompt": "x", "variant": "nope"})
     text = c.get("/metrics").text
+    assert sample(text, "greenroute_route_decisions_total", variant="int8", reason="pinned") == 1
+    for name in ("greenroute_time_to_first_token_seconds",
+                 "greenroute_time_per_output_token_seconds"):
+        assert sample(text, f"{name}_count", variant="int8") == 1
+        assert sample(text, f"{name}_sum", variant="int8") > 0
+        assert sample(text, f"{name}_count", variant="full") == 0
+    # the first token comes before the end of its request
+    assert (sample(text, "greenroute_time_to_first_token_seconds_sum", variant="int8")
+            < sample(text, "greenroute_request_duration_seconds_sum", variant="int8"))
     ok = 'greenroute_requests_total{endpoint="/v1/generate",status="ok",variant="int8"} 1.0'
     assert ok in text
     assert 'greenroute_variant_quality{variant="full"} 1.0' in text
