@@ -19,7 +19,7 @@ from app.errors import ApiError
 from app.lanes import Job, Lane, QueueFullError
 from app.settings import Settings
 from models.chat import ChatTemplate
-from models.engine.base import Chunk, ContextOverflowError, GenerationParams
+from models.engine.base import Chunk, ContextOverflowError, FinishReason, GenerationParams
 from models.ladder import LoadedLadder
 from routing.policy import Budget as PolicyBudget
 from routing.policy import InfeasibleError
@@ -77,7 +77,7 @@ class Outcome:
     id: str
     variant: str
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     energy: EnergyReading
@@ -276,7 +276,7 @@ class Run:
         started = call.arrived
         parts: list[str] = []
         completion_tokens = 0
-        finish = "length"
+        finish: FinishReason = "length"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s - (time.perf_counter() - call.arrived)
         try:

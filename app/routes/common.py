@@ -33,13 +33,18 @@ def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: 
                             seed=seed, stop=tuple(stop))
 
 
+def check_length(settings: Settings, text: str, field: str) -> str:
+    if len(text) > settings.max_prompt_chars:
+        raise ApiError(422, "invalid_request_error", f"{field} is {len(text)} characters; "
+                       f"the limit is {settings.max_prompt_chars}", field)
+    return text
+
+
 def check_prompt(settings: Settings, prompt: str, field: str = "prompt") -> str:
+    """A prompt with at least one non-whitespace character, within the length limit."""
     if not prompt.strip():
         raise ApiError(422, "invalid_request_error", f"{field} must not be blank", field)
-    if len(prompt) > settings.max_prompt_chars:
-        raise ApiError(422, "invalid_request_error", f"{field} is {len(prompt)} characters; "
-                       f"the limit is {settings.max_prompt_chars}", field)
-    return prompt
+    return check_length(settings, prompt, field)
 
 
 def make_budget(settings: Settings, latency_ms: float | None, min_quality: float | None,
@@ -105,3 +110,12 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# the success answer's headers, as documented (energy headers: JSON answers only)
+COST_HEADERS = {
+    "X-Greenroute-Variant": {"description": "the variant that served the request",
+                             "schema": {"type": "string"}},
+    "X-Greenroute-Energy-Joules": {"description": "the request's joules (JSON answers)",
+                                   "schema": {"type": "string"}},
+    "X-Greenroute-Energy-Source": {"description": "the energy meter (JSON answers)",
+                                   "schema": {"type": "string"}},
+}
