@@ -53,6 +53,11 @@ class CompletionRequest(OpenAIBase):
     """``POST /v1/completions``: one prompt, as a string or a list holding one string (one
     choice per request; token-id prompts are not supported)."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "auto", "prompt": "Hello", "max_tokens": 8},
+        {"model": "auto", "prompt": ["Hello"], "max_tokens": 8, "min_quality": 0.8,
+         "stream": True}]})
+
     prompt: Annotated[
         list[str], BeforeValidator(_one_prompt_list),
         WithJsonSchema({"anyOf": [PROMPT_TEXT, {"type": "array", "items": PROMPT_TEXT,
@@ -115,6 +120,12 @@ class ChatMessage(StrictModel):
 
 class ChatRequest(OpenAIBase):
     """``POST /v1/chat/completions``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]},
+        {"model": "auto", "max_tokens": 8, "latency_budget_ms": 2000, "stream": True,
+         "messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}]})
 
     messages: list[ChatMessage] = Field(min_length=1)
 

@@ -37,7 +37,10 @@ SEED_LIMIT = 2**63  # seeds are below it (a power of two: exact as a JSON Schema
 # constraints before the integral conversion, so that they reach the integer's JSON schema
 Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT), BeforeValidator(_integral)] | None
 Tokens = Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None  # limit set per app
-NON_BLANK = r"\S"  # at least one non-whitespace character (documented; checked by the route)
+# At least one character other than ASCII whitespace (documented; the routes check the same):
+# an explicit class, because `\s` differs between regex engines (Python's counts U+001C-U+001F,
+# JSON Schema's ECMA-262 does not).
+NON_BLANK = r"[^ \t\n\r\f\v]"
 # one stop sequence or a list (count limit set per app); empty strings are refused by the route
 Stop = Annotated[
     list[str], BeforeValidator(_stop_list),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from typing import Any
 
 from fastapi import Request
 
 from app.errors import ApiError
-from app.schemas import EnergyOut, RouteOut
+from app.schemas import NON_BLANK, EnergyOut, RouteOut
 from app.service import Budget, Outcome, Run
 from app.settings import Settings
 from models.engine.base import GenerationParams
@@ -41,8 +42,9 @@ def check_length(settings: Settings, text: str, field: str) -> str:
 
 
 def check_prompt(settings: Settings, prompt: str, field: str = "prompt") -> str:
-    """A prompt with at least one non-whitespace character, within the length limit."""
-    if not prompt.strip():
+    """A prompt with a character other than ASCII whitespace (the document's pattern), within
+    the length limit."""
+    if not re.search(NON_BLANK, prompt):
         raise ApiError(422, "invalid_request_error", f"{field} must not be blank", field)
     return check_length(settings, prompt, field)
 
