@@ -48,8 +48,8 @@ class GenaiEngine(Engine):
         except Exception as err:  # genai raises RuntimeError with multi-line details
             raise VariantLoadError(f"cannot load {variant_dir}: {err}".splitlines()[0]) from err
         self.device = device
-        model_config = json.loads((variant_dir / "genai_config.json").read_text())["model"]
-        self.vocab_size = int(model_config.get("vocab_size", 0))
+        config_text = (variant_dir / "genai_config.json").read_text()
+        self.vocab_size = int(json.loads(config_text).get("model", {}).get("vocab_size", 0))
 
     def _token_ids(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[int]:
         og = self._og
@@ -60,7 +60,8 @@ class GenaiEngine(Engine):
         }
         if not params.greedy:
             # genai refuses a top_k over the vocabulary, which means no top-k filtering anyway
-            top_k = params.top_k if 0 < params.top_k < self.vocab_size else 0
+            over = self.vocab_size and params.top_k >= self.vocab_size  # 0: size unknown
+            top_k = 0 if over else params.top_k
             options.update(temperature=params.temperature, top_p=params.top_p, top_k=top_k)
             if params.seed is not None:  # genai's seed is a signed 32-bit int
                 options["random_seed"] = params.seed % GENAI_SEEDS
