@@ -25,6 +25,7 @@ FROM base AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/docker/requirements.py deploy/docker/requirements.py
+COPY cli/ cli/
 COPY app/ app/
 COPY bench/ bench/
 COPY models/ models/
@@ -55,6 +56,7 @@ RUN python -m venv /opt/genai-builder \
     && /opt/genai-builder/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
         "$(grep '^torch==' /tmp/genai-builder-requirements.txt)" \
     && /opt/genai-builder/bin/pip install -r /tmp/genai-builder-requirements.txt
+COPY cli/ cli/
 COPY app/ app/
 COPY bench/ bench/
 COPY models/ models/

@@ -87,6 +87,18 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-def sse_error(err: ApiError) -> str:
-    """The same envelope as one Server-Sent Event (errors after a stream has started)."""
-    return f"data: {json.dumps(envelope(err.type, err.message, err.param))}\n\n"
+def stream_error(err: Exception, request_id: str) -> ApiError:
+    """What a stream that has started says about ``err``: an :class:`ApiError` as it is,
+    anything else as an internal error (logged here with the request id, never shown)."""
+    if isinstance(err, ApiError):
+        return err
+    log.error("request %s: stream failed", request_id, exc_info=err)
+    return ApiError(500, "internal_error", f"internal error; see the server log (request "
+                    f"{request_id})")
+
+
+def sse_error(err: ApiError, **extra: str) -> str:
+    """The error envelope as one Server-Sent Event (a failure after a stream has started),
+    with ``extra`` fields first (the native stream's ``"type": "error"``)."""
+    body = {**extra, **envelope(err.type, err.message, err.param)}
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"

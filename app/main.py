@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from app.errors import envelope, install_error_handlers
 from app.lanes import Lane
+from app.openapi import document
 from app.routes import native, openai, ops
 from app.service import GenerationService
 from app.settings import Settings
@@ -206,6 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = CollectorRegistry()
     install_error_handlers(app)
+    app.openapi = lambda: document(app, settings)  # type: ignore[method-assign]
     app.include_router(ops.router)
     app.include_router(native.router)
     app.include_router(openai.router)

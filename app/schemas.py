@@ -1,24 +1,27 @@
-"""Request and response models: native ``/v1/generate`` and the OpenAI-compatible endpoints.
+"""Request and response models: the error envelope, native ``/v1/generate``, operations.
 
-Field limits that depend on settings (max tokens, prompt length) are checked in
-:func:`app.deps`-level helpers so that they follow configuration, not import-time constants.
+Requests are strict: a number where a number belongs (an integer may be written ``3.0``, as
+JSON Schema allows), a boolean where a boolean belongs; ``"1"`` or ``true`` for a number is a
+422, never coerced. Limits that follow settings (max tokens, prompt length, stop count) are
+checked by the routes and written into the OpenAPI document per app (:mod:`app.openapi`).
+OpenAI-compatible models are in :mod:`app.openai_schemas`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from models.engine.base import FinishReason
 
 
-class BudgetIn(BaseModel):
-    """A request's energy budget; missing fields take the server's defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    latency_ms: float | None = Field(None, gt=0, description="end-to-end latency target, ms")
-    min_quality: float | None = Field(None, ge=0.0, le=1.0, description="quality floor, 0-1")
-    max_joules: float | None = Field(None, gt=0, description="energy cap per request, J")
+def _integral(value: Any) -> Any:
+    """JSON Schema's ``integer`` includes ``3.0``: a float without a fraction becomes an int
+    (anything else is left for strict validation to refuse)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _stop_list(value: Any) -> Any:
@@ -29,23 +32,71 @@ def _stop_list(value: Any) -> Any:
     return value
 
 
-class GenerateRequest(BaseModel):
+Int = Annotated[int, BeforeValidator(_integral)]
+SEED_LIMIT = 2**63  # seeds are below it (a power of two: exact as a JSON Schema float bound)
+# constraints before the integral conversion, so that they reach the integer's JSON schema
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT), BeforeValidator(_integral)] | None
+Tokens = Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None  # limit set per app
+# At least one character other than ASCII whitespace (documented; the routes check the same):
+# an explicit class, because `\s` differs between regex engines (Python's counts U+001C-U+001F,
+# JSON Schema's ECMA-262 does not).
+NON_BLANK = r"[^ \t\n\r\f\v]"
+# one stop sequence or a list (count limit set per app); empty strings are refused by the route
+Stop = Annotated[
+    list[str], BeforeValidator(_stop_list),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1},
+                              {"type": "array", "items": {"type": "string", "minLength": 1}},
+                              {"type": "null"}],
+                    "description": "stop sequence(s): generation ends before the first match"}),
+]
+
+
+class StrictModel(BaseModel):
+    """No lax coercion: ``"0.5"``, ``false`` or ``1`` are not numbers or booleans here."""
+
+    model_config = ConfigDict(strict=True)
+
+
+# -- errors -----------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    type: str = Field(description="machine-readable kind, e.g. invalid_request_error")
+    message: str = Field(description="what went wrong and what to do about it")
+    param: str | None = Field(description="the request field at fault, dotted")
+    code: str | None = Field(description="the same as type")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: ``{"error": {"type", "message", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+# -- native generation ------------------------------------------------------------------------
+class BudgetIn(StrictModel):
+    """A request's energy budget; missing fields take the server's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_ms: float | None = Field(None, gt=0, description="end-to-end latency target, ms")
+    min_quality: float | None = Field(None, ge=0.0, le=1.0, description="quality floor, 0-1")
+    max_joules: float | None = Field(None, gt=0, description="energy cap per request, J")
+
+
+class GenerateRequest(StrictModel):
     """``POST /v1/generate``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1)
-    max_new_tokens: int | None = Field(None, ge=1)
+    prompt: str = Field(min_length=1, json_schema_extra={"pattern": NON_BLANK})
+    max_new_tokens: Tokens = None
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list)
+    top_k: Int = Field(0, ge=0)
+    seed: Seed = None
+    stop: Stop = Field(default_factory=list)
     stream: bool = False
     variant: str | None = Field(None, description="pin a variant; omit or 'auto' to route")
     budget: BudgetIn | None = None
-
-    _split_stop = field_validator("stop", mode="before")(_stop_list)
 
 
 class Usage(BaseModel):
@@ -76,7 +127,7 @@ class GenerateResponse(BaseModel):
     id: str
     text: str
     variant: str
-    finish_reason: str
+    finish_reason: FinishReason
     usage: Usage
     energy: EnergyOut
     latency_ms: float
@@ -84,85 +135,43 @@ class GenerateResponse(BaseModel):
     route: RouteOut
 
 
-# -- OpenAI-compatible ------------------------------------------------------------------------
-class OpenAIBase(BaseModel):
-    """Fields both OpenAI endpoints share, plus greenroute's budget extras."""
-
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are ignored, as OpenAI does
-
-    model: str = "auto"
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    stream: bool = False
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    user: str | None = None
-    latency_budget_ms: float | None = Field(None, gt=0)
-    min_quality: float | None = Field(None, ge=0.0, le=1.0)
-    max_joules: float | None = Field(None, gt=0)
-
-    _split_stop = field_validator("stop", mode="before")(_stop_list)
+# -- ladder and operations --------------------------------------------------------------------
+class EnergyMeterOut(BaseModel):
+    source: str
+    device: str
+    estimated: bool
+    description: str
 
 
-class CompletionRequest(OpenAIBase):
-    """``POST /v1/completions``: a single prompt string (or a list holding one)."""
+class VariantOut(BaseModel):
+    """A manifest entry (all its fields) plus its load state and live cost coefficients."""
 
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    model_config = ConfigDict(extra="allow")
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt is supported")
-        text = value if isinstance(value, str) else value[0]
-        if not text:
-            raise ValueError("prompt must not be empty")
-        return value
-
-    @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    name: str
+    quality: float
+    loaded: bool
+    error: str | None
+    runtime: str | None
+    cost: dict[str, Any] | None
 
 
-class ContentPart(BaseModel):
-    """One part of a message's content list (``{"type": "text", "text": ...}``); other types
-    (``image_url``, ``input_audio``, ...) parse here so that they can be refused by name."""
-
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    """A message whose ``content`` is a string or a list of text parts (joined by newlines,
-    as vLLM does); this service serves text-only models, so any other part is a 422."""
-
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts_only(cls, value: str | list[ContentPart]) -> str | list[ContentPart]:
-        for part in value if isinstance(value, list) else ():
-            if part.type != "text":
-                raise ValueError(f"content part type {part.type!r} is not supported: the "
-                                 "served models read text only (send parts of type 'text')")
-            if part.text is None:
-                raise ValueError("a content part of type 'text' needs a 'text' string")
-        return value
-
-    @property
-    def text(self) -> str:
-        """The content as one string."""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text or "" for part in self.content)
+class VariantList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VariantOut]
+    device: str
+    chat_template: Literal["checkpoint", "fallback"]
+    power_watts: float
+    power_capped: bool
+    energy_meter: EnergyMeterOut
 
 
-class ChatRequest(OpenAIBase):
-    """``POST /v1/chat/completions``."""
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
 
-    messages: list[ChatMessage] = Field(min_length=1)
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    variants: list[str]
+    failed: dict[str, str]
+    device: str

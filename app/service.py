@@ -19,7 +19,7 @@ from app.errors import ApiError
 from app.lanes import Job, Lane, QueueFullError
 from app.settings import Settings
 from models.chat import ChatTemplate
-from models.engine.base import Chunk, ContextOverflowError, GenerationParams
+from models.engine.base import Chunk, ContextOverflowError, FinishReason, GenerationParams
 from models.ladder import LoadedLadder
 from routing.policy import Budget as PolicyBudget
 from routing.policy import InfeasibleError
@@ -77,7 +77,7 @@ class Outcome:
     id: str
     variant: str
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     energy: EnergyReading
@@ -175,7 +175,8 @@ class GenerationService:
             push("start", t0)
             mark = self.meter.begin()
             produced = 0
-            first = 0.0
+            steps = 0  # decoded tokens, EOS included: the denominator of time per token
+            first = last = 0.0
             held: list[Chunk] = []
             # Waking the event loop per token slows decoding on few cores and, at thousands of
             # tokens/s, queues so many callbacks that a client's disconnect is seen late: a
@@ -185,21 +186,30 @@ class GenerationService:
             try:
                 for chunk in engine.stream(prompt_ids, call.params, call.cancel):
                     now = time.perf_counter()
-                    first = first or now
+                    if chunk.token_id >= 0:
+                        first = first or now
+                        last = now
+                        steps += 1
                     produced += int(chunk.token_id >= 0
                                     and chunk.token_id not in engine.eos_token_ids)
                     held.append(chunk)
                     if call.stream and now - flushed >= STREAM_FLUSH_S:
                         push("chunks", held)
                         held, flushed = [], now
-            except Exception as err:  # reported to the waiting request
-                self.meter.end(mark)
+            except Exception as err:  # reported to the waiting request, after its tokens
+                reading = self.meter.end(mark)
+                if held:
+                    push("chunks", held)
+                self._account(call, route.variant, len(prompt_ids), produced, reading,
+                              first, last, steps)
+                self.power.add(reading.joules)
                 push("error", err)
                 return
             reading = self.meter.end(mark)
             if held:
                 push("chunks", held)
-            self._account(call.id, route.variant, len(prompt_ids), produced, reading)
+            self._account(call, route.variant, len(prompt_ids), produced, reading, first, last,
+                          steps)
             self.power.add(reading.joules)
             if produced and not call.cancel.is_set():
                 self.router.observe(route.variant, len(prompt_ids), produced,
@@ -219,12 +229,19 @@ class GenerationService:
         return Run(self, call, route, len(prompt_ids), events,
                    frozenset(engine.eos_token_ids))
 
-    def _account(self, request_id: str, variant: str, prompt_tokens: int, generated: int,
-                 reading: EnergyReading) -> None:
-        """Per-request cost metrics and log line, recorded even when the caller has gone away.
-        The request id rides on the histograms as an exemplar (never as a label)."""
+    def _account(self, call: Call, variant: str, prompt_tokens: int, generated: int,
+                 reading: EnergyReading, first: float, last: float, steps: int) -> None:
+        """Per-request cost metrics and log line, recorded even when the caller has gone away
+        or the engine failed. ``first``/``last``: ``perf_counter`` times of the first and last
+        decoded token (0 if none) over ``steps`` tokens. The request id rides on the
+        histograms as an exemplar (never as a label)."""
         m = self.metrics
+        request_id = call.id
         exemplar = {"request_id": request_id}
+        if steps:
+            m.ttft.labels(variant).observe(first - call.arrived, exemplar)
+        if steps > 1:
+            m.tpot.labels(variant).observe((last - first) / (steps - 1), exemplar)
         m.energy.labels(variant).observe(reading.joules, exemplar)
         m.power.labels(variant).observe(reading.avg_watts, exemplar)
         m.energy_total.labels(variant).inc(reading.joules)
@@ -250,15 +267,16 @@ class Run:
         self._eos = eos
 
     async def events(self) -> AsyncIterator[Chunk | Outcome]:
-        """Chunks as produced, then one :class:`Outcome`. Raises :class:`ApiError` (504) on
-        timeout; closing the iterator early cancels the generation between tokens."""
+        """Chunks as produced, then one :class:`Outcome`. Raises :class:`ApiError`: 504 on
+        timeout, 500 when the engine fails (after the chunks it produced; counted ``error``);
+        closing the iterator early cancels the generation between tokens."""
         call, route, metrics = self.call, self.route, self.service.metrics
         timeout_s = self.service.settings.request_timeout_s
         status = "error"
         started = call.arrived
         parts: list[str] = []
         completion_tokens = 0
-        finish = "length"
+        finish: FinishReason = "length"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s - (time.perf_counter() - call.arrived)
         try:
@@ -283,8 +301,11 @@ class Run:
                 elif kind == "skipped":
                     status = "cancelled"
                     return
-                elif kind == "error":
-                    raise payload
+                elif kind == "error":  # the engine failed: logged here, never shown
+                    log.error("request %s failed on variant %s after %d tokens", call.id,
+                              route.variant, completion_tokens, exc_info=payload)
+                    raise ApiError(500, "internal_error", "generation failed; see the server "
+                                   f"log (request {call.id})") from payload
                 else:  # "energy": the run is over
                     reading: EnergyReading = payload
                     status = "cancelled" if finish == "cancelled" else "ok"

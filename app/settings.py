@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.manifest import default_ladder_dir
@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     # request defaults and limits
     default_max_new_tokens: int = Field(64, ge=1)
     max_new_tokens_limit: int = Field(512, ge=1)
-    max_prompt_chars: int = Field(16_000, ge=1)
+    max_prompt_chars: int = Field(16_000, ge=1, description="longest prompt, and longest chat "
+                                  "message content or content part")
+    max_messages: int = Field(256, ge=1, description="most messages in one chat request")
+    max_content_parts: int = Field(64, ge=1, description="most content parts in one message")
     max_stop_sequences: int = Field(4, ge=0)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     default_min_quality: float = Field(0.0, ge=0.0, le=1.0)
@@ -57,6 +60,14 @@ class Settings(BaseSettings):
     # energy estimate (used when no NVML/RAPL meter is available)
     estimate_watts_per_core: float = Field(10.0, gt=0)
     estimate_idle_watts: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> Settings:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) is over "
+                             f"max_new_tokens_limit ({self.max_new_tokens_limit}): every "
+                             "request that omits it would be refused")
+        return self
 
     @field_validator("api_keys", "variants", mode="before")
     @classmethod

@@ -25,7 +25,7 @@ def live_service(ladder: Path, env: dict[str, str],
                  ready_timeout_s: float = 120.0) -> Iterator[httpx.Client]:
     """A client bound to a freshly started service on a free loopback port."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
                              "--ladder", str(ladder), "--log-level", "warning"],
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -40,7 +40,7 @@ def _token_text(value: Any) -> str | None:
 class ChatTemplate:
     """A compiled chat template and what generation should stop at."""
 
-    source: str  # "checkpoint" or "fallback"
+    source: Literal["checkpoint", "fallback"]
     text: str
     bos_token: str | None = None
     eos_token: str | None = None

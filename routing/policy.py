@@ -16,6 +16,7 @@ from typing import Literal
 from routing.cost import CostModel
 
 OnInfeasible = Literal["best_effort", "reject"]
+Reason = Literal["cheapest_feasible", "best_effort", "pinned", "power_cap"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Candidate:
 @dataclass(frozen=True)
 class Decision:
     variant: str
-    reason: str  # cheapest_feasible | best_effort | pinned | power_cap
+    reason: Reason
     predicted_latency_ms: float
     predicted_joules: float
     candidates: list[Candidate] = field(default_factory=list)

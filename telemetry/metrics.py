@@ -20,6 +20,18 @@ STATUSES = ("ok", "error", "rejected", "cancelled", "timeout")
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENERGY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 500.0)
 POWER_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 75.0, 150.0, 300.0, 700.0)
+# Token timing, from the default model (SmolLM2-135M) on the 2-core CPU: decode ~20 ms/token for
+# `full`, 3-8 ms/token for the quantized and distilled rungs (a GPU: ~1-2 ms); time to first
+# token (queue wait + prefill) tens to hundreds of ms, seconds behind a full queue. The buckets
+# are densest where those figures fall.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                10.0, 30.0)
+TPOT_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03,
+                0.05, 0.1, 0.25)
+# Route decision reasons (routing.policy.Decision.reason); a refused budget is counted as
+# variant "none", reason "rejected".
+ROUTE_REASONS = ("cheapest_feasible", "best_effort", "pinned", "power_cap")
+REJECTED = ("none", "rejected")
 
 
 class Metrics:
@@ -33,6 +45,12 @@ class Metrics:
                                 ["endpoint", "variant", "status"], registry=registry)
         self.duration = Histogram(f"{p}request_duration_seconds", "End-to-end request time",
                                   ["variant"], buckets=DURATION_BUCKETS, registry=registry)
+        self.ttft = Histogram(f"{p}time_to_first_token_seconds",
+                              "Request arrival to its first generated token (queue included)",
+                              ["variant"], buckets=TTFT_BUCKETS, registry=registry)
+        self.tpot = Histogram(f"{p}time_per_output_token_seconds",
+                              "Mean time per generated token after the first, per request",
+                              ["variant"], buckets=TPOT_BUCKETS, registry=registry)
         self.energy = Histogram(f"{p}request_energy_joules", "Energy per request",
                                 ["variant"], buckets=ENERGY_BUCKETS, registry=registry)
         self.power = Histogram(f"{p}request_power_watts", "Average power per request",
@@ -61,9 +79,12 @@ class Metrics:
             for endpoint in ENDPOINTS:
                 for status in STATUSES:
                     self.requests.labels(endpoint, v, status)
-            for metric in (self.duration, self.energy, self.power, self.energy_total,
-                           self.prompt_tokens, self.generated_tokens):
+            for metric in (self.duration, self.ttft, self.tpot, self.energy, self.power,
+                           self.energy_total, self.prompt_tokens, self.generated_tokens):
                 metric.labels(v)
+            for reason in ROUTE_REASONS:
+                self.route_decisions.labels(v, reason)
+        self.route_decisions.labels(*REJECTED)
         for d in devices:
             self.queue_depth.labels(d)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from typing import Any
 
 from fastapi import Request
 
 from app.errors import ApiError
-from app.schemas import EnergyOut, RouteOut
+from app.schemas import NON_BLANK, EnergyOut, RouteOut
 from app.service import Budget, Outcome, Run
 from app.settings import Settings
 from models.engine.base import GenerationParams
@@ -33,13 +34,19 @@ def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: 
                             seed=seed, stop=tuple(stop))
 
 
-def check_prompt(settings: Settings, prompt: str, field: str = "prompt") -> str:
-    if not prompt.strip():
-        raise ApiError(422, "invalid_request_error", f"{field} must not be blank", field)
-    if len(prompt) > settings.max_prompt_chars:
-        raise ApiError(422, "invalid_request_error", f"{field} is {len(prompt)} characters; "
+def check_length(settings: Settings, text: str, field: str) -> str:
+    if len(text) > settings.max_prompt_chars:
+        raise ApiError(422, "invalid_request_error", f"{field} is {len(text)} characters; "
                        f"the limit is {settings.max_prompt_chars}", field)
-    return prompt
+    return text
+
+
+def check_prompt(settings: Settings, prompt: str, field: str = "prompt") -> str:
+    """A prompt with a character other than ASCII whitespace (the document's pattern), within
+    the length limit."""
+    if not re.search(NON_BLANK, prompt):
+        raise ApiError(422, "invalid_request_error", f"{field} must not be blank", field)
+    return check_length(settings, prompt, field)
 
 
 def make_budget(settings: Settings, latency_ms: float | None, min_quality: float | None,
@@ -105,3 +112,12 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# the success answer's headers, as documented (energy headers: JSON answers only)
+COST_HEADERS = {
+    "X-Greenroute-Variant": {"description": "the variant that served the request",
+                             "schema": {"type": "string"}},
+    "X-Greenroute-Energy-Joules": {"description": "the request's joules (JSON answers)",
+                                   "schema": {"type": "string"}},
+    "X-Greenroute-Energy-Source": {"description": "the energy meter (JSON answers)",
+                                   "schema": {"type": "string"}},
+}

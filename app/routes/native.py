@@ -9,8 +9,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import ServiceDep, SettingsDep, require_api_key
-from app.errors import ApiError, envelope
+from app.errors import sse_error, stream_error
+from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
 from app.routes.common import (
+    COST_HEADERS,
     SSE_HEADERS,
     check_prompt,
     cost_headers,
@@ -22,11 +24,21 @@ from app.routes.common import (
     route_out,
     sse,
 )
-from app.schemas import GenerateRequest, GenerateResponse, Usage
+from app.schemas import (
+    EnergyMeterOut,
+    GenerateRequest,
+    GenerateResponse,
+    Usage,
+    VariantList,
+    VariantOut,
+)
 from app.service import Call, Outcome, Run
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 ENDPOINT = "/v1/generate"
+STREAM = ('`{"type": "token", "index", "text", "finish_reason"}` events, then one '
+          '`{"type": "done", ...}` with the JSON answer\'s fields; a failure after the start '
+          'ends the stream with `{"type": "error", "error": {...}}` instead')
 
 
 def response_body(o: Outcome) -> GenerateResponse:
@@ -37,6 +49,8 @@ def response_body(o: Outcome) -> GenerateResponse:
 
 
 async def _events(run: Run) -> AsyncIterator[str]:
+    """``token`` events, then ``done``; a failure after the start ends the stream with one
+    ``{"type": "error", "error": {...}}`` event instead of ``done``."""
     try:
         async for event in run.events():
             if isinstance(event, Outcome):
@@ -44,13 +58,16 @@ async def _events(run: Run) -> AsyncIterator[str]:
             elif event.text or event.finish_reason:
                 yield sse({"type": "token", "index": event.index, "text": event.text,
                            "finish_reason": event.finish_reason})
-    except ApiError as err:
-        yield sse(envelope(err.type, err.message, err.param))
+    except Exception as err:
+        yield sse_error(stream_error(err, run.call.id), type="error")
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
+@router.post("/v1/generate", response_model=GenerateResponse,
+             responses=answers(GenerateResponse, *GENERATION_ERRORS, stream=STREAM,
+                               headers=COST_HEADERS))
 async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
                    settings: SettingsDep) -> Any:
+    """Generate text on the variant the router picks for the budget (or the pinned one)."""
     params = make_params(settings, max_new_tokens=body.max_new_tokens,
                          temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                          seed=body.seed, stop=body.stop)
@@ -68,23 +85,26 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
                         headers=cost_headers(outcome))
 
 
-@router.get("/v1/variants")
-async def variants(service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/variants", response_model=VariantList,
+            responses=answers(VariantList, *LADDER_ERRORS))
+async def variants(service: ServiceDep) -> Any:
     """The ladder: measured quality, size, cost calibration and load health per variant."""
     ladder = service.ladder
     live = service.router.coefficients()
     out = []
     for v in ladder.manifest.ordered():
-        out.append({
+        out.append(VariantOut(
             **v.model_dump(mode="json"),
-            "loaded": v.name in ladder.engines,
-            "error": ladder.failed.get(v.name),
-            "runtime": ladder.engines[v.name].runtime if v.name in ladder.engines else None,
-            "cost": live.get(v.name),  # current learned coefficients
-        })
+            loaded=v.name in ladder.engines,
+            error=ladder.failed.get(v.name),
+            runtime=ladder.engines[v.name].runtime if v.name in ladder.engines else None,
+            cost=live.get(v.name),  # current learned coefficients
+        ))
     meter = service.meter
-    return {"object": "list", "data": out, "device": service.device,
-            "chat_template": service.chat_template.source,  # "checkpoint" or "fallback"
-            "power_watts": service.power.watts(), "power_capped": service.power_capped(),
-            "energy_meter": {"source": meter.source, "device": meter.device,
-                             "estimated": meter.estimated, "description": meter.describe()}}
+    body = VariantList(
+        data=out, device=service.device,
+        chat_template=service.chat_template.source,
+        power_watts=service.power.watts(), power_capped=service.power_capped(),
+        energy_meter=EnergyMeterOut(source=meter.source, device=meter.device,
+                                    estimated=meter.estimated, description=meter.describe()))
+    return JSONResponse(body.model_dump(mode="json"))

@@ -18,9 +18,26 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import ServiceDep, SettingsDep, require_api_key
-from app.errors import ApiError, envelope
+from app.errors import ApiError, sse_error, stream_error
+from app.openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatMessage,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    OpenAIBase,
+    OpenAIUsage,
+)
+from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
 from app.routes.common import (
+    COST_HEADERS,
     SSE_HEADERS,
+    check_length,
     check_prompt,
     cost_headers,
     finish,
@@ -29,29 +46,39 @@ from app.routes.common import (
     pinned,
     sse,
 )
-from app.schemas import ChatMessage, ChatRequest, CompletionRequest, OpenAIBase
 from app.service import Call, GenerationService, Outcome, Run
 from app.settings import Settings
 from models.chat import ChatTemplate
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (capped by the server limit)
+STREAM = ("chunks (`text_completion` / `chat.completion.chunk`), the last with "
+          "`finish_reason` and `usage`, then `data: [DONE]`; a failure after the start sends "
+          "one `{\"error\": {...}}` event, then `data: [DONE]`")
 
 
-def _usage(o: Outcome) -> dict[str, Any]:
-    return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
-            "total_tokens": o.prompt_tokens + o.completion_tokens,
-            "energy_joules": o.energy.joules, "avg_watts": o.energy.avg_watts,
-            "energy_source": o.energy.source, "energy_estimated": o.energy.estimated,
-            **({"gco2e": o.gco2e} if o.gco2e is not None else {})}
+def _usage(o: Outcome) -> OpenAIUsage:
+    return OpenAIUsage(prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
+                       total_tokens=o.prompt_tokens + o.completion_tokens,
+                       energy_joules=o.energy.joules, avg_watts=o.energy.avg_watts,
+                       energy_source=o.energy.source, energy_estimated=o.energy.estimated,
+                       gco2e=o.gco2e)
+
+
+def _usage_json(o: Outcome) -> dict[str, Any]:
+    return _usage(o).model_dump(mode="json", exclude_none=True)  # gco2e only when configured
 
 
 def _call(body: OpenAIBase, prompt: str, endpoint: str, settings: Settings,
-          extra_stop: tuple[str, ...] = ()) -> Call:
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+          extra_stop: tuple[str, ...] = (), default_tokens: int | None = None) -> Call:
+    for field in ("max_tokens", "max_completion_tokens"):  # each within the limit, used or not
+        asked = getattr(body, field)
+        if asked is not None and asked > settings.max_new_tokens_limit:
+            raise ApiError(422, "invalid_request_error", f"{field} must be at most "
+                           f"{settings.max_new_tokens_limit}, got {asked}", field)
+    max_tokens = body.max_completion_tokens or body.max_tokens or default_tokens
     params = make_params(settings, max_new_tokens=max_tokens, temperature=body.temperature,
-                         top_p=body.top_p, top_k=0, seed=body.seed, stop=body.stop,
-                         field=field)
+                         top_p=body.top_p, top_k=0, seed=body.seed, stop=body.stop)
     if extra_stop:  # the template's own stops, on top of (and not counted in) the caller's
         params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop,
                                                                        *extra_stop))))
@@ -61,16 +88,35 @@ def _call(body: OpenAIBase, prompt: str, endpoint: str, settings: Settings,
                                    body.max_joules))
 
 
+def _check_messages(messages: list[ChatMessage], settings: Settings) -> None:
+    """The documented limits: message count, parts per message, characters per content."""
+    if len(messages) > settings.max_messages:
+        raise ApiError(422, "invalid_request_error", f"at most {settings.max_messages} "
+                       f"messages are allowed, got {len(messages)}", "messages")
+    for i, m in enumerate(messages):
+        where = f"messages.{i}.content"
+        if isinstance(m.content, str):
+            check_length(settings, m.content, where)
+            continue
+        if len(m.content) > settings.max_content_parts:
+            raise ApiError(422, "invalid_request_error", f"at most "
+                           f"{settings.max_content_parts} content parts are allowed, got "
+                           f"{len(m.content)}", where)
+        for j, part in enumerate(m.content):
+            check_length(settings, part.text or "", f"{where}.{j}.text")
+
+
 def _chat_prompt(template: ChatTemplate, messages: list[ChatMessage],
                  settings: Settings) -> str:
     """``messages`` rendered with the chat template; a template's own refusal (its
     ``raise_exception``, e.g. roles that must alternate) is the caller's 422."""
+    _check_messages(messages, settings)
     try:
         prompt = template.render([{"role": m.role, "content": m.text} for m in messages])
     except ValueError as err:
         raise ApiError(422, "invalid_request_error", f"the model's chat template refused "
                        f"these messages: {err}", "messages") from err
-    return check_prompt(settings, prompt, "messages")
+    return prompt  # its length follows from the messages' limits; its tokens are checked
 
 
 def _open(service: GenerationService, call: Call) -> Run:
@@ -86,33 +132,40 @@ ChunkFn = Callable[[str, str | None, bool], dict[str, Any]]
 
 
 async def _stream(run: Run, chunk: ChunkFn) -> AsyncIterator[str]:
+    """Chunks, then ``data: [DONE]``; a failure after the start sends one
+    ``{"error": {...}}`` event (as OpenAI and vLLM do) before ``[DONE]``."""
     first = True
     try:
         async for event in run.events():
             if isinstance(event, Outcome):  # last chunk: finish reason, usage and energy
-                yield sse({**chunk("", event.finish_reason, False), "usage": _usage(event)})
+                yield sse({**chunk("", event.finish_reason, False), "usage": _usage_json(event)})
             elif event.text or first:
                 yield sse(chunk(event.text, None, first))
                 first = False
-    except ApiError as err:
-        yield sse(envelope(err.type, err.message, err.param))
+    except Exception as err:
+        yield sse_error(stream_error(err, run.call.id))
     yield sse("[DONE]")
 
 
 async def _answer(stream: bool, run: Run, request: Request, chunk: ChunkFn,
-                  whole: Callable[[Outcome], dict[str, Any]]) -> Any:
+                  whole: Callable[[Outcome], Completion | ChatCompletion]) -> Any:
     """SSE chunks when streaming, else one JSON body (``whole``) with usage and energy."""
     if stream:
         return StreamingResponse(_stream(run, chunk), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
     o = await finish(run, request)
-    return JSONResponse({**whole(o), "usage": _usage(o)}, headers=cost_headers(o))
+    body = whole(o).model_dump(mode="json")
+    return JSONResponse({**body, "usage": _usage_json(o)}, headers=cost_headers(o))
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=None,
+             responses=answers(Completion, *GENERATION_ERRORS, stream=STREAM,
+                               headers=COST_HEADERS))
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep,
                       settings: SettingsDep) -> Any:
-    call = _call(body, check_prompt(settings, body.prompt_text), "/v1/completions", settings)
+    """OpenAI text completion of one prompt (raw text, no chat template)."""
+    call = _call(body, check_prompt(settings, body.prompt_text), "/v1/completions", settings,
+                 default_tokens=min(COMPLETION_MAX_TOKENS, settings.max_new_tokens_limit))
     run = _open(service, call)
     cid, created = f"cmpl-{call.id}", int(time.time())
 
@@ -122,13 +175,20 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
                 "choices": [{"index": 0, "text": text, "logprobs": None,
                              "finish_reason": reason}]}
 
-    return await _answer(body.stream, run, request, chunk,
-                         lambda o: chunk(o.text, o.finish_reason, False))
+    def whole(o: Outcome) -> Completion:
+        return Completion(id=cid, created=created, model=o.variant, usage=_usage(o),
+                          choices=[CompletionChoice(index=0, text=o.text,
+                                                    finish_reason=o.finish_reason)])
+
+    return await _answer(body.stream, run, request, chunk, whole)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=None,
+             responses=answers(ChatCompletion, *GENERATION_ERRORS, stream=STREAM,
+                               headers=COST_HEADERS))
 async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep,
                            settings: SettingsDep) -> Any:
+    """OpenAI chat completion: the messages rendered with the ladder's chat template."""
     template = service.chat_template
     prompt = _chat_prompt(template, body.messages, settings)
     call = _call(body, prompt, "/v1/chat/completions", settings,
@@ -145,22 +205,23 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
                              "finish_reason": reason}]}
 
-    def whole(o: Outcome) -> dict[str, Any]:
-        return {"id": cid, "object": "chat.completion", "created": created, "model": o.variant,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text},
-                             "logprobs": None, "finish_reason": o.finish_reason}]}
+    def whole(o: Outcome) -> ChatCompletion:
+        return ChatCompletion(id=cid, created=created, model=o.variant, usage=_usage(o),
+                              choices=[ChatChoice(index=0,
+                                                  message=AssistantMessage(content=o.text),
+                                                  finish_reason=o.finish_reason)])
 
     return await _answer(body.stream, run, request, chunk, whole)
 
 
-@router.get("/v1/models")
-async def models(service: ServiceDep) -> dict[str, Any]:
+@router.get("/v1/models", response_model=ModelList,
+            responses=answers(ModelList, *LADDER_ERRORS))
+async def models(service: ServiceDep) -> Any:
+    """``auto`` and every loaded variant."""
     created = int(time.time())
     names = ["auto", *(v.name for v in service.ladder.manifest.ordered()
                        if v.name in service.ladder.engines)]
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": created,
-                                        "owned_by": "greenroute",
-                                        "chat_template": service.chat_template.source}
-                                       for n in names]}
-
-
+    body = ModelList(data=[ModelCard(id=n, created=created, owned_by="greenroute",
+                                     chat_template=service.chat_template.source)
+                           for n in names])
+    return JSONResponse(body.model_dump(mode="json"))

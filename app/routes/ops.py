@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.exposition import (
     CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
@@ -13,17 +13,23 @@ from prometheus_client.openmetrics.exposition import (
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from app.errors import envelope
+from app.openapi import answers
+from app.schemas import Health, Ready
 
 router = APIRouter()
+EXPOSITION = {"text/plain": {"schema": {"type": "string"}},
+              "application/openmetrics-text": {"schema": {"type": "string"}}}
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/health", response_model=Health, responses=answers(Health))
+async def health() -> Any:
+    """The process is up (whether or not the ladder has loaded)."""
+    return Health()
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=Ready, responses=answers(Ready, 503))
 async def ready(request: Request) -> Any:
+    """Every variant that can load has loaded; 503 (with the reason) until then."""
     state = request.app.state
     service = getattr(state, "service", None)
     if service is None:
@@ -31,12 +37,16 @@ async def ready(request: Request) -> Any:
         message = f"not ready: {error}" if error else "not ready: the ladder is still loading"
         return JSONResponse(envelope("not_ready", message), status_code=503,
                             headers={"Retry-After": "2"})
-    return {"status": "ready", "variants": sorted(service.ladder.engines),
-            "failed": service.ladder.failed, "device": service.device}
+    return Ready(variants=sorted(service.ladder.engines), failed=service.ladder.failed,
+                 device=service.device)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition; OpenMetrics when "
+                                            "`Accept` asks for application/openmetrics-text",
+                             "content": EXPOSITION}})
 async def metrics(request: Request) -> Response:
+    """The service's metrics (names and labels: ARCHITECTURE.md, "Metrics")."""
     registry = request.app.state.registry
     if "application/openmetrics-text" in request.headers.get("accept", ""):
         return Response(generate_openmetrics(registry), media_type=OPENMETRICS_CONTENT_TYPE)

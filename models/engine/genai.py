@@ -6,6 +6,7 @@ uses genai's own sampler: a seed reproduces a sample within this runtime, not ac
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from models.engine.base import Engine, GenerationParams, VariantLoadError
+
+GENAI_SEEDS = 2**31  # seeds are reduced modulo this: the same seed still reproduces its sample
 
 
 class GenaiEngine(Engine):
@@ -45,6 +48,8 @@ class GenaiEngine(Engine):
         except Exception as err:  # genai raises RuntimeError with multi-line details
             raise VariantLoadError(f"cannot load {variant_dir}: {err}".splitlines()[0]) from err
         self.device = device
+        config_text = (variant_dir / "genai_config.json").read_text()
+        self.vocab_size = int(json.loads(config_text).get("model", {}).get("vocab_size", 0))
 
     def _token_ids(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[int]:
         og = self._og
@@ -54,10 +59,12 @@ class GenaiEngine(Engine):
             "do_sample": not params.greedy,
         }
         if not params.greedy:
-            options.update(temperature=params.temperature, top_p=params.top_p,
-                           top_k=params.top_k or 0)
-            if params.seed is not None:
-                options["random_seed"] = params.seed
+            # genai refuses a top_k over the vocabulary, which means no top-k filtering anyway
+            over = self.vocab_size and params.top_k >= self.vocab_size  # 0: size unknown
+            top_k = 0 if over else params.top_k
+            options.update(temperature=params.temperature, top_p=params.top_p, top_k=top_k)
+            if params.seed is not None:  # genai's seed is a signed 32-bit int
+                options["random_seed"] = params.seed % GENAI_SEEDS
         gp.set_search_options(**options)
         generator = og.Generator(self.model, gp)
         generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))

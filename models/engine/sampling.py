@@ -16,7 +16,11 @@ def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
     """Pick one token id from a 1-D logits vector."""
     if params.greedy:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / params.temperature
+    # shifted by the maximum before dividing: (logit - max) / T is <= 0, so a tiny temperature
+    # gives -inf (probability 0) instead of inf - inf = NaN
+    raw = logits.astype(np.float64)
+    with np.errstate(over="ignore", divide="ignore"):
+        scaled = (raw - raw.max()) / params.temperature
     if params.top_k and params.top_k < scaled.shape[0]:
         candidates = np.argpartition(scaled, -params.top_k)[-params.top_k :]
     else:

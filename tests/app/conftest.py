@@ -73,7 +73,7 @@ class LiveServer:
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop)
             "w+", prefix="greenroute-live-", suffix=".log")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), "--ladder",
+            [sys.executable, "-m", "cli", "serve", "--port", str(self.port), "--ladder",
              str(ladder), "--log-level", "warning"],
             env=full_env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         self.http = httpx.Client(base_url=self.url, timeout=60)

@@ -119,6 +119,15 @@ BAD_INPUTS: list[tuple[str, Any, int, str | None]] = [
     ("too many stops", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop"),
     ("empty stop", {"prompt": "x", "stop": [""]}, 422, "stop"),
     ("unknown variant", {"prompt": "x", "variant": "huge"}, 404, "variant"),
+    # strict types: nothing is coerced
+    ("bool for a number", {"prompt": "x", "budget": {"min_quality": False}}, 422,
+     "budget.min_quality"),
+    ("numeric string for a number", {"prompt": "x", "temperature": "0.5"}, 422, "temperature"),
+    ("number for a bool", {"prompt": "x", "stream": 1}, 422, "stream"),
+    ("fractional integer", {"prompt": "x", "max_new_tokens": 2.5}, 422, "max_new_tokens"),
+    ("bool for an integer", {"prompt": "x", "max_new_tokens": True}, 422, "max_new_tokens"),
+    ("seed of 2**63", {"prompt": "x", "seed": 2**63}, 422, "seed"),
+    ("number for stop", {"prompt": "x", "stop": 5}, 422, "stop"),
     ("context overflow", {"prompt": "word " * 300, "max_new_tokens": 400}, 422,
      "max_new_tokens"),
 ]
@@ -134,6 +143,15 @@ def strict(make_client: Callable[..., TestClient]) -> TestClient:
 def test_bad_input_gets_a_clear_4xx(strict: TestClient, name: str, body: Any, status: int,
                                     param: str | None) -> None:
     assert_error(strict.post("/v1/generate", json=body), status, param=param)
+
+
+def test_integral_floats_are_integers_and_a_stop_may_be_one_string(strict: TestClient) -> None:
+    """JSON Schema's ``integer`` includes 3.0; OpenAI's ``stop`` may be one string or null."""
+    for stop in ("\n\n", None, ["\n\n"]):
+        resp = strict.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 3.0,
+                                                 "seed": 7.0, "stop": stop})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] <= 3
 
 
 def test_context_overflow_names_the_limit(strict: TestClient) -> None:
@@ -212,11 +230,38 @@ def test_models_and_variants_list_the_ladder(client: TestClient,
     assert variants["full"]["quality"] == 1.0 and all(v["loaded"] for v in variants.values())
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a /metrics exposition (labels in any order)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    raise AssertionError(f"{name}{labels} not exposed")
+
+
 def test_metrics_count_requests_and_energy(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
+    text = c.get("/metrics").text  # children exist before any request
+    for name in ("greenroute_time_to_first_token_seconds_count",
+                 "greenroute_time_per_output_token_seconds_count"):
+        assert sample(text, name, variant="int8") == 0
+    assert sample(text, "greenroute_route_decisions_total", variant="int8", reason="pinned") == 0
+    assert sample(text, "greenroute_route_decisions_total", variant="none",
+                  reason="rejected") == 0
     c.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 3, "variant": "int8"})
     c.post("/v1/generate", json={"prompt": "x", "variant": "nope"})
     text = c.get("/metrics").text
+    assert sample(text, "greenroute_route_decisions_total", variant="int8", reason="pinned") == 1
+    for name in ("greenroute_time_to_first_token_seconds",
+                 "greenroute_time_per_output_token_seconds"):
+        assert sample(text, f"{name}_count", variant="int8") == 1
+        assert sample(text, f"{name}_sum", variant="int8") > 0
+        assert sample(text, f"{name}_count", variant="full") == 0
+    # the first token comes before the end of its request
+    assert (sample(text, "greenroute_time_to_first_token_seconds_sum", variant="int8")
+            < sample(text, "greenroute_request_duration_seconds_sum", variant="int8"))
     ok = 'greenroute_requests_total{endpoint="/v1/generate",status="ok",variant="int8"} 1.0'
     assert ok in text
     assert 'greenroute_variant_quality{variant="full"} 1.0' in text

@@ -83,7 +83,8 @@ def test_recording_rules_follow_level_metric_operation_naming() -> None:
 
 def test_dashboard_shows_what_the_issue_asks_for() -> None:
     """Average watts and joules per request by variant, joules per generated token, routing
-    mix, latency percentiles, queue depth, device power."""
+    mix, latency percentiles, time to first token and per output token, queue depth, device
+    power."""
     used = used_names(DASHBOARD.read_text(encoding="utf-8"))
     assert used >= {
         "greenroute_request_power_watts_sum", "greenroute_request_power_watts_count",
@@ -91,4 +92,6 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "greenroute_energy_joules_total", "greenroute_generated_tokens_total",
         "greenroute_route_decisions_total", "greenroute_request_duration_seconds_bucket",
         "greenroute_queue_depth", "greenroute_device_power_watts",
+        "greenroute_time_to_first_token_seconds_bucket",
+        "greenroute_time_per_output_token_seconds_bucket",
     }

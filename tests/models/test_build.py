@@ -127,7 +127,7 @@ def test_broken_checkpoints_raise_one_line_errors(tmp_path: Path, tiny_teacher: 
 def test_cli_reports_a_broken_checkpoint_without_traceback(tmp_path: Path,
                                                            tiny_teacher: Path) -> None:
     bad = _bad_checkpoints(tmp_path, tiny_teacher)["noweights"]
-    proc = subprocess.run([sys.executable, "-m", "app.cli", "build", "--model", str(bad),
+    proc = subprocess.run([sys.executable, "-m", "cli", "build", "--model", str(bad),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2

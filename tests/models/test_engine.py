@@ -89,6 +89,24 @@ def test_genai_runs_the_same_graph_to_the_same_tokens(
     assert genai.generate(ids, params).token_ids == full.generate(ids, params).token_ids
 
 
+@pytest.mark.parametrize("top_k", [0, 512, 10**6])  # none, the whole vocabulary, over it
+def test_genai_takes_any_valid_seed_and_top_k(tiny_ladder: Path, manifest: Manifest,
+                                              tokenizer: Tokenizer, top_k: int) -> None:
+    """The API's seeds span 64 bits and its top_k is unbounded; genai's seed is 32-bit and it
+    refuses a top_k over the vocabulary (both raised before)."""
+    genai = GenaiEngine(tiny_ladder / "full", tokenizer, manifest.context_length,
+                        manifest.eos_token_ids)
+    ids = genai.encode(PROMPT)
+
+    def sample(seed: int) -> list[int]:
+        params = GenerationParams(max_new_tokens=8, temperature=1.0, top_k=top_k, seed=seed,
+                                  ignore_eos=True)
+        return genai.generate(ids, params).token_ids
+
+    assert sample(2**63 - 1) == sample(2**63 - 1)
+    assert len(sample(2**40)) == 8
+
+
 def test_batch_generation_with_left_padding_matches_single(varied: OrtEngine) -> None:
     prompts = [varied.encode(PROMPT), varied.encode("Return a new"), varied.encode("x")]
     params = GenerationParams(max_new_tokens=12, ignore_eos=True)
@@ -206,6 +224,16 @@ def test_sampling_top_k_and_top_p() -> None:
     nucleus = {select_token(logits, GenerationParams(temperature=1.0, top_p=0.5), rng)
                for _ in range(100)}
     assert nucleus == {1}  # p(1) ≈ 0.71 already covers 0.5
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-310])
+def test_a_tiny_temperature_samples_the_top_token(temperature: float) -> None:
+    """logits / T overflows to +-inf for a tiny T (inf - inf was NaN, and sampling raised)."""
+    logits = np.array([0.0, 5.0, 4.0, 1.0, -3.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    params = GenerationParams(temperature=temperature)
+    assert not params.greedy
+    assert {select_token(logits, params, rng) for _ in range(20)} == {1}
 
 
 def test_broken_variant_fails_alone(tiny_ladder: Path, tmp_path: Path) -> None:

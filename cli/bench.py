@@ -1,0 +1,67 @@
+"""``greenroute bench models|serve|route|energy``: the only importer of ``bench/``; each suite
+is imported when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cli.main import ladder_path
+
+
+def _emit(figures: dict[str, Any], report: Callable[[dict[str, Any]], str],
+          json_path: str | None) -> int:
+    """Print a benchmark's report; also write its figures as JSON when asked."""
+    print(report(figures))
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from bench.models import report, run_bench
+    from models.pipeline.ladder import DEFAULT_TEACHER
+    from models.pipeline.source import resolve_checkpoint
+
+    teacher = resolve_checkpoint(args.teacher or DEFAULT_TEACHER)
+    figures = run_bench(ladder_path(args), teacher,
+                        runs=args.runs, new_tokens=args.new_tokens,
+                        prompt_tokens=args.prompt_tokens,
+                        batch_sizes=tuple(int(b) for b in args.batch.split(",")),
+                        threads=args.threads, baselines=not args.no_baselines,
+                        rounds=args.rounds)
+    return _emit(figures, report, args.json)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bench.serve import report, run_bench
+
+    figures = run_bench(ladder_path(args), variant=args.variant, new_tokens=args.new_tokens,
+                        repeats=args.repeats, threads=args.threads)
+    return _emit(figures, report, args.json)
+
+
+def _route(args: argparse.Namespace) -> int:
+    from bench.route import WORKLOAD, report, run_bench
+
+    figures = run_bench(ladder_path(args), Path(args.workload) if args.workload else WORKLOAD,
+                        threads=args.threads)
+    return _emit(figures, report, args.json)
+
+
+def _energy(args: argparse.Namespace) -> int:
+    from bench.energy import report, run_bench
+
+    figures = run_bench(ladder_path(args), threads=args.threads, gpu_runs=args.gpu_runs)
+    return _emit(figures, report, args.json)
+
+
+SUITES: dict[str, Callable[[argparse.Namespace], int]] = {
+    "models": _models, "serve": _serve, "route": _route, "energy": _energy}
+
+
+def run(args: argparse.Namespace) -> int:
+    return SUITES[args.suite](args)

