@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from models.train.train import _lr_at
+
 STUDENT_FILE = "student.safetensors"
 STUDENT_META = "student.json"
 _BLOCK = re.compile(r"\.(layers|h|layer|blocks)\.(\d+)\.")
@@ -107,15 +109,6 @@ def assemble_student(teacher_dir: Path, student_dir: Path, out: Path) -> Path:
         if (teacher_dir / name).is_file():
             shutil.copy2(teacher_dir / name, out / name)
     return out
-
-
-def _lr_at(step: int, cfg: dict[str, Any]) -> float:
-    """Linear warm-up, then cosine decay from ``lr`` to ``min_lr``."""
-    lr, min_lr, warm, total = cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["steps"]
-    if step < warm:
-        return float(lr * (step + 1) / warm)
-    progress = (step - warm) / max(1, total - warm)
-    return float(min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress)))
 
 
 def _pack(seqs: list[list[int]], seq_len: int, pad: int) -> np.ndarray:
