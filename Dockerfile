@@ -20,7 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     TOKENIZERS_PARALLELISM=false
 
-# ---- the greenroute wheel, without the training checkpoints (models/default, 34 MB) --------
+# ---- the greenroute wheel, without the student's training weights (models/default, 28 MB) ----
 FROM base AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
