@@ -12,8 +12,17 @@ def make_rng(seed: int | None) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+_NUCLEUS_PREFIX = 256  # top-p: sort only this many best tokens when they hold the mass
+
+
 def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
-    """Pick one token id from a 1-D logits vector."""
+    """Pick one token id from a 1-D logits vector.
+
+    Per token and on a 49,152-token vocabulary, so no full sort unless it is needed: plain
+    temperature sampling draws from the cumulative distribution; top-k partitions out k
+    candidates; top-p sorts only the best ``_NUCLEUS_PREFIX`` tokens when their mass already
+    reaches ``top_p`` (the nucleus is then inside them, so the result is exact), else all.
+    """
     if params.greedy:
         return int(np.argmax(logits))
     # shifted by the maximum before dividing: (logit - max) / T is <= 0, so a tiny temperature
@@ -21,10 +30,27 @@ def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
     raw = logits.astype(np.float64)
     with np.errstate(over="ignore", divide="ignore"):
         scaled = (raw - raw.max()) / params.temperature
-    if params.top_k and params.top_k < scaled.shape[0]:
+    vocab = scaled.shape[0]
+    if params.top_k and params.top_k < vocab:
         candidates = np.argpartition(scaled, -params.top_k)[-params.top_k :]
-    else:
-        candidates = np.arange(scaled.shape[0])
+    elif params.top_p < 1.0:
+        candidates = np.arange(vocab)
+        if vocab > _NUCLEUS_PREFIX:
+            weights = np.exp(scaled)
+            head = np.argpartition(scaled, -_NUCLEUS_PREFIX)[-_NUCLEUS_PREFIX:]
+            if weights[head].sum() >= params.top_p * weights.sum():
+                candidates = head
+    else:  # plain temperature sampling: inverse CDF over blocks of 256, no sort
+        weights = np.exp(scaled.astype(np.float32))
+        starts = np.arange(0, vocab, _NUCLEUS_PREFIX)
+        block_cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
+        u = rng.random() * block_cdf[-1]
+        block = min(int(np.searchsorted(block_cdf, u, side="right")), len(starts) - 1)
+        inner = np.cumsum(weights[starts[block] : starts[block] + _NUCLEUS_PREFIX],
+                          dtype=np.float64)
+        before = block_cdf[block - 1] if block else 0.0
+        pos = min(int(np.searchsorted(inner, u - before, side="right")), len(inner) - 1)
+        return int(starts[block] + pos)
     cand_logits = scaled[candidates]
     order = np.argsort(cand_logits)[::-1]
     candidates, cand_logits = candidates[order], cand_logits[order]
