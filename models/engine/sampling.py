@@ -13,15 +13,17 @@ def make_rng(seed: int | None) -> np.random.Generator:
 
 
 _NUCLEUS_PREFIX = 256  # top-p: sort only this many best tokens when they hold the mass
+_CDF_BLOCK = 256  # plain sampling: the inverse CDF walks block sums, then one block
 
 
 def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
     """Pick one token id from a 1-D logits vector.
 
     Per token and on a 49,152-token vocabulary, so no full sort unless it is needed: plain
-    temperature sampling draws from the cumulative distribution; top-k partitions out k
-    candidates; top-p sorts only the best ``_NUCLEUS_PREFIX`` tokens when their mass already
-    reaches ``top_p`` (the nucleus is then inside them, so the result is exact), else all.
+    temperature sampling draws from the cumulative distribution (block sums, then one block);
+    top-k partitions out k candidates; top-p sorts only the best ``_NUCLEUS_PREFIX`` tokens when
+    their mass already reaches ``top_p`` (the nucleus is then inside them, so the result is
+    exact), else all.
     """
     if params.greedy:
         return int(np.argmax(logits))
@@ -40,13 +42,13 @@ def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
             head = np.argpartition(scaled, -_NUCLEUS_PREFIX)[-_NUCLEUS_PREFIX:]
             if weights[head].sum() >= params.top_p * weights.sum():
                 candidates = head
-    else:  # plain temperature sampling: inverse CDF over blocks of 256, no sort
+    else:  # plain temperature sampling: inverse CDF over blocks, no sort
         weights = np.exp(scaled.astype(np.float32))
-        starts = np.arange(0, vocab, _NUCLEUS_PREFIX)
+        starts = np.arange(0, vocab, _CDF_BLOCK)
         block_cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
         u = rng.random() * block_cdf[-1]
         block = min(int(np.searchsorted(block_cdf, u, side="right")), len(starts) - 1)
-        inner = np.cumsum(weights[starts[block] : starts[block] + _NUCLEUS_PREFIX],
+        inner = np.cumsum(weights[starts[block] : starts[block] + _CDF_BLOCK],
                           dtype=np.float64)
         before = block_cdf[block - 1] if block else 0.0
         pos = min(int(np.searchsorted(inner, u - before, side="right")), len(inner) - 1)

