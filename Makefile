@@ -44,7 +44,7 @@ run: build
 	$(BIN)/greenroute serve --host $(HOST) --port $(PORT) --ladder $(LADDER)
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check cli app models routing telemetry tests bench
+	$(BIN)/ruff check cli app models routing serving telemetry tests bench
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy

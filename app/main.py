@@ -19,16 +19,16 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from app.errors import envelope, install_error_handlers
-from app.lanes import Lane
 from app.openapi import document
 from app.routes import native, openai, ops
 from app.service import GenerationService
 from app.settings import Settings
-from models.calibrate import CALIBRATION_PROMPT, calibrate, cpu_name
+from models.calibrate import CALIBRATION_PROMPT, calibrate, cpu_name, measure_step_slope
 from models.chat import TOKENIZER_CONFIG, ChatTemplate
 from models.ladder import LoadedLadder, load_ladder
 from routing.cost import CostModel
 from routing.router import Router
+from serving.executor import Executor, ExecutorConfig
 from telemetry.base import EnergyMeter
 from telemetry.factory import MeterConfig, create_meter
 from telemetry.metrics import Metrics
@@ -59,11 +59,19 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     metrics = Metrics(registry, ladder.manifest.variants, [device])
     for v in ladder.manifest.variants.values():
         metrics.quality.labels(v.name).set(v.quality)
-    depth = metrics.queue_depth.labels(device)
-    lanes = {device: Lane(device, settings.queue_size, on_depth=depth.set)}
     meter = create_meter(meter_config(settings, device))
     router = Router({v.name: v.quality for v in ladder.manifest.variants.values()},
                     seed_costs(ladder, meter), on_infeasible=settings.on_infeasible)
+    config = ExecutorConfig(
+        max_batch=settings.max_batch, max_seq_tokens=settings.max_seq_tokens,
+        queue_size=settings.queue_size, prefill_token_budget=settings.prefill_token_budget,
+        # a counter that moves every 20-100 ms is read no more often than it moves
+        ledger_interval_s=settings.nvml_counter_period_s if meter.source == "nvml" else 0.0)
+    hooks: dict[str, Any] = {}
+    executor = Executor(ladder.engines, list(ladder.manifest.variants), router, meter, device,
+                        config, on_finished=lambda seq, f: hooks["account"](seq, f),
+                        on_occupancy=lambda v, n: metrics.batch_size.labels(v).set(n),
+                        on_depth=metrics.queue_depth.labels(device).set)
     log.info("ladder loaded from %s: %s (failed: %s) on %s; %s chat template",
              settings.ladder_dir, sorted(ladder.engines), ladder.failed or "none", device,
              chat_template.source)
@@ -72,8 +80,10 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
         meter, lambda watts, joules: metrics.device_sample(meter.device, meter.source, watts,
                                                            joules),
         settings.device_sample_period_s)
-    return GenerationService(ladder, lanes, meter, metrics, settings, device, router,
-                             chat_template, sampler)
+    service = GenerationService(ladder, executor, meter, metrics, settings, device, router,
+                                chat_template, sampler)
+    hooks["account"] = service.account
+    return service
 
 
 def load_chat_template(ladder_dir: Path) -> ChatTemplate:
@@ -115,8 +125,11 @@ def seed_costs(ladder: LoadedLadder, meter: EnergyMeter) -> dict[str, CostModel]
         cal = ladder.manifest.variants[name].calibration
         if not host_matches or cal is None:
             cal = measured
+        slope = measure_step_slope(engine, prompt)
         costs[name] = CostModel(cal.prefill_ms_per_token, cal.decode_ms_per_token,
-                                watts=max(reading.avg_watts, 1e-3))
+                                watts=max(reading.avg_watts, 1e-3),
+                                step_ms_per_row=slope if slope is not None
+                                else cal.decode_ms_per_token)
     return costs
 
 
@@ -140,8 +153,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service: GenerationService | None = getattr(state, "service", None)
         if service is not None:
             grace = state.settings.shutdown_grace_s
-            for lane in service.lanes.values():
-                await asyncio.to_thread(lane.stop, grace)
+            await asyncio.to_thread(service.executor.stop, grace)
             service.ladder.close()
             if service.sampler is not None:
                 service.sampler.stop()

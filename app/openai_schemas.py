@@ -19,7 +19,14 @@ from pydantic import (
 )
 
 from app.schemas import NON_BLANK, Int, Seed, Stop, StrictModel, Tokens
-from models.engine.base import FinishReason
+
+# OpenAI's reasons; greenroute's native "energy" (max_joules reached) is reported as "length",
+# as a limit on the request's size would be
+OpenAIFinishReason = Literal["stop", "length", "cancelled"]
+
+
+def openai_finish_reason(reason: str) -> OpenAIFinishReason:
+    return "length" if reason == "energy" else reason  # type: ignore[return-value]
 
 
 class OpenAIBase(StrictModel):
@@ -149,7 +156,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: None = None
-    finish_reason: FinishReason | None
+    finish_reason: OpenAIFinishReason | None
 
 
 class Completion(BaseModel):
@@ -170,7 +177,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: FinishReason | None
+    finish_reason: OpenAIFinishReason | None
 
 
 class ChatCompletion(BaseModel):

@@ -40,8 +40,15 @@ class Settings(BaseSettings):
     power_cap_watts: float | None = Field(None, gt=0)
     power_window_s: float = Field(5.0, gt=0)
 
-    # admission and time limits
-    queue_size: int = Field(8, ge=1, description="waiting requests per lane before 429")
+    # continuous batching, admission and time limits
+    max_batch: int = Field(16, ge=1, le=256, description="rows in each variant's continuous "
+                           "batch (requests decoded together)")
+    max_seq_tokens: int = Field(2048, ge=16, description="prompt + generated tokens per row "
+                                "(capped by the model's context; KV memory grows with it)")
+    prefill_token_budget: int = Field(512, ge=1, description="prompt tokens prefilled per "
+                                      "scheduling turn, between steps (at least one request)")
+    queue_size: int = Field(8, ge=1, description="requests waiting for a row per lane before "
+                            "429")
     request_timeout_s: float = Field(120.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
 

@@ -77,3 +77,27 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def measure_step_slope(engine: Engine, prompt_ids: Sequence[int], rows: int = 4,
+                       steps: int = 4) -> float | None:
+    """Milliseconds each extra row adds to one decode step of ``engine``'s continuous batch
+    (a start-up seed; the router refits it from every step it observes). ``None`` when the
+    engine's rows do not share a forward pass (each row then costs a whole step)."""
+    from models.engine.slots import Sampler, slots_for
+
+    slots = slots_for(engine, rows, len(prompt_ids) + 2 * steps + 2)
+    if not slots.batched:
+        return None
+    params = GenerationParams(max_new_tokens=2 * steps + 1, ignore_eos=True)
+    samplers = [Sampler(params) for _ in range(rows)]
+    last = [slots.prefill(r, prompt_ids, samplers[r]) for r in range(rows)]
+
+    def step_ms(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            last[:n] = slots.step(list(range(n)), last[:n], samplers[:n])
+        return 1000 * (time.perf_counter() - t0) / steps
+
+    one, many = step_ms(1), step_ms(rows)
+    return max(0.0, (many - one) / (rows - 1))

@@ -9,6 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from models.engine.base import Engine, VariantLoadError
+from models.engine.ort import shares_kv_buffer
 from models.manifest import Manifest, VariantInfo
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def load_ladder(
 ) -> LoadedLadder:
     """Load every variant in ``ladder_dir`` (or those in ``only``).
 
-    ``runtime="auto"`` uses the manifest's measured choice. Raises :class:`VariantLoadError` only
+    ``runtime="auto"`` uses our engine where it batches (shared-KV graphs), else the
+    manifest's measured choice. Raises :class:`VariantLoadError` only
     when the manifest or tokenizer is unusable; a single variant's failure is recorded in
     ``failed`` and logged.
     """
@@ -75,11 +77,16 @@ def load_ladder(
         tokenizer = Tokenizer.from_file(str(ladder_dir / manifest.tokenizer))
     except Exception as err:  # tokenizers raises a bare Exception
         raise VariantLoadError(f"cannot load tokenizer {manifest.tokenizer}: {err}") from err
-    chosen = manifest.runtime if runtime == "auto" else runtime
     ladder = LoadedLadder(ladder_dir, manifest)
     for variant in manifest.ordered():
         if only is not None and variant.name not in only:
             continue
+        chosen = runtime
+        if runtime == "auto":
+            # our engine batches the builder's shared-KV graphs continuously; onnxruntime-genai's
+            # Generator runs one sequence at a time on CPU, whatever its batch-1 race said
+            batches = shares_kv_buffer(ladder_dir / variant.dir)
+            chosen = "onnxruntime" if batches else manifest.runtime
         try:
             engine = load_engine(ladder_dir, manifest, variant, tokenizer, chosen, device,
                                  threads)

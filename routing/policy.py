@@ -1,8 +1,10 @@
 """The routing policy (ARCHITECTURE.md, "Routing").
 
 Among variants whose measured quality meets the floor and whose predicted latency (queue wait
-+ run) fits the budget (and whose predicted joules fit ``max_joules``), pick the lowest
-predicted joules; ties go to the higher quality. Nothing feasible: best effort (the fastest
++ run, in the batch it would join) fits the budget (and whose predicted attributed joules fit
+``max_joules``), pick the lowest predicted *marginal* joules — what serving it adds to the
+device's energy, so a busy batch's extra row can beat an idle cheaper variant; ties go to the
+higher quality. Nothing feasible: best effort (the fastest
 variant meeting the floor) or reject. A floor of 1.0 asks for the reference model itself: an
 approximation's measured quality above 1.0 is measurement noise, not an improvement.
 """
@@ -29,6 +31,8 @@ class VariantState:
     queue_wait_ms: float = 0.0
     available: bool = True
     reference: bool = False  # the full model the others are measured against
+    occupancy: int = 0  # rows in its running batch the request would join
+    others_ms: float = 0.0  # other variants' steps interleaved with each of its steps (ms)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,9 @@ class Candidate:
     variant: str
     quality: float
     predicted_latency_ms: float
-    predicted_joules: float
+    predicted_joules: float  # its attributed share: what max_joules caps and it is charged
+    predicted_marginal_joules: float  # what it adds to the device's energy: what is minimised
+    occupancy: int  # rows already in the batch it would join
     eligible: bool
     why: str  # "ok" or the first rule it failed
 
@@ -76,8 +82,10 @@ def evaluate(variants: Sequence[VariantState], budget: Budget, prompt_tokens: in
     """Every variant's predictions and whether (and why not) it is eligible."""
     out = []
     for v in variants:
-        latency = v.queue_wait_ms + v.cost.predict_run_ms(prompt_tokens, new_tokens)
-        joules = v.cost.predict_joules(prompt_tokens, new_tokens)
+        latency = v.queue_wait_ms + v.cost.predict_run_ms(prompt_tokens, new_tokens,
+                                                          v.occupancy, v.others_ms)
+        joules = v.cost.predict_joules(prompt_tokens, new_tokens, v.occupancy)
+        marginal = v.cost.marginal_joules(prompt_tokens, new_tokens, v.occupancy)
         if not v.available:
             why = "unavailable"
         elif not meets_floor(v, budget.min_quality):
@@ -88,7 +96,8 @@ def evaluate(variants: Sequence[VariantState], budget: Budget, prompt_tokens: in
             why = "over_energy_budget"
         else:
             why = "ok"
-        out.append(Candidate(v.name, v.quality, latency, joules, why == "ok", why))
+        out.append(Candidate(v.name, v.quality, latency, joules, marginal, v.occupancy,
+                             why == "ok", why))
     return out
 
 
@@ -105,12 +114,12 @@ def decide(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
         floor_ok = [c for c, v in zip(cands, variants, strict=True)
                     if v.available and meets_floor(v, budget.min_quality)]
         if floor_ok:
-            c = min(floor_ok, key=lambda c: (c.predicted_joules, -c.quality))
+            c = min(floor_ok, key=lambda c: (c.predicted_marginal_joules, -c.quality))
             return Decision(c.variant, "power_cap", c.predicted_latency_ms,
                             c.predicted_joules, cands)
     feasible = [c for c in cands if c.eligible]
     if feasible:
-        c = min(feasible, key=lambda c: (c.predicted_joules, -c.quality))
+        c = min(feasible, key=lambda c: (c.predicted_marginal_joules, -c.quality))
         return Decision(c.variant, "cheapest_feasible", c.predicted_latency_ms,
                         c.predicted_joules, cands)
     floor_ok = [c for c, v in zip(cands, variants, strict=True)

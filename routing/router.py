@@ -1,4 +1,4 @@
-"""The router: the policy plus per-variant cost models that learn from every finished request.
+"""The router: the policy plus per-variant cost models that learn from every observed step.
 
 Thread-safe (requests decide on the event loop, observations arrive from lane threads); no I/O.
 """
@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from routing.cost import CostModel
 from routing.policy import Budget, Decision, OnInfeasible, VariantState, decide
+
+
+@dataclass(frozen=True)
+class Load:
+    """A variant's live load, as the executor sees it when a request arrives."""
+
+    occupancy: int = 0  # rows in its running batch (a new request joins them)
+    queue_wait_ms: float = 0.0  # predicted wait for a free row (0 while one is free)
 
 
 class Router:
@@ -24,24 +32,44 @@ class Router:
         self._reference = reference
         self.on_infeasible: OnInfeasible = on_infeasible
 
-    def states(self, available: set[str], queue_wait_ms: Mapping[str, float]) -> list[VariantState]:
+    def states(self, available: set[str], load: Mapping[str, Load]) -> list[VariantState]:
+        """Each variant's profile under the load it has now (``load``: per variant; a variant
+        missing from it is idle)."""
         with self._lock:
-            return [VariantState(name, self._quality[name], replace(cost),
-                                 queue_wait_ms.get(name, 0.0), name in available,
-                                 name == self._reference)
-                    for name, cost in self._costs.items()]
+            costs = {name: replace(cost) for name, cost in self._costs.items()}
+        idle = Load()
+        out = []
+        for name, cost in costs.items():
+            lv = load.get(name, idle)
+            # the lane interleaves one step of every other busy variant with each of ours
+            others = sum(costs[o].step_ms(lo.occupancy) for o, lo in load.items()
+                         if o != name and o in costs)
+            out.append(VariantState(name, self._quality[name], cost, lv.queue_wait_ms,
+                                    name in available, name == self._reference, lv.occupancy,
+                                    others))
+        return out
 
     def decide(self, budget: Budget, prompt_tokens: int, new_tokens: int, available: set[str],
-               queue_wait_ms: Mapping[str, float], pinned: str | None = None,
+               load: Mapping[str, Load], pinned: str | None = None,
                power_capped: bool = False) -> Decision:
-        return decide(self.states(available, queue_wait_ms), budget, prompt_tokens, new_tokens,
+        return decide(self.states(available, load), budget, prompt_tokens, new_tokens,
                       pinned, self.on_infeasible, power_capped)
 
-    def observe(self, variant: str, prompt_tokens: int, new_tokens: int, first_token_ms: float,
-                run_ms: float, joules: float) -> None:
+    def observe_step(self, variant: str, rows: int, ms: float) -> None:
         with self._lock:
-            self._costs[variant].observe(prompt_tokens, new_tokens, first_token_ms, run_ms,
-                                         joules)
+            self._costs[variant].observe_step(rows, ms)
+
+    def observe_prefill(self, variant: str, prompt_tokens: int, ms: float) -> None:
+        with self._lock:
+            self._costs[variant].observe_prefill(prompt_tokens, ms)
+
+    def observe_power(self, variant: str, joules: float, seconds: float) -> None:
+        with self._lock:
+            self._costs[variant].observe_power(joules, seconds)
+
+    def step_ms(self, variant: str, rows: int) -> float:
+        with self._lock:
+            return self._costs[variant].step_ms(rows)
 
     def coefficients(self) -> dict[str, dict[str, float | int]]:
         with self._lock:

@@ -70,6 +70,8 @@ class Metrics:
                                        ["variant", "reason"], registry=registry)
         self.queue_depth = Gauge(f"{p}queue_depth", "Requests waiting per lane", ["device"],
                                  registry=registry)
+        self.batch_size = Gauge(f"{p}batch_size", "Rows in each variant's continuous batch",
+                                ["variant"], registry=registry)
         self.inflight = Gauge(f"{p}inflight_requests", "Requests being served",
                               registry=registry)
         self.quality = Gauge(f"{p}variant_quality", "Measured quality (ppl_full / ppl_variant)",
@@ -82,6 +84,7 @@ class Metrics:
             for metric in (self.duration, self.ttft, self.tpot, self.energy, self.power,
                            self.energy_total, self.prompt_tokens, self.generated_tokens):
                 metric.labels(v)
+            self.batch_size.labels(v)
             for reason in ROUTE_REASONS:
                 self.route_decisions.labels(v, reason)
         self.route_decisions.labels(*REJECTED)

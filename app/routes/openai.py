@@ -32,6 +32,7 @@ from app.openai_schemas import (
     ModelList,
     OpenAIBase,
     OpenAIUsage,
+    openai_finish_reason,
 )
 from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
 from app.routes.common import (
@@ -138,7 +139,8 @@ async def _stream(run: Run, chunk: ChunkFn) -> AsyncIterator[str]:
     try:
         async for event in run.events():
             if isinstance(event, Outcome):  # last chunk: finish reason, usage and energy
-                yield sse({**chunk("", event.finish_reason, False), "usage": _usage_json(event)})
+                yield sse({**chunk("", openai_finish_reason(event.finish_reason), False),
+                           "usage": _usage_json(event)})
             elif event.text or first:
                 yield sse(chunk(event.text, None, first))
                 first = False
@@ -178,7 +180,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     def whole(o: Outcome) -> Completion:
         return Completion(id=cid, created=created, model=o.variant, usage=_usage(o),
                           choices=[CompletionChoice(index=0, text=o.text,
-                                                    finish_reason=o.finish_reason)])
+                                                    finish_reason=openai_finish_reason(o.finish_reason))])
 
     return await _answer(body.stream, run, request, chunk, whole)
 
@@ -209,7 +211,7 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
         return ChatCompletion(id=cid, created=created, model=o.variant, usage=_usage(o),
                               choices=[ChatChoice(index=0,
                                                   message=AssistantMessage(content=o.text),
-                                                  finish_reason=o.finish_reason)])
+                                                  finish_reason=openai_finish_reason(o.finish_reason))])
 
     return await _answer(body.stream, run, request, chunk, whole)
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "energy"]  # energy: max_joules reached
 
 
 class EngineError(Exception):
@@ -89,21 +90,24 @@ class GenerationResult:
 class StopMatcher:
     """Incremental detokenisation with stop-sequence hold-back.
 
-    Text that might be the start of a stop sequence, or an incomplete UTF-8 character, is held
-    back until it is known not to be; a matched stop sequence is cut off and ends generation.
+    Tokens are detokenised one at a time (``tokenizers``' ``DecodeStream``: constant work per
+    token, and nothing released until a multi-byte character is complete). Text that might be
+    the start of a stop sequence is held back until it is known not to be; a matched stop
+    sequence is cut off and ends generation.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
         self._tok = tokenizer
         self._stop = tuple(s for s in stop if s)
-        self._ids: list[int] = []
+        self._stream = DecodeStream(skip_special_tokens=True)
         self._emitted = 0
         self.text = ""
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (new text safe to release, whether a stop sequence matched)."""
-        self._ids.append(token_id)
-        self.text = self._tok.decode(self._ids, skip_special_tokens=True)
+        piece = self._stream.step(self._tok, token_id)
+        if piece:
+            self.text += piece
         for s in self._stop:
             at = self.text.find(s, max(0, self._emitted - len(s)))
             if at != -1:
@@ -112,8 +116,6 @@ class StopMatcher:
                 self._emitted = len(self.text)
                 return out, True
         safe = len(self.text)
-        while safe > self._emitted and self.text[safe - 1] == "\ufffd":
-            safe -= 1  # incomplete multi-byte character: wait for its other bytes
         for s in self._stop:
             for k in range(min(len(s) - 1, safe - self._emitted), 0, -1):
                 if self.text[safe - k : safe] == s[:k]:
@@ -128,6 +130,46 @@ class StopMatcher:
         out = self.text[self._emitted :]
         self._emitted = len(self.text)
         return out
+
+
+class OutputStream:
+    """A sequence's generated token ids → text chunks, with EOS, stop sequences, cancellation
+    and ``max_new_tokens`` decided in one place (the engine's own loop and the executor's
+    batched steps both use it)."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: frozenset[int],
+                 params: GenerationParams) -> None:
+        self._eos = eos_token_ids
+        self._params = params
+        self._matcher = StopMatcher(tokenizer, params.stop)
+        self.index = -1  # of the last token pushed
+        self.produced = 0  # generated tokens that are not EOS
+        self.finish_reason: FinishReason | None = None
+
+    def push(self, token_id: int, cancelled: bool = False) -> Chunk:
+        """One generated token; the chunk's ``finish_reason`` is set when it ends the sequence."""
+        self.index += 1
+        index, params = self.index, self._params
+        if token_id in self._eos and not params.ignore_eos:
+            return self._finish(Chunk(self._matcher.flush(), token_id, index), "stop")
+        self.produced += 1
+        text, stopped = self._matcher.push(token_id)
+        if stopped:
+            return self._finish(Chunk(text, token_id, index), "stop")
+        if cancelled:
+            return self._finish(Chunk(text + self._matcher.flush(), token_id, index),
+                                "cancelled")
+        if index + 1 >= params.max_new_tokens:
+            return self._finish(Chunk(text + self._matcher.flush(), token_id, index), "length")
+        return Chunk(text, token_id, index)
+
+    def end(self, reason: FinishReason) -> Chunk:
+        """End without a new token (cancelled while waiting, energy cap, runtime's own end)."""
+        return self._finish(Chunk(self._matcher.flush(), -1, self.index), reason)
+
+    def _finish(self, chunk: Chunk, reason: FinishReason) -> Chunk:
+        chunk.finish_reason = self.finish_reason = reason
+        return chunk
 
 
 class Engine(ABC):
@@ -164,31 +206,20 @@ class Engine(ABC):
         ``cancel`` is checked between tokens; closing the iterator also stops decoding.
         """
         self.check_fits(len(prompt_ids), params.max_new_tokens)
-        matcher = StopMatcher(self.tokenizer, params.stop)
-        index = -1
+        out = OutputStream(self.tokenizer, self.eos_token_ids, params)
         tokens = self._token_ids(prompt_ids, params)
         try:
-            for index, token_id in enumerate(tokens):  # noqa: B007 (index used after the loop)
-                if token_id in self.eos_token_ids and not params.ignore_eos:
-                    yield Chunk(matcher.flush(), token_id, index, "stop")
+            for token_id in tokens:
+                chunk = out.push(token_id, cancel is not None and cancel.is_set())
+                yield chunk
+                if chunk.finish_reason:
                     return
-                text, stopped = matcher.push(token_id)
-                if stopped:
-                    yield Chunk(text, token_id, index, "stop")
-                    return
-                if cancel is not None and cancel.is_set():
-                    yield Chunk(text + matcher.flush(), token_id, index, "cancelled")
-                    return
-                if index + 1 >= params.max_new_tokens:
-                    yield Chunk(text + matcher.flush(), token_id, index, "length")
-                    return
-                yield Chunk(text, token_id, index)
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:
                 close()
         # The runtime ended on its own (its own length limit): nothing new, just the tail.
-        yield Chunk(matcher.flush(), -1, index, "length")
+        yield out.end("length")
 
     def generate(
         self,

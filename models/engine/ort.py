@@ -43,7 +43,7 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _shares_kv_buffer(variant_dir: Path) -> bool:
+def shares_kv_buffer(variant_dir: Path) -> bool:
     """``past_present_share_buffer`` from the variant's ``genai_config.json`` (the builder sets
     it for its GroupQueryAttention graphs; optimum's concat graphs never share)."""
     path = variant_dir / "genai_config.json"
@@ -112,7 +112,7 @@ class OrtEngine(Engine):
         self._has_positions = "position_ids" in inputs
         # GroupQueryAttention graphs (genai builder) can write the new K/V in place into one
         # buffer per layer: no per-step concat or output allocation
-        self.shared_kv = self._has_mask and _shares_kv_buffer(model_path.parent)
+        self.shared_kv = self._has_mask and shares_kv_buffer(model_path.parent)
         logits_out = self.session.get_outputs()[0]
         self._vocab, self._logits_dtype = int(logits_out.shape[-1]), _NP_DTYPES[logits_out.type]
         self._output_names = ["logits", *self._present_names]

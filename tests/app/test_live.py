@@ -56,7 +56,7 @@ def test_openai_client_unchanged(live_server: Callable[..., LiveServer]) -> None
 def test_full_queue_gets_429_while_accepted_requests_complete(
     live_server: Callable[..., LiveServer],
 ) -> None:
-    server = live_server(queue_size="1")
+    server = live_server(queue_size="1", max_batch="2")  # 2 rows + 1 waiting: 3 of 8 fit
     body = {"prompt": "The", "max_new_tokens": 100, "variant": "full", "stop": []}
 
     def post(_: int) -> httpx.Response:

@@ -5,13 +5,14 @@ energy are accounted, and nothing about the failure leaks to the caller."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from models.engine.base import Engine, GenerationParams
+from models.engine.base import GenerationParams
+from models.engine.slots import Sampler, Slots
 from tests.app.test_api import assert_error
 
 FAIL_AFTER = 5  # tokens produced before the engine fails
@@ -19,35 +20,39 @@ SECRET = "device lost at 0xdeadbeef"  # the engine's own message: must not reach
 PROMPT = "The json module"
 
 
-class FailingEngine(Engine):
-    """A real engine's tokens, EOS ignored, then a runtime failure after ``fail_after``."""
+class FailingSlots(Slots):
+    """A real variant's rows that fail in the runtime once a row has produced ``fail_after``
+    tokens (EOS ignored)."""
 
-    def __init__(self, inner: Engine, fail_after: int) -> None:
-        super().__init__(inner.tokenizer, inner.context_length, eos_token_ids=())
-        self.inner = inner
-        self.fail_after = fail_after
-        self.runtime = inner.runtime
+    def __init__(self, inner: Slots, fail_after: int) -> None:
+        super().__init__(inner.engine, inner.max_batch, inner.max_len)
+        self.inner, self.fail_after = inner, fail_after
+        self.batched, self.kind = inner.batched, inner.kind
+        self.produced: dict[int, int] = {}
 
-    def _token_ids(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[int]:
-        tokens = self.inner._token_ids(prompt_ids, params)
-        try:
-            for produced, token in enumerate(tokens):
-                if produced == self.fail_after:
-                    raise RuntimeError(SECRET)
-                yield token
-        finally:
-            tokens.close()  # type: ignore[attr-defined]
+    def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        self.produced[row] = 1
+        return self.inner.prefill(row, prompt_ids, sampler)
 
-    def close(self) -> None:
-        self.inner.close()
+    def step(self, rows: Sequence[int], tokens: Sequence[int],
+             samplers: Sequence[Sampler]) -> list[int]:
+        if any(self.produced[r] >= self.fail_after for r in rows):
+            raise RuntimeError(SECRET)
+        for r in rows:
+            self.produced[r] += 1
+        return self.inner.step(rows, tokens, samplers)
+
+    def release(self, row: int) -> None:
+        self.produced.pop(row, None)
+        self.inner.release(row)
 
 
 @pytest.fixture(scope="module")
 def failing(make_client: Callable[..., TestClient]) -> TestClient:
-    """The real app with int8's engine replaced by a failing copy of itself; distilled intact."""
+    """The real app with int8's rows replaced by a failing copy of themselves; others intact."""
     client = make_client(variants="int8,distilled,full")
-    engines = client.app.state.service.ladder.engines  # type: ignore[attr-defined]
-    engines["int8"] = FailingEngine(engines["int8"], FAIL_AFTER)
+    batches = client.app.state.service.executor.lane.batches  # type: ignore[attr-defined]
+    batches["int8"].slots = FailingSlots(batches["int8"].slots, FAIL_AFTER)
     return client
 
 
@@ -78,12 +83,17 @@ def assert_internal(err: dict[str, Any]) -> None:
 def test_the_fake_fails_where_the_real_engine_goes_on(failing: TestClient) -> None:
     engine = failing.app.state.service.ladder.engines["int8"]  # type: ignore[attr-defined]
     params = GenerationParams(max_new_tokens=20, ignore_eos=True)
-    chunks = list(engine.inner.stream(engine.encode(PROMPT), params))
+    chunks = list(engine.stream(engine.encode(PROMPT), params))
     assert len(chunks) == 20  # the real engine would have produced them all
     # every token before the failure has text, so each one is a stream event
     assert all(c.text for c in chunks[:FAIL_AFTER])
+    slots = failing.app.state.service.executor.lane.batches["int8"].slots  # type: ignore[attr-defined]
+    sampler = Sampler(params)
+    last = [slots.prefill(0, engine.encode(PROMPT), sampler)]
     with pytest.raises(RuntimeError, match="device lost"):
-        list(engine.stream(engine.encode(PROMPT), params))
+        for _ in range(19):
+            last = slots.step([0], last, [sampler])
+    slots.release(0)
 
 
 def test_native_stream_ends_with_an_error_event(failing: TestClient) -> None:

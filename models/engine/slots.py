@@ -1,0 +1,218 @@
+"""The per-sequence step API: a variant's continuous batch as a set of slots (rows).
+
+A sequence is prefilled into a free row (``prefill``), then every ``step`` decodes one token for
+each row it names; a row is freed with ``release`` the moment its sequence ends. Sampling stays
+with the sequence (its :class:`Sampler` holds its parameters and random generator), so a row's
+tokens do not depend on which other rows share its steps.
+
+* :class:`KVSlots` batches for real, on onnxruntime-genai builder graphs
+  (``GroupQueryAttention`` with ``past_present_share_buffer``): one KV buffer per layer,
+  ``[max_batch, kv_heads, max_len, head_dim]``, is bound as both past and present, and the graph
+  writes each step's K/V in place at each row's own length, which it reads from the attention
+  mask (ones for the tokens a row holds). Rows at different lengths share a step; a row's
+  length *is* its state, so rolling back (speculative decoding) is lowering it: no copy.
+* :class:`SerialSlots` serves every other engine (optimum's concat graphs, onnxruntime-genai's
+  ``Generator``): each row keeps its engine's own token iterator and a step advances them one
+  after another — interleaved, not batched.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from models.engine.base import Engine, GenerationParams
+from models.engine.ort import OrtEngine
+from models.engine.sampling import make_rng, select_token
+
+
+class Sampler:
+    """A sequence's next-token choice: its decoding parameters and private random generator."""
+
+    def __init__(self, params: GenerationParams) -> None:
+        self.params = params
+        self.rng = make_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        return select_token(logits, self.params, self.rng)
+
+
+class Slots(ABC):
+    """``max_batch`` rows of at most ``max_len`` tokens each (prompt + generated)."""
+
+    batched: bool  # whether one step runs its rows in one forward pass
+    kind: str  # for /v1/variants and logs
+
+    def __init__(self, engine: Engine, max_batch: int, max_len: int) -> None:
+        if max_batch < 1 or max_len < 2:
+            raise ValueError("max_batch must be >= 1 and max_len >= 2")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_len = max_len
+
+    @abstractmethod
+    def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        """Process a new sequence's prompt in ``row``; return its first generated token."""
+
+    @abstractmethod
+    def step(self, rows: Sequence[int], tokens: Sequence[int],
+             samplers: Sequence[Sampler]) -> list[int]:
+        """Feed each row its last token; return each row's next token (same order)."""
+
+    @abstractmethod
+    def release(self, row: int) -> None:
+        """Forget the row's sequence; the row is free at once."""
+
+
+class KVSlots(Slots):
+    """True continuous batching over one shared KV buffer per layer (see the module doc)."""
+
+    batched = True
+    kind = "shared-kv-batch"
+
+    def __init__(self, engine: OrtEngine, max_batch: int, max_len: int) -> None:
+        if not engine.shared_kv:
+            raise ValueError("KVSlots needs a GroupQueryAttention graph with a shared KV buffer")
+        super().__init__(engine, max_batch, min(max_len, engine.context_length))
+        self.session = engine.session
+        e = engine
+        b, length = self.max_batch, self.max_len
+        self._kv_type = e._kv_dtype
+        self._row_shape = [e._kv_heads, length, e._head_dim]
+        self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(e._kv_dtype).itemsize
+        self._dev = "cuda" if e.device == "cuda" else "cpu"
+        shape = [b, *self._row_shape]
+        if self._dev == "cpu":  # np.zeros is lazily backed: untouched rows cost no memory
+            self._kv = [np.zeros(shape, e._kv_dtype) for _ in e._past_names]
+            self._ptrs = [int(a.ctypes.data) for a in self._kv]
+        else:
+            self._kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, e._kv_dtype, "cuda", 0)
+                        for _ in e._past_names]
+            self._ptrs = [int(v.data_ptr()) for v in self._kv]  # type: ignore[attr-defined]
+        # a free row holds one (meaningless) token, so a step over a prefix that includes it
+        # stays well-formed; its logits are never read
+        self.mask = np.zeros((b, length), dtype=np.int64)
+        self.mask[:, 0] = 1
+        self.lengths = np.zeros(b, dtype=np.int64)  # tokens whose K/V a row holds
+        self._ids = np.zeros((b, 1), dtype=np.int64)
+        self._logits = np.zeros((b, 1, e._vocab), dtype=e._logits_dtype)
+        self._step_bindings: dict[int, ort.IOBinding] = {}
+
+    def _bind_kv(self, binding: ort.IOBinding, first_row: int, rows: int) -> None:
+        shape = [rows, *self._row_shape]
+        offset = first_row * self._row_bytes
+        names = zip(self.engine._past_names, self.engine._present_names, self._ptrs,  # type: ignore[attr-defined]
+                    strict=True)
+        for past, present, ptr in names:
+            binding.bind_input(past, self._dev, 0, self._kv_type, shape, ptr + offset)
+            binding.bind_output(present, self._dev, 0, self._kv_type, shape, ptr + offset)
+
+    def _step_binding(self, rows: int) -> ort.IOBinding:
+        """The binding of a step over rows ``[0, rows)``: made once per prefix size, reused."""
+        binding = self._step_bindings.get(rows)
+        if binding is None:
+            binding = self.session.io_binding()
+            self._bind_kv(binding, 0, rows)
+            width = self.max_len
+            binding.bind_input("attention_mask", "cpu", 0, np.int64, [rows, width],
+                               int(self.mask.ctypes.data))
+            binding.bind_input("input_ids", "cpu", 0, np.int64, [rows, 1],
+                               int(self._ids.ctypes.data))
+            binding.bind_output("logits", "cpu", 0, self._logits.dtype,
+                                [rows, 1, self._logits.shape[2]], int(self._logits.ctypes.data))
+            self._step_bindings[rows] = binding
+        return binding
+
+    def length(self, row: int) -> int:
+        return int(self.lengths[row])
+
+    def forward(self, row: int, token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids`` to ``row`` in one pass; logits ``[len(token_ids), vocab]``.
+
+        A prefill is this at length 0; a speculative verification is this over the draft.
+        """
+        start, count = int(self.lengths[row]), len(token_ids)
+        if count < 1 or start + count > self.max_len:
+            raise ValueError(f"row {row} holds {start} tokens: {count} more exceed its "
+                             f"{self.max_len}")
+        self.mask[row, start : start + count] = 1
+        binding = self.session.io_binding()
+        self._bind_kv(binding, row, 1)
+        binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.max_len],
+                           int(self.mask.ctypes.data) + row * self.max_len * 8)
+        binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        self.lengths[row] = start + count
+        return binding.get_outputs()[-1].numpy()[0]  # logits: bound last
+
+    def truncate(self, row: int, length: int) -> None:
+        """Roll ``row`` back to its first ``length`` tokens (later K/V is overwritten later)."""
+        if not 1 <= length <= self.lengths[row]:
+            raise ValueError(f"cannot truncate row {row} of {self.lengths[row]} to {length}")
+        self.mask[row, length:] = 0
+        self.lengths[row] = length
+
+    def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        if self.lengths[row]:
+            raise ValueError(f"row {row} is in use")
+        return sampler(self.forward(row, prompt_ids)[-1])
+
+    def step(self, rows: Sequence[int], tokens: Sequence[int],
+             samplers: Sequence[Sampler]) -> list[int]:
+        for row, token in zip(rows, tokens, strict=True):
+            at = self.lengths[row]
+            if at < 1 or at >= self.max_len:
+                raise ValueError(f"row {row} (length {at}) cannot take a step")
+            self._ids[row, 0] = token
+            self.mask[row, at] = 1
+            self.lengths[row] = at + 1
+        # one forward over the smallest prefix of rows holding them all: free rows inside it
+        # decode a dummy token (their mask keeps one position), and nothing is copied
+        self.session.run_with_iobinding(self._step_binding(max(rows) + 1))
+        logits = self._logits
+        return [sampler(logits[row, 0]) for row, sampler in zip(rows, samplers, strict=True)]
+
+    def release(self, row: int) -> None:
+        self.mask[row] = 0
+        self.mask[row, 0] = 1
+        self.lengths[row] = 0
+
+
+class SerialSlots(Slots):
+    """Rows that each keep their engine's own token iterator; a step advances them in turn."""
+
+    batched = False
+    kind = "serial"
+
+    def __init__(self, engine: Engine, max_batch: int, max_len: int) -> None:
+        super().__init__(engine, max_batch, min(max_len, engine.context_length))
+        self._iters: dict[int, Iterator[int]] = {}
+
+    def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        if row in self._iters:
+            raise ValueError(f"row {row} is in use")
+        # the engine samples with a generator seeded the same way as the sequence's own
+        it = self.engine._token_ids(prompt_ids, sampler.params)
+        self._iters[row] = it
+        return next(it)
+
+    def step(self, rows: Sequence[int], tokens: Sequence[int],
+             samplers: Sequence[Sampler]) -> list[int]:
+        return [next(self._iters[row]) for row in rows]
+
+    def release(self, row: int) -> None:
+        it = self._iters.pop(row, None)
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def slots_for(engine: Engine, max_batch: int, max_len: int) -> Slots:
+    """Real batching where the graph allows it, interleaving otherwise."""
+    if isinstance(engine, OrtEngine) and engine.shared_kv:
+        return KVSlots(engine, max_batch, max_len)
+    return SerialSlots(engine, max_batch, max_len)

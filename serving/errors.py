@@ -1,0 +1,36 @@
+"""The executor's domain errors; ``app/errors.py`` maps them to HTTP statuses."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of every error the executor raises for a request it will not run."""
+
+
+class QueueFullError(ServingError):
+    """No free row for the variant and the lane's queue is full; ``retry_after_s`` is a
+    whole-second estimate of when a row frees."""
+
+    def __init__(self, device: str, retry_after_s: int) -> None:
+        super().__init__(f"the {device} lane is full; retry in about {retry_after_s} s")
+        self.device = device
+        self.retry_after_s = retry_after_s
+
+
+class UnknownVariantError(ServingError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown variant {name!r}; known: auto, {', '.join(known)}")
+        self.name = name
+
+
+class VariantUnavailableError(ServingError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"variant {name!r} failed to load")
+        self.name = name
+
+
+class ShuttingDownError(ServingError):
+    """The executor is draining: it finishes what it has and takes nothing new."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")

@@ -1,0 +1,128 @@
+"""The executor: one per process; ``route`` and ``submit`` a request, read its events.
+
+It owns the device lane (and through it every variant's continuous batch, their slots,
+cancellation, the energy ledger and the router's feedback) and knows no HTTP: it raises the
+domain errors of :mod:`serving.errors` (and the router's and engine's) for ``app/`` to map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from models.engine.base import ContextOverflowError, Engine, OutputStream
+from models.engine.slots import slots_for
+from routing.policy import Budget, Decision
+from routing.router import Load, Router
+from serving.errors import UnknownVariantError, VariantUnavailableError
+from serving.lane import Batch, Lane
+from serving.sequence import Finished, Request, Sequence
+from telemetry.base import EnergyMeter
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    max_batch: int = 16  # rows per variant's batch
+    max_seq_tokens: int = 2048  # prompt + generated tokens per row (and the model's context)
+    queue_size: int = 8  # requests waiting for a row, per lane, before 429
+    prefill_token_budget: int = 512  # prompt tokens admitted per scheduling turn (>= 1 request)
+    ledger_interval_s: float = 0.0  # settle energy at most this often (slow counters: NVML)
+
+
+class Handle:
+    """A submitted request's event stream (see :mod:`serving.sequence` for the events)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    def emit(self, kind: str, payload: Any) -> None:
+        """Deliver an event from the lane thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, payload))
+
+    async def next(self) -> tuple[str, Any]:
+        return await self._queue.get()
+
+    async def events(self) -> AsyncIterator[tuple[str, Any]]:
+        """Until ``finished``, ``skipped`` or ``error`` (inclusive)."""
+        while True:
+            kind, payload = await self._queue.get()
+            yield kind, payload
+            if kind != "chunks":
+                return
+
+
+class Executor:
+    """Every loaded variant on one device lane (see :mod:`serving.lane`)."""
+
+    def __init__(self, engines: Mapping[str, Engine], known: list[str], router: Router,
+                 meter: EnergyMeter, device: str, config: ExecutorConfig | None = None,
+                 on_finished: Callable[[Sequence, Finished], None] | None = None,
+                 on_occupancy: Callable[[str, int], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None) -> None:
+        self.config = config = config or ExecutorConfig()
+        self.engines = dict(engines)
+        self.known = list(known)
+        self.router = router
+        self.device = device
+        batches = {name: Batch(name, slots_for(engine, config.max_batch, config.max_seq_tokens))
+                   for name, engine in self.engines.items()}
+        self.lane = Lane(device, batches, meter, router, config.queue_size,
+                         ledger_interval_s=config.ledger_interval_s,
+                         prefill_token_budget=config.prefill_token_budget,
+                         on_finished=on_finished, on_occupancy=on_occupancy, on_depth=on_depth)
+
+    # -- before submitting --------------------------------------------------------------------
+    def batching(self) -> dict[str, str]:
+        """How each variant's rows run: ``shared-kv-batch`` (one forward per step) or
+        ``serial`` (interleaved, one forward per row)."""
+        return {name: b.slots.kind for name, b in self.lane.batches.items()}
+
+    def max_len(self, variant: str) -> int:
+        return self.lane.batches[variant].slots.max_len
+
+    def check_fits(self, variant: str, prompt_tokens: int, max_new_tokens: int) -> None:
+        """:class:`ContextOverflowError` unless the request fits one of the variant's rows."""
+        if prompt_tokens + max_new_tokens > self.max_len(variant):
+            raise ContextOverflowError(prompt_tokens, max_new_tokens, self.max_len(variant))
+
+    def check_variant(self, name: str) -> None:
+        if name not in self.known:
+            raise UnknownVariantError(name, self.known)
+        if name not in self.engines:
+            raise VariantUnavailableError(name)
+
+    def load(self) -> dict[str, Load]:
+        return self.lane.load()
+
+    @property
+    def depth(self) -> int:
+        return self.lane.depth
+
+    def route(self, budget: Budget, prompt_tokens: int, new_tokens: int,
+              pinned: str | None = None, power_capped: bool = False) -> Decision:
+        """The router's decision under the lane's current load (raises
+        :class:`routing.policy.InfeasibleError` when the server rejects infeasible budgets)."""
+        if pinned is not None:
+            self.check_variant(pinned)
+        return self.router.decide(budget, prompt_tokens, new_tokens, set(self.engines),
+                                  self.load(), pinned, power_capped)
+
+    # -- running --------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Handle:
+        """Queue ``request`` (call on the event loop); raises :class:`QueueFullError` at once
+        when no row is free and the queue is full."""
+        self.check_variant(request.variant)
+        engine = self.engines[request.variant]
+        self.check_fits(request.variant, len(request.prompt_ids), request.params.max_new_tokens)
+        handle = Handle(request)
+        out = OutputStream(engine.tokenizer, engine.eos_token_ids, request.params)
+        self.lane.submit(Sequence(request, out, handle.emit))
+        return handle
+
+    def stop(self, timeout_s: float) -> bool:
+        """Finish running and waiting requests (up to ``timeout_s``); take nothing new."""
+        return self.lane.stop(timeout_s)

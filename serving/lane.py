@@ -1,0 +1,310 @@
+"""A device lane: one thread that runs every variant's continuous batch on one device.
+
+The loop keeps three verbs apart (as vLLM's scheduler, TGI's batching task and llama.cpp's
+server slots do):
+
+* **schedule** — drop cancelled waiters; admit waiting requests into free rows of their
+  variant's batch (each admission is one prefill; at most ``prefill_token_budget`` prompt
+  tokens per turn, at least one request, so running rows are not stalled for long); pick the
+  next variant to step, round-robin over the variants with running rows;
+* **execute** — one forward over that variant's rows (``Slots.step``);
+* **update** — hand each row its token, settle energy in the ledger, retire finished, cancelled
+  and over-cap rows (freeing their rows at once), and feed step times to the router.
+
+Fairness between variants: round-robin by step, so each busy variant gets one step per turn
+and a request's time per token is its own step plus one step of every other busy variant
+(the router predicts exactly that). Within a variant, waiting requests are admitted first come
+first served.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from models.engine.slots import Slots
+from routing.router import Load, Router
+from serving.errors import QueueFullError, ShuttingDownError
+from serving.sequence import Finished, Sequence
+from telemetry.base import EnergyMeter, EnergyReading
+from telemetry.ledger import EnergyLedger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One variant's continuous batch: its slots, running rows and waiting requests."""
+
+    name: str
+    slots: Slots
+    running: dict[int, Sequence] = field(default_factory=dict)  # row → sequence
+    waiting: deque[Sequence] = field(default_factory=deque)
+    free: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.free = list(range(self.slots.max_batch - 1, -1, -1))  # pop() gives the lowest
+
+    def take_row(self) -> int:
+        # lowest free row first: the step's prefix of rows stays short
+        self.free.sort(reverse=True)
+        return self.free.pop()
+
+
+class Lane:
+    """Runs the batches of every variant loaded on ``device`` (see the module doc)."""
+
+    def __init__(self, device: str, batches: dict[str, Batch], meter: EnergyMeter,
+                 router: Router, queue_size: int, *, ledger_interval_s: float = 0.0,
+                 prefill_token_budget: int = 512,
+                 on_finished: Callable[[Sequence, Finished], None] | None = None,
+                 on_occupancy: Callable[[str, int], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None) -> None:
+        self.device = device
+        self.batches = batches
+        self.meter = meter
+        self.router = router
+        self.queue_size = queue_size
+        self.ledger = EnergyLedger(meter, ledger_interval_s)
+        self.prefill_token_budget = prefill_token_budget
+        self._on_finished = on_finished or (lambda _s, _f: None)
+        self._on_occupancy = on_occupancy or (lambda _v, _n: None)
+        self._on_depth = on_depth or (lambda _d: None)
+        self._cv = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._waiting = 0  # submitted, not yet in a row (inbox + batches' waiting)
+        self._stopping = False
+        self._turn = 0  # round-robin position among variants
+        self._variant_in_interval: set[str] = set()
+        self._thread = threading.Thread(target=self._loop, name=f"lane-{device}", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop ------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a row."""
+        return self._waiting
+
+    def load(self) -> dict[str, Load]:
+        """Each variant's occupancy and predicted wait for a row, for the router (approximate:
+        read without stopping the loop)."""
+        out = {}
+        for name, b in self.batches.items():
+            running = len(b.running)
+            waiting = len(b.waiting) + sum(1 for s in list(self._inbox)
+                                           if s.request.variant == name)
+            # requests already submitted will be in the batch by the time a new one joins it
+            out[name] = Load(min(running + waiting, b.slots.max_batch - 1),
+                             self._wait_ms(b, waiting))
+        return out
+
+    def _cycle_ms(self) -> float:
+        """One round-robin turn: a step of every busy variant."""
+        return sum(self.router.step_ms(n, len(b.running)) for n, b in self.batches.items()
+                   if b.running)
+
+    def _wait_ms(self, b: Batch, waiting: int) -> float:
+        """Predicted wait for a row of ``b`` behind ``waiting`` others."""
+        free = b.slots.max_batch - len(b.running)
+        if waiting < free:
+            return 0.0
+        remaining = sorted(s.remaining for s in list(b.running.values())) or [0]
+        ahead = waiting - free
+        return remaining[min(ahead, len(remaining) - 1)] * self._cycle_ms()
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue ``seq`` for a row of its variant, or raise :class:`QueueFullError` at once."""
+        b = self.batches[seq.request.variant]
+        with self._cv:
+            if self._stopping:
+                raise ShuttingDownError()
+            mine = len(b.waiting) + sum(1 for s in self._inbox
+                                        if s.request.variant == b.name)
+            has_row = mine < b.slots.max_batch - len(b.running)
+            if not has_row and self._waiting >= self.queue_size:
+                wait_s = self._wait_ms(b, mine) / 1000.0
+                raise QueueFullError(self.device, max(1, math.ceil(wait_s)))
+            self._inbox.append(seq)
+            self._waiting += 1
+            self._cv.notify()
+        self._on_depth(self._waiting)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Take nothing new; let running and waiting requests finish (up to ``timeout_s``)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    # -- the loop (lane thread) ----------------------------------------------------------------
+    def _busy(self) -> bool:
+        return bool(self._inbox) or any(b.running or b.waiting for b in self.batches.values())
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._busy():
+                    if self.ledger.is_open:  # run dry: idle time is nobody's
+                        self.ledger.close()
+                        self._variant_in_interval.clear()
+                    if self._stopping:
+                        return
+                    self._cv.wait()
+                for seq in self._inbox:
+                    self.batches[seq.request.variant].waiting.append(seq)
+                self._inbox.clear()
+            self.ledger.open()
+            try:
+                self._schedule()
+                batch = self._next_batch()
+                if batch is not None:
+                    self._execute(batch)
+            except Exception:  # a bug here must not kill the lane: fail what is running
+                log.exception("lane %s failed", self.device)
+                for b in self.batches.values():
+                    for row in list(b.running):
+                        self._fail(b, row, RuntimeError("the lane failed"))
+
+    def _schedule(self) -> None:
+        """Drop cancelled waiters; admit waiting requests into free rows (prefills)."""
+        budget = self.prefill_token_budget
+        admitted_any = False
+        for b in self.batches.values():
+            while b.waiting and b.waiting[0].request.cancel.is_set():
+                self._dequeue(b).emit("skipped", None)
+            while b.waiting and b.free:
+                seq = b.waiting[0]
+                if seq.request.cancel.is_set():
+                    self._dequeue(b).emit("skipped", None)
+                    continue
+                prompt = len(seq.request.prompt_ids)
+                if admitted_any and prompt > budget:
+                    break
+                self._dequeue(b)
+                self._prefill(b, seq)
+                admitted_any = True
+                budget -= prompt
+
+    def _dequeue(self, b: Batch) -> Sequence:
+        seq = b.waiting.popleft()
+        with self._cv:
+            self._waiting -= 1
+        self._on_depth(self._waiting)
+        return seq
+
+    def _prefill(self, b: Batch, seq: Sequence) -> None:
+        row = b.take_row()
+        seq.row = row
+        b.running[row] = seq
+        self._on_occupancy(b.name, len(b.running))
+        prompt = seq.request.prompt_ids
+        seq.admitted = t0 = time.perf_counter()
+        try:
+            token = b.slots.prefill(row, prompt, seq.sampler)
+        except Exception as err:
+            self._fail(b, row, err)
+            return
+        now = time.perf_counter()
+        self.router.observe_prefill(b.name, len(prompt), 1000 * (now - t0))
+        self.ledger.record(seq.id, len(prompt))
+        self._variant_in_interval.add(b.name)
+        self._update(b, [seq], [token], now)
+
+    def _next_batch(self) -> Batch | None:
+        busy = [b for b in self.batches.values() if b.running]
+        if not busy:
+            return None
+        self._turn = (self._turn + 1) % len(busy)
+        return busy[self._turn]
+
+    def _execute(self, b: Batch) -> None:
+        """One step of ``b``'s running rows, then update."""
+        for row, seq in list(b.running.items()):  # cancelled since the last step: retire
+            if seq.request.cancel.is_set():
+                seq.end("cancelled", time.perf_counter())
+                self._retire(b, row)
+        if not b.running:
+            return
+        rows = sorted(b.running)
+        seqs = [b.running[r] for r in rows]
+        t0 = time.perf_counter()
+        try:
+            tokens = b.slots.step(rows, [s.last_token for s in seqs], [s.sampler for s in seqs])
+        except Exception as err:
+            for row in rows:
+                self._fail(b, row, err)
+            return
+        now = time.perf_counter()
+        self.router.observe_step(b.name, len(rows), 1000 * (now - t0))
+        for seq in seqs:
+            self.ledger.record(seq.id, 1)
+        self._variant_in_interval.add(b.name)
+        self._update(b, seqs, tokens, now)
+
+    def _update(self, b: Batch, seqs: list[Sequence], tokens: list[int], now: float) -> None:
+        """Hand each row its token, settle the interval (so it covers this work too), then
+        retire the rows that ended or reached their energy cap."""
+        ended = [seq for seq, token in zip(seqs, tokens, strict=True)
+                 if seq.push(token, now).finish_reason is not None]
+        self._settle()
+        for seq in seqs:
+            cap = seq.request.max_joules
+            if seq in ended or cap is None or self.ledger.joules(seq.id) < cap:
+                continue
+            seq.end("energy", now)
+            ended.append(seq)
+        for seq in ended:
+            self._retire(b, seq.row)
+
+    def _settle(self, force: bool = False) -> None:
+        settled = self.ledger.settle(force)
+        if settled is not None:
+            if len(self._variant_in_interval) == 1:  # the interval's power is that variant's
+                self.router.observe_power(next(iter(self._variant_in_interval)), *settled)
+            self._variant_in_interval.clear()
+
+    def _retire(self, b: Batch, row: int) -> None:
+        """Free the row at once; report the sequence's energy and timing."""
+        seq, finished = self._release(b, row)
+        seq.emit("finished", finished)
+
+    def _fail(self, b: Batch, row: int, err: Exception) -> None:
+        """The runtime failed on this row: its tokens so far, then the error (its cost is
+        still accounted)."""
+        seq, _ = self._release(b, row)
+        seq.flush(time.perf_counter())
+        seq.emit("error", err)
+
+    def _release(self, b: Batch, row: int) -> tuple[Sequence, Finished]:
+        seq = b.running.pop(row)
+        b.slots.release(row)
+        b.free.append(row)
+        self._on_occupancy(b.name, len(b.running))
+        now = time.perf_counter()
+        seconds = now - seq.admitted
+        joules = self.ledger.take(seq.id)
+        m = self.meter
+        reading = EnergyReading(joules, seconds, m.source, m.device, m.estimated,
+                                _note(m, joules, seconds))
+        out = seq.out
+        finished = Finished(out.finish_reason or "length", len(seq.request.prompt_ids),
+                            out.produced, out.index + 1, reading, seq.admitted, seq.first_token,
+                            seq.last_time)
+        try:
+            self._on_finished(seq, finished)
+        except Exception:  # metrics must not break serving
+            log.exception("finish hook failed for request %s", seq.id)
+        return seq, finished
+
+
+def _note(meter: EnergyMeter, joules: float, seconds: float) -> str:
+    """How a request's number came about: the ledger share, and the meter's own note."""
+    own = meter.note(joules, seconds)
+    share = "ledger share of the device's energy, split by tokens among the rows of each step"
+    return f"{share}; {own}" if own else share

@@ -1,0 +1,102 @@
+"""A request as the executor takes it, and its per-sequence state while it runs."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.engine.base import Chunk, FinishReason, GenerationParams, OutputStream
+from models.engine.slots import Sampler
+from telemetry.base import EnergyReading
+
+STREAM_FLUSH_S = 0.005  # streamed tokens are delivered in batches at most this often (seconds)
+
+
+@dataclass
+class Request:
+    """One generation the executor should run on ``variant`` (already routed)."""
+
+    prompt_ids: list[int]
+    params: GenerationParams
+    variant: str
+    max_joules: float | None = None  # hard cap on its attributed energy
+    stream: bool = False  # deliver chunks as produced (else once, at the end)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a request that ran: its cost and timing (``perf_counter`` seconds)."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens other than EOS
+    steps: int  # generated tokens, EOS included: the denominator of time per token
+    energy: EnergyReading  # its ledger share: joules over its seconds in the lane
+    admitted: float  # when it got a row (its prefill started)
+    first_token: float  # 0.0 when none
+    last_token: float
+
+
+# What a request's consumer receives, in order: ("chunks", list[Chunk])*, then one of
+# ("finished", Finished), ("skipped", None) (cancelled while waiting) or ("error", Exception)
+Emit = Callable[[str, Any], None]
+
+
+class Sequence:
+    """A request with a row: its sampler, output stream, timing and buffered chunks."""
+
+    def __init__(self, request: Request, out: OutputStream, emit: Emit) -> None:
+        self.request = request
+        self.sampler = Sampler(request.params)
+        self.out = out
+        self.emit = emit
+        self.row = -1
+        self.last_token = -1
+        self.admitted = 0.0
+        self.first_token = 0.0
+        self.last_time = 0.0
+        self._held: list[Chunk] = []
+        self._flushed = -math.inf
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still generate."""
+        return self.request.params.max_new_tokens - (self.out.index + 1)
+
+    def push(self, token: int, now: float) -> Chunk:
+        """Take one generated token; buffer its chunk (and deliver when due)."""
+        self.last_token = token
+        self.first_token = self.first_token or now
+        self.last_time = now
+        chunk = self.out.push(token, self.request.cancel.is_set())
+        self._hold(chunk, now)
+        return chunk
+
+    def end(self, reason: FinishReason, now: float) -> Chunk:
+        chunk = self.out.end(reason)
+        self._hold(chunk, now)
+        return chunk
+
+    def _hold(self, chunk: Chunk, now: float) -> None:
+        # Waking the event loop per token slows decoding on few cores: a stream is flushed at
+        # most every STREAM_FLUSH_S (its first token at once), a whole answer once at the end.
+        self._held.append(chunk)
+        if chunk.finish_reason or (self.request.stream and now - self._flushed >= STREAM_FLUSH_S):
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        if self._held:
+            self.emit("chunks", self._held)
+            self._held, self._flushed = [], now

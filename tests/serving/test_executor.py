@@ -1,0 +1,205 @@
+"""The executor on real onnxruntime sessions: continuous batches, cancellation, the energy
+ledger's conservation, the energy cap and bounded admission."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Tokenizer
+
+from models.engine.base import Chunk, GenerationParams
+from models.engine.ort import OrtEngine
+from models.ladder import load_ladder
+from routing.cost import CostModel
+from routing.router import Router
+from serving.errors import QueueFullError, UnknownVariantError
+from serving.executor import Executor, ExecutorConfig, Handle
+from serving.sequence import Finished, Request
+from telemetry.base import EnergyMeter
+from tests.models.test_slots import PROMPTS, alone, assert_same_but_near_ties
+
+
+class PowerMeter(EnergyMeter):
+    """A device drawing a constant ``watts`` (the hardware boundary): energy = watts x time."""
+
+    source = "fake"
+
+    def __init__(self, watts: float = 50.0) -> None:
+        super().__init__()
+        self.watts = watts
+        self.t0 = time.perf_counter()
+
+    def total_joules(self) -> float:
+        return self.watts * (time.perf_counter() - self.t0)
+
+
+def make_executor(engines: dict[str, Any], **config: Any) -> Executor:
+    router = Router({n: 1.0 for n in engines}, {n: CostModel(0.1, 1.0, 10.0) for n in engines},
+                    reference=next(iter(engines)))
+    return Executor(engines, list(engines), router, PowerMeter(), "cpu",
+                    ExecutorConfig(**{"max_batch": 4, "max_seq_tokens": 96, **config}))
+
+
+@pytest.fixture(scope="module")
+def builder_engine(random_llama_builder: tuple[Path, Path]) -> OrtEngine:
+    ckpt, onnx_dir = random_llama_builder
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    return OrtEngine(onnx_dir / "model.onnx", tokenizer, 128, [0], threads=1)
+
+
+@pytest.fixture()
+def executor(builder_engine: OrtEngine) -> Iterator[Executor]:
+    ex = make_executor({"full": builder_engine})
+    yield ex
+    ex.stop(10)
+
+
+async def collect(handle: Handle) -> tuple[list[Chunk], Finished | None, str]:
+    chunks: list[Chunk] = []
+    async for kind, payload in handle.events():
+        if kind == "chunks":
+            chunks += payload
+        elif kind == "finished":
+            return chunks, payload, kind
+        else:
+            return chunks, None, kind
+    raise AssertionError("no final event")
+
+
+def request(engine: OrtEngine, prompt: str, n: int, **kw: Any) -> Request:
+    params = GenerationParams(max_new_tokens=n, ignore_eos=True)
+    return Request(engine.encode(prompt), params, kw.pop("variant", "full"), **kw)
+
+
+def test_requests_joining_a_running_batch_get_their_alone_tokens(
+        executor: Executor, builder_engine: OrtEngine) -> None:
+    """Eight requests of different lengths arrive while others run, in a batch of four: each
+    one's greedy tokens are the ones it gets alone."""
+    budgets = [12, 3, 20, 7, 15, 5, 9, 18]
+
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        tasks = []
+        for prompt, n in zip(PROMPTS, budgets, strict=True):
+            tasks.append(asyncio.create_task(collect(executor.submit(
+                request(builder_engine, prompt, n)))))
+            await asyncio.sleep(0.01)  # arrivals spread over the first steps
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    for prompt, n, (chunks, fin, kind) in zip(PROMPTS, budgets, results, strict=True):
+        assert kind == "finished" and fin is not None and fin.finish_reason == "length"
+        assert fin.completion_tokens == n
+        got = [c.token_id for c in chunks]
+        assert_same_but_near_ties(got, *alone(builder_engine, builder_engine.encode(prompt), n))
+
+
+def test_cancelling_a_running_request_frees_its_row_at_once(builder_engine: OrtEngine) -> None:
+    ex = make_executor({"full": builder_engine}, max_batch=1, queue_size=2)
+
+    async def main() -> tuple[Any, Any]:
+        long = ex.submit(request(builder_engine, PROMPTS[0], 80, stream=True))
+        waiting = ex.submit(request(builder_engine, PROMPTS[1], 4))
+        kind, _ = await long.next()  # it is running
+        assert kind == "chunks"
+        long.request.cancel.set()
+        return await collect(long), await collect(waiting)
+
+    try:
+        (chunks, fin, _), (_, after, kind) = asyncio.run(main())
+    finally:
+        ex.stop(10)
+    assert fin is not None and fin.finish_reason == "cancelled"
+    assert fin.completion_tokens < 80
+    assert kind == "finished" and after is not None and after.completion_tokens == 4
+    assert after.admitted >= fin.admitted  # it got the row the cancelled request freed
+
+
+def test_per_request_joules_add_up_to_the_devices(executor: Executor,
+                                                  builder_engine: OrtEngine) -> None:
+    """Over a busy period the requests' ledger shares add up to the device energy over the
+    lane's run time (within 1 %)."""
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        handles = []
+        for k, prompt in enumerate(PROMPTS):
+            handles.append(executor.submit(request(builder_engine, prompt, 6 + 3 * k)))
+            if k % 3 == 2:
+                await asyncio.sleep(0.02)
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    results = asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while executor.lane.ledger.is_open and time.monotonic() < deadline:
+        time.sleep(0.01)  # the lane closes its busy period when it runs dry
+    joules = [fin.energy.joules for _, fin, _ in results if fin is not None]
+    assert len(joules) == len(PROMPTS) and min(joules) > 0
+    device = executor.lane.ledger.busy_joules
+    assert sum(joules) == pytest.approx(device, rel=0.01)
+    # and a longer request is charged more than a shorter one that ran beside it
+    assert joules[-1] > joules[0]
+    assert all(fin.energy.source == "fake" and "ledger share" in (fin.energy.note or "")
+               for _, fin, _ in results if fin is not None)
+
+
+def test_max_joules_stops_generation(executor: Executor, builder_engine: OrtEngine) -> None:
+    capped = request(builder_engine, PROMPTS[0], 70, max_joules=0.05)  # 1 ms at 50 W
+
+    async def main() -> tuple[list[Chunk], Finished | None, str]:
+        return await collect(executor.submit(capped))
+
+    chunks, fin, _ = asyncio.run(main())
+    assert fin is not None and fin.finish_reason == "energy"
+    assert 1 <= fin.completion_tokens < 70
+    assert fin.energy.joules >= 0.05
+    assert chunks[-1].finish_reason == "energy"
+
+
+def test_a_full_executor_refuses_at_once(builder_engine: OrtEngine) -> None:
+    ex = make_executor({"full": builder_engine}, max_batch=1, queue_size=1)
+
+    async def main() -> None:
+        running = ex.submit(request(builder_engine, PROMPTS[0], 80, stream=True))
+        await running.next()  # running: the row is taken
+        queued = ex.submit(request(builder_engine, PROMPTS[1], 80))
+        with pytest.raises(QueueFullError) as err:  # raised by submit itself: nothing awaited
+            ex.submit(request(builder_engine, PROMPTS[2], 4))
+        assert err.value.retry_after_s >= 1
+        with pytest.raises(UnknownVariantError):
+            ex.submit(request(builder_engine, PROMPTS[2], 4, variant="nope"))
+        running.request.cancel.set()
+        queued.request.cancel.set()
+        assert (await collect(queued))[2] in ("skipped", "finished")
+
+    try:
+        asyncio.run(main())
+    finally:
+        ex.stop(10)
+
+
+def test_two_variants_share_the_lane(tiny_ladder: Path) -> None:
+    """Requests on two variants interleave on one lane; each gets its own variant's tokens."""
+    ladder = load_ladder(tiny_ladder, threads=1, only=["full", "distilled"], warmup=False)
+    ex = make_executor(ladder.engines)
+    assert ex.batching() == {"full": "shared-kv-batch", "distilled": "shared-kv-batch"}
+    jobs = [("full", "def main():", 10), ("distilled", "import os", 12),
+            ("full", "x = 1", 6), ("distilled", "class A:", 8)]
+
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        handles = [ex.submit(Request(ladder.engines[v].encode(p),
+                                     GenerationParams(max_new_tokens=n, ignore_eos=True), v))
+                   for v, p, n in jobs]
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        ex.stop(10)
+    for (v, p, n), (chunks, fin, _) in zip(jobs, results, strict=True):
+        engine = ladder.engines[v]
+        assert fin is not None and fin.completion_tokens == n
+        assert_same_but_near_ties([c.token_id for c in chunks],
+                                  *alone(engine, engine.encode(p), n))  # type: ignore[arg-type]
