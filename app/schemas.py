@@ -94,6 +94,8 @@ class GenerateRequest(StrictModel):
     top_k: Int = Field(0, ge=0)
     seed: Seed = None
     stop: Stop = Field(default_factory=list)
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence "
+                             "token, up to max_new_tokens (benchmarks; as vLLM's ignore_eos)")
     stream: bool = False
     variant: str | None = Field(None, description="pin a variant; omit or 'auto' to route")
     budget: BudgetIn | None = None
@@ -121,6 +123,12 @@ class RouteOut(BaseModel):
     predicted_latency_ms: float | None
     predicted_joules: float | None
     candidates: list[dict[str, Any]]
+    latency_budget_ms: float | None = Field(None, description="the request's latency target")
+    latency_met: bool | None = Field(None, description="whether the end-to-end latency fitted "
+                                     "the budget (a routing target, not a cap)")
+    max_joules: float | None = Field(None, description="the request's energy cap, if any")
+    max_joules_reached: bool = Field(False, description="generation stopped at the energy cap "
+                                     "(finish_reason 'energy'; OpenAI endpoints say 'length')")
 
 
 class GenerateResponse(BaseModel):

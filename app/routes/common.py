@@ -19,7 +19,7 @@ from models.engine.base import GenerationParams
 
 def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: float,
                 top_p: float, top_k: int, seed: int | None, stop: list[str],
-                field: str = "max_new_tokens") -> GenerationParams:
+                field: str = "max_new_tokens", ignore_eos: bool = False) -> GenerationParams:
     """Generation parameters with the server's limits applied (422 with the field's name)."""
     n = max_new_tokens if max_new_tokens is not None else settings.default_max_new_tokens
     if n > settings.max_new_tokens_limit:
@@ -31,7 +31,7 @@ def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: 
     if any(not s for s in stop):
         raise ApiError(422, "invalid_request_error", "stop sequences must not be empty", "stop")
     return GenerationParams(max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop=tuple(stop))
+                            seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
 
 
 def check_length(settings: Settings, text: str, field: str) -> str:
@@ -97,7 +97,9 @@ def route_out(o: Outcome) -> RouteOut:
     r = o.route
     return RouteOut(variant=r.variant, reason=r.reason,
                     predicted_latency_ms=r.predicted_latency_ms,
-                    predicted_joules=r.predicted_joules, candidates=r.candidates)
+                    predicted_joules=r.predicted_joules, candidates=r.candidates,
+                    latency_budget_ms=r.latency_budget_ms, latency_met=o.latency_met,
+                    max_joules=r.max_joules, max_joules_reached=o.finish_reason == "energy")
 
 
 def cost_headers(o: Outcome) -> dict[str, str]:

@@ -70,7 +70,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
     """Generate text on the variant the router picks for the budget (or the pinned one)."""
     params = make_params(settings, max_new_tokens=body.max_new_tokens,
                          temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                         seed=body.seed, stop=body.stop)
+                         seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
     b = body.budget
     call = Call(prompt=check_prompt(settings, body.prompt), params=params,
                 budget=make_budget(settings, b.latency_ms if b else None,

@@ -117,3 +117,25 @@ def test_power_cap_refuses_queued_work_when_shedding_is_not_enough(
     assert refused[0].json()["error"]["type"] == "power_cap"  # type: ignore[attr-defined]
     assert int(refused[0].headers["retry-after"]) >= 1  # type: ignore[attr-defined]
     assert any(r.status_code == 200 for r in responses)  # type: ignore[attr-defined]
+
+
+def test_max_joules_stops_generation_and_the_route_says_so(
+    make_client: Callable[..., TestClient],
+) -> None:
+    c = make_client()
+    free = gen(c, variant="full", max_new_tokens=120, ignore_eos=True)
+    assert free["usage"]["completion_tokens"] == 120 and free["finish_reason"] == "length"
+    assert free["route"]["max_joules_reached"] is False
+    cap = free["energy"]["joules"] / 10  # a tenth of what the whole answer cost
+    capped = gen(c, variant="full", max_new_tokens=120, ignore_eos=True,
+                 budget={"max_joules": cap, "latency_ms": 60_000})
+    assert capped["finish_reason"] == "energy"
+    assert capped["route"]["max_joules_reached"] is True and capped["route"]["max_joules"] == cap
+    assert 1 <= capped["usage"]["completion_tokens"] < 120
+    assert capped["energy"]["joules"] >= cap
+    assert capped["route"]["latency_met"] is True and capped["route"]["latency_budget_ms"] == 60_000
+    chat = c.post("/v1/completions", json={"model": "full", "prompt": "The json",
+                                           "max_tokens": 120, "max_joules": cap})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["finish_reason"] == "length"  # OpenAI has no "energy"
+    assert chat.json()["usage"]["completion_tokens"] < 120
