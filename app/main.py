@@ -60,8 +60,10 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     for v in ladder.manifest.variants.values():
         metrics.quality.labels(v.name).set(v.quality)
     meter = create_meter(meter_config(settings, device))
+    exact = {"full"} | {v.name for v in ladder.manifest.variants.values() if v.speculative}
     router = Router({v.name: v.quality for v in ladder.manifest.variants.values()},
-                    seed_costs(ladder, meter), on_infeasible=settings.on_infeasible)
+                    seed_costs(ladder, meter), reference=exact,
+                    on_infeasible=settings.on_infeasible)
     config = ExecutorConfig(
         max_batch=settings.max_batch, max_seq_tokens=settings.max_seq_tokens,
         queue_size=settings.queue_size, prefill_token_budget=settings.prefill_token_budget,
@@ -71,6 +73,7 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     executor = Executor(ladder.engines, list(ladder.manifest.variants), router, meter, device,
                         config, on_finished=lambda seq, f: hooks["account"](seq, f),
                         on_occupancy=lambda v, n: metrics.batch_size.labels(v).set(n),
+                        on_speculation=metrics.speculated,
                         on_depth=metrics.queue_depth.labels(device).set)
     log.info("ladder loaded from %s: %s (failed: %s) on %s; %s chat template",
              settings.ladder_dir, sorted(ladder.engines), ladder.failed or "none", device,

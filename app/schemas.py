@@ -162,6 +162,7 @@ class VariantOut(BaseModel):
     error: str | None
     runtime: str | None
     cost: dict[str, Any] | None
+    execution: dict[str, Any] | None = None
 
 
 class VariantList(BaseModel):

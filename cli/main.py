@@ -32,6 +32,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="student checkpoint for the distilled rungs (default: the shipped "
                         "student, only with the default model)")
     p.add_argument("--no-student", action="store_true", help="build full and int8 only")
+    p.add_argument("--no-speculative", action="store_true",
+                   help="do not measure drafts for a speculative rung")
     p.add_argument("--distill-layers", type=int, default=None,
                    help="distil a student with this many layers instead of --student")
     p.add_argument("--distill-steps", type=int, default=None,

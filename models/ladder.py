@@ -37,6 +37,8 @@ def load_engine(ladder_dir: Path, manifest: Manifest, variant: VariantInfo, toke
                 runtime: str, device: str, threads: int) -> Engine:
     """Build the engine for one variant with the requested runtime."""
     vdir = ladder_dir / variant.dir
+    if variant.speculative is not None:
+        raise VariantLoadError("the speculative rung is assembled from loaded variants")
     if runtime == "onnxruntime-genai":
         from models.engine.genai import GenaiEngine
 
@@ -81,6 +83,9 @@ def load_ladder(
     for variant in manifest.ordered():
         if only is not None and variant.name not in only:
             continue
+        if variant.speculative is not None:
+            _add_speculative(ladder, variant, device, threads, warmup)
+            continue
         chosen = runtime
         if runtime == "auto":
             # our engine batches the builder's shared-KV graphs continuously; onnxruntime-genai's
@@ -98,3 +103,36 @@ def load_ladder(
             continue
         ladder.engines[variant.name] = engine
     return ladder
+
+
+def _add_speculative(ladder: LoadedLadder, variant: VariantInfo, device: str, threads: int,
+                     warmup: bool) -> None:
+    """The speculative rung shares its target's and draft's sessions (loaded for their own
+    rungs, or here when only the speculative rung was asked for)."""
+    from models.engine.ort import OrtEngine
+    from models.engine.speculative import SpeculativeEngine
+
+    spec = variant.speculative
+    assert spec is not None
+    engines: dict[str, OrtEngine] = {}
+    try:
+        for role in (spec.target, spec.draft):
+            engine = ladder.engines.get(role)
+            if not isinstance(engine, OrtEngine):
+                info = ladder.manifest.variants[role]
+                engine = OrtEngine(ladder.directory / info.dir / info.file,
+                                   Tokenizer.from_file(str(ladder.directory
+                                                           / ladder.manifest.tokenizer)),
+                                   ladder.manifest.context_length,
+                                   ladder.manifest.eos_token_ids, device=device,
+                                   threads=threads)
+            engines[role] = engine
+        rung = SpeculativeEngine(engines[spec.target], engines[spec.draft], spec.k,
+                                 spec.min_acceptance)
+        if warmup:
+            rung.warmup()
+    except (VariantLoadError, ValueError, KeyError) as err:
+        ladder.failed[variant.name] = str(err).splitlines()[0]
+        log.error("variant %s not loaded: %s", variant.name, err)
+        return
+    ladder.engines[variant.name] = rung

@@ -25,7 +25,8 @@ def default_ladder_dir() -> Path:
     """``$GREENROUTE_CACHE_DIR/ladder`` or ``~/.cache/greenroute/ladder``."""
     return cache_root() / "ladder"
 
-VARIANT_ORDER = ("full", "int8", "int4", "distilled", "distilled-int8")
+VARIANT_ORDER = ("full", "int8", "int4", "distilled", "distilled-int8", "full-speculative")
+SPECULATIVE = "full-speculative"  # the rung that serves full's exact output, drafted
 
 
 class Calibration(BaseModel):
@@ -36,6 +37,18 @@ class Calibration(BaseModel):
     decode_tokens_per_s: float
     threads: int
     device: str = "cpu"
+
+
+class SpeculativeInfo(BaseModel):
+    """How the speculative rung drafts, chosen by measurement at build time."""
+
+    target: str  # the variant whose output it reproduces exactly
+    draft: str  # the variant that proposes tokens
+    k: int  # tokens drafted per round
+    acceptance_rate: float  # share of drafted tokens the target kept (greedy, build prompts)
+    min_acceptance: float  # below this a request stops drafting: rounds would cost more
+    speedup: float  # decode tokens/s over the target's, measured side by side
+    candidates: dict[str, Any] = Field(default_factory=dict)  # every draft x k measured
 
 
 class VariantInfo(BaseModel):
@@ -57,6 +70,7 @@ class VariantInfo(BaseModel):
     # the build ran without a task set
     task_score: float | None = Field(default=None, ge=0.0, le=1.0)
     calibration: Calibration | None = None
+    speculative: SpeculativeInfo | None = None  # set on the speculative rung only
 
 
 class Manifest(BaseModel):
@@ -74,6 +88,8 @@ class Manifest(BaseModel):
     runtime: str  # engine chosen to serve: "onnxruntime" or "onnxruntime-genai"
     runtime_choice: dict[str, Any]  # why: measurements of both engines
     quantization_choice: dict[str, Any]  # why: measurements of every candidate method
+    # the speculative rung's draft x k measurements and choice (None: the stage has not run)
+    speculative_choice: dict[str, Any] | None = None
     heldout: dict[str, Any]
     tasks: dict[str, Any] | None = None  # question-set file, count, each variant's answers
     chat_template: str = "fallback"  # "checkpoint": the source's own template ships in the ladder

@@ -6,7 +6,7 @@ Thread-safe (requests decide on the event loop, observations arrive from lane th
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 from routing.cost import CostModel
@@ -25,11 +25,14 @@ class Router:
     """Holds the ladder's profiles; ``decide`` for a request, ``observe`` after it ran."""
 
     def __init__(self, qualities: Mapping[str, float], costs: Mapping[str, CostModel],
-                 reference: str = "full", on_infeasible: OnInfeasible = "best_effort") -> None:
+                 reference: str | Collection[str] = "full",
+                 on_infeasible: OnInfeasible = "best_effort") -> None:
+        """``reference``: the variant(s) that give the reference model's exact output (full,
+        and a speculative rung): the only ones a quality floor of 1.0 accepts."""
         self._lock = threading.Lock()
         self._quality = dict(qualities)
         self._costs = dict(costs)
-        self._reference = reference
+        self._reference = {reference} if isinstance(reference, str) else set(reference)
         self.on_infeasible: OnInfeasible = on_infeasible
 
     def states(self, available: set[str], load: Mapping[str, Load]) -> list[VariantState]:
@@ -45,7 +48,7 @@ class Router:
             others = sum(costs[o].step_ms(lo.occupancy) for o, lo in load.items()
                          if o != name and o in costs)
             out.append(VariantState(name, self._quality[name], cost, lv.queue_wait_ms,
-                                    name in available, name == self._reference, lv.occupancy,
+                                    name in available, name in self._reference, lv.occupancy,
                                     others))
         return out
 

@@ -62,7 +62,8 @@ class Executor:
                  meter: EnergyMeter, device: str, config: ExecutorConfig | None = None,
                  on_finished: Callable[[Sequence, Finished], None] | None = None,
                  on_occupancy: Callable[[str, int], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None) -> None:
+                 on_depth: Callable[[int], None] | None = None,
+                 on_speculation: Callable[[str, int, int], None] | None = None) -> None:
         self.config = config = config or ExecutorConfig()
         self.engines = dict(engines)
         self.known = list(known)
@@ -73,13 +74,29 @@ class Executor:
         self.lane = Lane(device, batches, meter, router, config.queue_size,
                          ledger_interval_s=config.ledger_interval_s,
                          prefill_token_budget=config.prefill_token_budget,
-                         on_finished=on_finished, on_occupancy=on_occupancy, on_depth=on_depth)
+                         on_finished=on_finished, on_occupancy=on_occupancy, on_depth=on_depth,
+                         on_speculation=on_speculation)
 
     # -- before submitting --------------------------------------------------------------------
     def batching(self) -> dict[str, str]:
         """How each variant's rows run: ``shared-kv-batch`` (one forward per step) or
         ``serial`` (interleaved, one forward per row)."""
         return {name: b.slots.kind for name, b in self.lane.batches.items()}
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per variant: how its rows run, how many are running, and for a speculative rung
+        its drafted and accepted tokens since start."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, b in self.lane.batches.items():
+            s: dict[str, Any] = {"batching": b.slots.kind, "max_batch": b.slots.max_batch,
+                                 "running": len(b.running), "waiting": len(b.waiting)}
+            drafted = getattr(b.slots, "drafted", None)
+            if drafted is not None:
+                accepted = b.slots.accepted  # type: ignore[attr-defined]
+                s.update(drafted=drafted, accepted=accepted,
+                         acceptance_rate=accepted / drafted if drafted else None)
+            out[name] = s
+        return out
 
     def max_len(self, variant: str) -> int:
         return self.lane.batches[variant].slots.max_len

@@ -64,7 +64,8 @@ class Lane:
                  prefill_token_budget: int = 512,
                  on_finished: Callable[[Sequence, Finished], None] | None = None,
                  on_occupancy: Callable[[str, int], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None) -> None:
+                 on_depth: Callable[[int], None] | None = None,
+                 on_speculation: Callable[[str, int, int], None] | None = None) -> None:
         self.device = device
         self.batches = batches
         self.meter = meter
@@ -75,6 +76,8 @@ class Lane:
         self._on_finished = on_finished or (lambda _s, _f: None)
         self._on_occupancy = on_occupancy or (lambda _v, _n: None)
         self._on_depth = on_depth or (lambda _d: None)
+        self._on_speculation = on_speculation or (lambda _v, _d, _a: None)
+        self._speculated: dict[str, tuple[int, int]] = {}  # reported (drafted, accepted)
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
         self._waiting = 0  # submitted, not yet in a row (inbox + batches' waiting)
@@ -214,7 +217,7 @@ class Lane:
         self.router.observe_prefill(b.name, len(prompt), 1000 * (now - t0))
         self.ledger.record(seq.id, len(prompt))
         self._variant_in_interval.add(b.name)
-        self._update(b, [seq], [token], now)
+        self._update(b, [seq], [[token]], now)
 
     def _next_batch(self) -> Batch | None:
         busy = [b for b in self.batches.values() if b.running]
@@ -235,23 +238,37 @@ class Lane:
         seqs = [b.running[r] for r in rows]
         t0 = time.perf_counter()
         try:
-            tokens = b.slots.step(rows, [s.last_token for s in seqs], [s.sampler for s in seqs])
+            tokens = b.slots.step_many(rows, [s.last_token for s in seqs],
+                                       [s.sampler for s in seqs])
         except Exception as err:
             for row in rows:
                 self._fail(b, row, err)
             return
         now = time.perf_counter()
-        self.router.observe_step(b.name, len(rows), 1000 * (now - t0))
-        for seq in seqs:
-            self.ledger.record(seq.id, 1)
+        # per token: a speculative step gives a row several
+        per_row = sum(len(t) for t in tokens) / len(rows)
+        self.router.observe_step(b.name, len(rows), 1000 * (now - t0) / per_row)
+        for seq, work in zip(seqs, b.slots.work, strict=True):
+            self.ledger.record(seq.id, work)
+        drafted = getattr(b.slots, "drafted", None)
+        if drafted is not None:  # a speculative rung: report its new counts
+            accepted = b.slots.accepted  # type: ignore[attr-defined]
+            d0, a0 = self._speculated.get(b.name, (0, 0))
+            self._on_speculation(b.name, drafted - d0, accepted - a0)
+            self._speculated[b.name] = (drafted, accepted)
         self._variant_in_interval.add(b.name)
         self._update(b, seqs, tokens, now)
 
-    def _update(self, b: Batch, seqs: list[Sequence], tokens: list[int], now: float) -> None:
-        """Hand each row its token, settle the interval (so it covers this work too), then
+    def _update(self, b: Batch, seqs: list[Sequence], tokens: list[list[int]],
+                now: float) -> None:
+        """Hand each row its token(s), settle the interval (so it covers this work too), then
         retire the rows that ended or reached their energy cap."""
-        ended = [seq for seq, token in zip(seqs, tokens, strict=True)
-                 if seq.push(token, now).finish_reason is not None]
+        ended = []
+        for seq, mine in zip(seqs, tokens, strict=True):
+            for token in mine:  # a row's tokens past its end are dropped with its row
+                if seq.push(token, now).finish_reason is not None:
+                    ended.append(seq)
+                    break
         self._settle()
         for seq in seqs:
             cap = seq.request.max_joules

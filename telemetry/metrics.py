@@ -72,6 +72,10 @@ class Metrics:
                                  registry=registry)
         self.batch_size = Gauge(f"{p}batch_size", "Rows in each variant's continuous batch",
                                 ["variant"], registry=registry)
+        self.spec_drafted = Counter(f"{p}spec_draft_tokens", "Tokens drafted for speculative "
+                                    "verification", ["variant"], registry=registry)
+        self.spec_accepted = Counter(f"{p}spec_accepted_tokens", "Drafted tokens the target "
+                                     "model kept", ["variant"], registry=registry)
         self.inflight = Gauge(f"{p}inflight_requests", "Requests being served",
                               registry=registry)
         self.quality = Gauge(f"{p}variant_quality", "Measured quality (ppl_full / ppl_variant)",
@@ -85,11 +89,17 @@ class Metrics:
                            self.energy_total, self.prompt_tokens, self.generated_tokens):
                 metric.labels(v)
             self.batch_size.labels(v)
+            self.spec_drafted.labels(v)
+            self.spec_accepted.labels(v)
             for reason in ROUTE_REASONS:
                 self.route_decisions.labels(v, reason)
         self.route_decisions.labels(*REJECTED)
         for d in devices:
             self.queue_depth.labels(d)
+
+    def speculated(self, variant: str, drafted: int, accepted: int) -> None:
+        self.spec_drafted.labels(variant).inc(drafted)
+        self.spec_accepted.labels(variant).inc(accepted)
 
     def meter_opened(self, device: str, source: str) -> None:
         """Create the device series for the meter in use, so they exist before a sample."""

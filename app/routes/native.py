@@ -91,6 +91,7 @@ async def variants(service: ServiceDep) -> Any:
     """The ladder: measured quality, size, cost calibration and load health per variant."""
     ladder = service.ladder
     live = service.router.coefficients()
+    running = service.executor.stats()
     out = []
     for v in ladder.manifest.ordered():
         out.append(VariantOut(
@@ -99,6 +100,7 @@ async def variants(service: ServiceDep) -> Any:
             error=ladder.failed.get(v.name),
             runtime=ladder.engines[v.name].runtime if v.name in ladder.engines else None,
             cost=live.get(v.name),  # current learned coefficients
+            execution=running.get(v.name),  # batching, rows running, speculation counts
         ))
     meter = service.meter
     body = VariantList(

@@ -64,3 +64,36 @@ def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
         candidates, probs = candidates[:keep], probs[:keep]
         probs = probs / probs.sum()
     return int(candidates[rng.choice(len(candidates), p=probs)])
+
+
+def distribution(logits: np.ndarray, params: GenerationParams) -> np.ndarray:
+    """The probabilities :func:`select_token` draws from, as a float64 vector over the whole
+    vocabulary (one-hot for greedy): temperature, then top-k, then the top-p nucleus.
+    Speculative decoding's acceptance test compares two of these."""
+    vocab = logits.shape[0]
+    out = np.zeros(vocab, dtype=np.float64)
+    if params.greedy:
+        out[int(np.argmax(logits))] = 1.0
+        return out
+    raw = logits.astype(np.float64)
+    with np.errstate(over="ignore", divide="ignore"):
+        scaled = (raw - raw.max()) / params.temperature
+    if params.top_k and params.top_k < vocab:
+        keep = np.argpartition(scaled, -params.top_k)[-params.top_k :]
+        masked = np.full(vocab, -np.inf)
+        masked[keep] = scaled[keep]
+        scaled = masked
+    weights = np.exp(scaled)
+    probs = weights / weights.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(probs)[::-1]
+        keep_n = int(np.searchsorted(np.cumsum(probs[order]), params.top_p) + 1)
+        out[order[:keep_n]] = probs[order[:keep_n]]
+        return out / out.sum()
+    return probs
+
+
+def sample_from(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from a probability vector (inverse CDF: no per-token sort)."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))

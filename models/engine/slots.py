@@ -52,6 +52,7 @@ class Slots(ABC):
         self.engine = engine
         self.max_batch = max_batch
         self.max_len = max_len
+        self.work: list[int] = []  # tokens each row of the last step pushed through the device
 
     @abstractmethod
     def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
@@ -61,6 +62,13 @@ class Slots(ABC):
     def step(self, rows: Sequence[int], tokens: Sequence[int],
              samplers: Sequence[Sampler]) -> list[int]:
         """Feed each row its last token; return each row's next token (same order)."""
+
+    def step_many(self, rows: Sequence[int], tokens: Sequence[int],
+                  samplers: Sequence[Sampler]) -> list[list[int]]:
+        """Like :meth:`step`, but a row may get several tokens (speculative decoding); also
+        sets :attr:`work`, the tokens each row pushed through the device (energy shares)."""
+        self.work = [1] * len(rows)
+        return [[t] for t in self.step(rows, tokens, samplers)]
 
     @abstractmethod
     def release(self, row: int) -> None:
@@ -100,6 +108,7 @@ class KVSlots(Slots):
         self._ids = np.zeros((b, 1), dtype=np.int64)
         self._logits = np.zeros((b, 1, e._vocab), dtype=e._logits_dtype)
         self._step_bindings: dict[int, ort.IOBinding] = {}
+        self._row_bindings: dict[int, ort.IOBinding] = {}
 
     def _bind_kv(self, binding: ort.IOBinding, first_row: int, rows: int) -> None:
         shape = [rows, *self._row_shape]
@@ -148,6 +157,30 @@ class KVSlots(Slots):
         self.session.run_with_iobinding(binding)
         self.lengths[row] = start + count
         return binding.get_outputs()[-1].numpy()[0]  # logits: bound last
+
+    def advance(self, row: int, token: int) -> np.ndarray:
+        """Append one token to ``row`` alone; its next-token logits ``[vocab]``. The binding
+        is made once per row (a draft model calls this k times per speculative round)."""
+        at = int(self.lengths[row])
+        if at >= self.max_len:
+            raise ValueError(f"row {row} is full ({at} tokens)")
+        binding = self._row_bindings.get(row)
+        if binding is None:
+            binding = self.session.io_binding()
+            self._bind_kv(binding, row, 1)
+            binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.max_len],
+                               int(self.mask.ctypes.data) + row * self.max_len * 8)
+            binding.bind_input("input_ids", "cpu", 0, np.int64, [1, 1],
+                               int(self._ids.ctypes.data) + row * 8)
+            binding.bind_output("logits", "cpu", 0, self._logits.dtype,
+                                [1, 1, self._logits.shape[2]],
+                                int(self._logits[row].ctypes.data))
+            self._row_bindings[row] = binding
+        self._ids[row, 0] = token
+        self.mask[row, at] = 1
+        self.lengths[row] = at + 1
+        self.session.run_with_iobinding(binding)
+        return self._logits[row, 0]
 
     def truncate(self, row: int, length: int) -> None:
         """Roll ``row`` back to its first ``length`` tokens (later K/V is overwritten later)."""
@@ -212,7 +245,11 @@ class SerialSlots(Slots):
 
 
 def slots_for(engine: Engine, max_batch: int, max_len: int) -> Slots:
-    """Real batching where the graph allows it, interleaving otherwise."""
+    """Real batching where the graph allows it, speculative rows for the speculative rung,
+    interleaving otherwise."""
+    make = getattr(engine, "slots", None)  # the speculative engine makes its own
+    if make is not None:
+        return make(max_batch, max_len)  # type: ignore[no-any-return]
     if isinstance(engine, OrtEngine) and engine.shared_kv:
         return KVSlots(engine, max_batch, max_len)
     return SerialSlots(engine, max_batch, max_len)

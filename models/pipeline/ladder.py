@@ -31,6 +31,7 @@ from models.pipeline.export import GENAI_BUILDER, ONNX_FILE, export_fp32, onnx_b
 from models.pipeline.gguf_source import DEFAULT_MODEL
 from models.pipeline.quality import QualityReport, agreement, evaluate, heldout_ids
 from models.pipeline.source import BuildError, checkpoint_hash, resolve_checkpoint
+from models.pipeline.speculative import choose_speculative
 from models.pipeline.tasks import DEFAULT_TASKS, TaskReport, load_tasks, task_score
 from models.pipeline.tasks import MAX_NEW_TOKENS as TASK_TOKENS
 from models.train.distil import STUDENT_FILE, assemble_student
@@ -63,6 +64,7 @@ class BuildOptions:
     threads: int = 2
     opset: int = 18
     consider_int4: bool = True
+    speculative: bool = True  # measure drafts for a speculative rung (models/pipeline/speculative)
     force: bool = False
     # python of an environment with onnxruntime-genai's model builder (see Makefile); None:
     # optimum's exporter for every architecture
@@ -211,8 +213,16 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     key = _build_key(sources, config)
     out = opts.out
     if not opts.force and is_up_to_date(out, key):
+        manifest = Manifest.load(out)
+        if opts.speculative and manifest.speculative_choice is None:
+            log(f"ladder in {out} is up to date; measuring the speculative rung (a stage it "
+                "was built without)")
+            manifest.speculative_choice = choose_speculative(out, manifest, opts.threads,
+                                                             log=log)
+            manifest.save(out)
+            return manifest, True
         log(f"ladder in {out} is up to date (build key {key[:12]}); nothing to do")
-        return Manifest.load(out), False
+        return manifest, False
 
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".work"
@@ -401,6 +411,9 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         chat_template=template.source,
         variants=variants,
     )
+    if opts.speculative:  # 6. a speculative rung, if a draft earns it
+        log("measuring drafts for the speculative rung")
+        manifest.speculative_choice = choose_speculative(out, manifest, opts.threads, log=log)
     manifest.save(out)
     shutil.rmtree(work, ignore_errors=True)
     log(f"ladder written to {out} ({len(variants)} variants, runtime {manifest.runtime})")

@@ -203,3 +203,39 @@ def test_two_variants_share_the_lane(tiny_ladder: Path) -> None:
         assert fin is not None and fin.completion_tokens == n
         assert_same_but_near_ties([c.token_id for c in chunks],
                                   *alone(engine, engine.encode(p), n))  # type: ignore[arg-type]
+
+
+def test_speculative_rows_give_fulls_tokens_and_exact_lengths(tiny_ladder: Path) -> None:
+    """The speculative rung in the executor: rows get several tokens a step, yet every request
+    stops at its own max_new_tokens with full's tokens, and the ledger still adds up."""
+    from models.engine.speculative import SpeculativeEngine
+
+    ladder = load_ladder(tiny_ladder, threads=1, runtime="onnxruntime", warmup=False,
+                         only=["full", "int8"])
+    full = ladder.engines["full"]
+    assert isinstance(full, OrtEngine)
+    spec = SpeculativeEngine(full, ladder.engines["int8"], 3)  # type: ignore[arg-type]
+    ex = make_executor({"full-speculative": spec})
+    assert ex.batching() == {"full-speculative": "speculative"}
+    jobs = [("def main():", 11), ("import os", 7), ("x = 1", 16), ("class A:", 5)]
+
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        handles = [ex.submit(Request(full.encode(p),
+                                     GenerationParams(max_new_tokens=n, ignore_eos=True),
+                                     "full-speculative")) for p, n in jobs]
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    try:
+        results = asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while ex.lane.ledger.is_open and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        ex.stop(10)
+    for (p, n), (chunks, fin, _) in zip(jobs, results, strict=True):
+        assert fin is not None and fin.completion_tokens == n and len(chunks) == n
+        assert_same_but_near_ties([c.token_id for c in chunks], *alone(full, full.encode(p), n))
+    stats = ex.stats()["full-speculative"]
+    assert stats["drafted"] > 0 and 0 < stats["acceptance_rate"] <= 1
+    joules = sum(fin.energy.joules for _, fin, _ in results if fin is not None)
+    assert joules == pytest.approx(ex.lane.ledger.busy_joules, rel=0.01)

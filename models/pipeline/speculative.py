@@ -1,0 +1,126 @@
+"""Build stage: choose the speculative rung's draft and k by measurement (or leave it out).
+
+Every shared-KV rung of the ladder is tried as the draft at several k, each combination taking
+turns with ``full`` itself on the same chat prompts (greedy, ``new_tokens`` each): decode
+tokens/s of both, and the share of drafted tokens ``full`` kept. The fastest combination earns
+the rung when it beats ``full`` by ``MIN_SPEEDUP``; the manifest records every measurement
+either way. Runs at the end of a build, and on its own for a ladder built before this stage
+existed (the build key does not change: nothing else is rebuilt).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from models.chat import ChatTemplate
+from models.engine.base import GenerationParams
+from models.engine.ort import OrtEngine
+from models.engine.speculative import SpeculativeEngine
+from models.manifest import SPECULATIVE, Calibration, Manifest, SpeculativeInfo
+
+KS = (3, 5, 8)
+MIN_SPEEDUP = 1.05  # decode tokens/s over full's that earns the rung
+QUESTIONS = ("Why is the sky blue?", "Write a Python function that reverses a string.",
+             "Explain what a hash table is in two sentences.")
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one round yields on average (Leviathan et al.): (1 − a^(k+1)) / (1 − a)."""
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+def break_even(acceptance: float, k: int, speedup: float) -> float:
+    """The acceptance at which rounds stop paying: with the round's cost fixed (as measured),
+    the rate where the expected tokens per round fall to ``1/speedup`` of the measured."""
+    target = expected_tokens(acceptance, k) / speedup
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens(mid, k) < target else (lo, mid)
+    return round(hi, 4)
+
+
+def choose_speculative(ladder: Path, manifest: Manifest, threads: int, new_tokens: int = 48,
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every draft x k, add the rung to ``manifest`` when one earns it; return the
+    record of what was measured and chosen (saved as ``manifest.speculative_choice``)."""
+    tokenizer = Tokenizer.from_file(str(ladder / manifest.tokenizer))
+    template = ChatTemplate.for_directory(ladder)
+
+    def load(name: str) -> OrtEngine:
+        info = manifest.variants[name]
+        return OrtEngine(ladder / info.dir / info.file, tokenizer, manifest.context_length,
+                         manifest.eos_token_ids, threads=threads)
+
+    full = load("full")
+    record: dict[str, Any] = {"rule": f"fastest draft x k, if >= {MIN_SPEEDUP}x full's greedy "
+                              "decode tokens/s (taking turns on the same prompts)",
+                              "new_tokens": new_tokens, "candidates": {}}
+    if not full.shared_kv:
+        record["chosen"] = None
+        record["why"] = "full's graph has no shared KV buffer (not a GroupQueryAttention graph)"
+        return record
+    prompts = [full.encode(template.render([{"role": "user", "content": q}]))
+               for q in QUESTIONS]
+    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    full.generate(prompts[0], params)  # warm-up
+    drafts = [n for n, v in manifest.variants.items() if n != "full" and v.speculative is None]
+    best: tuple[float, str, int, float, float] | None = None
+    for name in drafts:
+        draft = load(name)
+        if not draft.shared_kv:
+            continue
+        for k in KS:
+            spec = SpeculativeEngine(full, draft, k)
+            spec.generate(prompts[0], GenerationParams(max_new_tokens=8))  # warm-up
+            spec.drafted = spec.accepted = 0
+            ratios, spec_s, identical = [], [], 0
+            for ids in prompts:
+                t = time.perf_counter()
+                want = full.generate(ids, params).token_ids
+                t_full = time.perf_counter() - t
+                t = time.perf_counter()
+                got = spec.generate(ids, params).token_ids
+                t_spec = time.perf_counter() - t
+                ratios.append(t_full / t_spec)
+                spec_s.append(t_spec)
+                identical += got == want
+            acceptance = spec.accepted / max(1, spec.drafted)
+            speedup = statistics.median(ratios)
+            record["candidates"][f"{name}:k{k}"] = {
+                "draft": name, "k": k, "acceptance_rate": round(acceptance, 4),
+                "speedup": round(speedup, 3), "identical_outputs": f"{identical}/{len(prompts)}",
+                "decode_ms_per_token": round(1000 * statistics.median(spec_s) / new_tokens, 2)}
+            log(f"  speculative {name} k={k}: acceptance {acceptance:.2f}, "
+                f"{speedup:.2f}x full, identical {identical}/{len(prompts)}")
+            if best is None or speedup > best[0]:
+                best = (speedup, name, k, acceptance, statistics.median(spec_s) / new_tokens)
+    if best is None or best[0] < MIN_SPEEDUP:
+        record["chosen"] = None
+        record["why"] = "no draft x k beat full by the margin" if best else "no shared-KV draft"
+        return record
+    speedup, name, k, acceptance, seconds_per_token = best
+    record["chosen"] = f"{name}:k{k}"
+    full_info, draft_info = manifest.variants["full"], manifest.variants[name]
+    cal = full_info.calibration
+    manifest.variants[SPECULATIVE] = full_info.model_copy(update={
+        "name": SPECULATIVE, "parameters": full_info.parameters + draft_info.parameters,
+        "bytes": full_info.bytes + draft_info.bytes,
+        "quantization": f"speculative: {name} drafts {k}, full verifies",
+        "calibration": Calibration(
+            prefill_ms_per_token=cal.prefill_ms_per_token if cal else 0.0,
+            decode_ms_per_token=1000 * seconds_per_token,
+            decode_tokens_per_s=1 / seconds_per_token, threads=threads),
+        "speculative": SpeculativeInfo(
+            target="full", draft=name, k=k, acceptance_rate=round(acceptance, 4),
+            min_acceptance=break_even(acceptance, k, speedup), speedup=round(speedup, 3),
+            candidates=record["candidates"])})
+    return record
