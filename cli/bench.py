@@ -48,7 +48,17 @@ def _route(args: argparse.Namespace) -> int:
     from bench.route import WORKLOAD, report, run_bench
 
     figures = run_bench(ladder_path(args), Path(args.workload) if args.workload else WORKLOAD,
-                        threads=args.threads)
+                        threads=args.threads,
+                        clients=tuple(int(c) for c in args.clients.split(",")),
+                        requests=args.requests)
+    return _emit(figures, report, args.json)
+
+
+def _spec(args: argparse.Namespace) -> int:
+    from bench.spec import report, run_bench
+
+    figures = run_bench(ladder_path(args), draft=args.draft, k=args.k,
+                        new_tokens=args.new_tokens, rounds=args.rounds, threads=args.threads)
     return _emit(figures, report, args.json)
 
 
@@ -60,7 +70,7 @@ def _energy(args: argparse.Namespace) -> int:
 
 
 SUITES: dict[str, Callable[[argparse.Namespace], int]] = {
-    "models": _models, "serve": _serve, "route": _route, "energy": _energy}
+    "models": _models, "serve": _serve, "route": _route, "spec": _spec, "energy": _energy}
 
 
 def run(args: argparse.Namespace) -> int:
