@@ -18,7 +18,7 @@ from typing import Any
 
 from models.chat import ChatTemplate
 from models.engine.base import Engine, GenerationParams
-from models.engine.ort import OrtEngine
+from models.engine.ort import OrtEngine, use_global_thread_pool
 from models.engine.speculative import SpeculativeEngine
 from models.ladder import load_ladder
 from models.manifest import SPECULATIVE, Manifest
@@ -47,6 +47,7 @@ def _run(engine: Engine, ids: list[int], params: GenerationParams,
 
 def run_bench(ladder: Path, draft: str | None = None, k: int | None = None,
               new_tokens: int = 128, rounds: int = 3, threads: int = 2) -> dict[str, Any]:
+    use_global_thread_pool(threads)  # as the service does: draft and target share the cores
     manifest = Manifest.load(ladder)
     spec_info = manifest.variants.get(SPECULATIVE)
     chosen = spec_info.speculative if spec_info else None

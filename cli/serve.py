@@ -34,6 +34,10 @@ def run(args: argparse.Namespace) -> int:
             return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
+    from models.engine.ort import use_global_thread_pool
+
+    # one pool for every variant's session: the lane interleaves them on the same cores
+    use_global_thread_pool(settings.threads)
     # uvicorn drains in-flight requests on SIGTERM, restores this handler and re-raises the
     # signal into it: a drained shutdown then exits 0 instead of "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_zero)

@@ -11,6 +11,9 @@ existed (the build key does not change: nothing else is rebuilt).
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,7 @@ from tokenizers import Tokenizer
 
 from models.chat import ChatTemplate
 from models.engine.base import GenerationParams
-from models.engine.ort import OrtEngine
+from models.engine.ort import OrtEngine, use_global_thread_pool
 from models.engine.speculative import SpeculativeEngine
 from models.manifest import SPECULATIVE, Calibration, Manifest, SpeculativeInfo
 
@@ -50,8 +53,30 @@ def break_even(acceptance: float, k: int, speedup: float) -> float:
 
 def choose_speculative(ladder: Path, manifest: Manifest, threads: int, new_tokens: int = 48,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every draft x k, add the rung to ``manifest`` when one earns it; return the
-    record of what was measured and chosen (saved as ``manifest.speculative_choice``)."""
+    """Measure every draft x k in a fresh process whose sessions share one thread pool, as
+    the serving process's do (this one's sessions have their own pools, and two pools taking
+    turns on the same cores make any speculative pair look slow); add the rung to
+    ``manifest`` when one earns it; return the record (``manifest.speculative_choice``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "choice.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "models.pipeline.speculative", str(ladder), str(threads),
+             str(new_tokens), str(out)], capture_output=True, text=True, check=False)
+        for line in proc.stdout.splitlines():
+            log(line)
+        if proc.returncode != 0 or not out.is_file():
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"chosen": None, "why": f"measurement failed: {err}"}
+        measured = Manifest.model_validate_json(out.read_text())
+    record = measured.speculative_choice or {}
+    if SPECULATIVE in measured.variants:
+        manifest.variants[SPECULATIVE] = measured.variants[SPECULATIVE]
+    return record
+
+
+def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_tokens: int,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    """Every draft x k against full, taking turns; the rung added to ``manifest`` if earned."""
     tokenizer = Tokenizer.from_file(str(ladder / manifest.tokenizer))
     template = ChatTemplate.for_directory(ladder)
 
@@ -124,3 +149,19 @@ def choose_speculative(ladder: Path, manifest: Manifest, threads: int, new_token
             min_acceptance=break_even(acceptance, k, speedup), speedup=round(speedup, 3),
             candidates=record["candidates"])})
     return record
+
+
+def main(argv: list[str]) -> int:
+    """``python -m models.pipeline.speculative LADDER THREADS NEW_TOKENS OUT``: measure with one
+    shared thread pool and write the manifest (with the choice) to OUT."""
+    ladder, threads, new_tokens, out = Path(argv[0]), int(argv[1]), int(argv[2]), Path(argv[3])
+    use_global_thread_pool(threads)
+    manifest = Manifest.load(ladder)
+    manifest.speculative_choice = _measure_and_choose(ladder, manifest, threads, new_tokens,
+                                                      lambda m: print(m, flush=True))
+    out.write_text(manifest.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
