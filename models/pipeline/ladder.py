@@ -24,10 +24,19 @@ from models.calibrate import CALIBRATION_PROMPT, calibrate_many, cpu_name
 from models.chat import TEMPLATE_FILE, ChatTemplate
 from models.engine.base import Engine
 from models.engine.ort import OrtEngine
-from models.genai_config import adapt_builder_genai_config, write_genai_config
+from models.genai_config import adapt_builder_genai_config, normalized, write_genai_config
 from models.manifest import Calibration, Manifest, VariantInfo, default_ladder_dir
 from models.pipeline import quantize as q
-from models.pipeline.export import GENAI_BUILDER, ONNX_FILE, export_fp32, onnx_bytes
+from models.pipeline.export import (
+    GENAI_BUILDER,
+    ONNX_FILE,
+    OPTIMUM,
+    architecture_of,
+    export_decoder,
+    export_fp32,
+    exporters_for,
+    onnx_bytes,
+)
 from models.pipeline.gguf_source import DEFAULT_MODEL
 from models.pipeline.quality import QualityReport, agreement, evaluate, heldout_ids
 from models.pipeline.source import BuildError, checkpoint_hash, resolve_checkpoint
@@ -174,6 +183,31 @@ def _distil(teacher: Path, layers: int, steps: int, corpus: str, work: Path, thr
         raise BuildError(str(err)) from err
 
 
+def _export_and_evaluate(checkpoint: Path, vdir: Path, engine_for: Callable[[Path], OrtEngine],
+                         ids: list[int], opts: BuildOptions,
+                         log: Log) -> tuple[str, OrtEngine, QualityReport]:
+    """Export ``checkpoint`` into ``vdir``, load it in our decoding loop and evaluate it; return
+    (exporter, engine, report). A builder graph our loop cannot drive (e.g. a sliding-window
+    ``GroupQueryAttention`` that needs a KV buffer as long as its window) is exported again
+    with optimum where optimum covers the architecture; otherwise one :class:`BuildError` line."""
+    exporter = export_fp32(checkpoint, vdir, opts.opset, opts.genai_builder, log)
+    while True:
+        try:
+            engine = engine_for(vdir)
+            return exporter, engine, evaluate(engine, ids, opts.eval_window)
+        except Exception as err:  # onnxruntime and shape errors come in many types
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            if exporter == GENAI_BUILDER and OPTIMUM in exporters_for(checkpoint, None):
+                log(f"  the genai builder's graph does not run in our loop ({first[:200]}); "
+                    "exporting with optimum instead")
+                export_decoder(checkpoint, vdir, opts.opset)
+                exporter = OPTIMUM
+                continue
+            arch = architecture_of(checkpoint)[0]
+            raise BuildError(f"{arch}: the graph {exporter} exported is not a KV-cache decoder "
+                             f"greenroute can run ({first})") from err
+
+
 def _measure(engines: Mapping[str, Engine], prompt: list[int],
              opts: BuildOptions) -> dict[str, Calibration]:
     """Engines that will be compared are measured together, taking turns (see calibrate)."""
@@ -192,6 +226,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     log = _timed(log)
 
     teacher = resolve_checkpoint(opts.model)
+    exporters_for(teacher, opts.genai_builder)  # an architecture no exporter covers: fail now
     student: Path | None = None
     student_blocks = opts.student is not None and (Path(opts.student) / STUDENT_FILE).is_file()
     if opts.student and not student_blocks:
@@ -232,30 +267,26 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         if s_tok.is_file() and not _same_vocab(tok_path, s_tok):
             raise BuildError(f"student {opts.student} does not share the teacher's vocabulary")
     hf_cfg = json.loads((teacher / "config.json").read_text())
-    context = int(hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions") or 2048)
+    context = normalized(hf_cfg)["max_position_embeddings"] or 2048
     eos = _eos_ids(teacher)
     ids = heldout_ids(tokenizer, opts.heldout, opts.eval_tokens)
     prompt = tokenizer.encode(CALIBRATION_PROMPT, add_special_tokens=False).ids
 
     # 1. fp32 exports ---------------------------------------------------------------------
-    log(f"exporting full (fp32) from {teacher}")
-    exporters = {"full": export_fp32(teacher, out / "full", opts.opset, opts.genai_builder, log)}
-    sources_by_variant = {"full": ("teacher", teacher)}
-    if student is not None:
-        log(f"exporting distilled (fp32) from {student}")
-        exporters["distilled"] = export_fp32(student, out / "distilled", opts.opset,
-                                             opts.genai_builder, log)
-        sources_by_variant["distilled"] = ("student", student)
-    log(f"  exporters: {exporters}")
-
     def engine_for(vdir: Path) -> OrtEngine:
         return OrtEngine(vdir / ONNX_FILE, tokenizer, context, eos, threads=opts.threads)
 
+    sources_by_variant = {"full": ("teacher", teacher)}
+    if student is not None:
+        sources_by_variant["distilled"] = ("student", student)
+    exporters: dict[str, str] = {}
     reports: dict[str, QualityReport] = {}
     base_engines: dict[str, OrtEngine] = {}
-    for name in sources_by_variant:
-        base_engines[name] = engine_for(out / name)
-        reports[name] = evaluate(base_engines[name], ids, opts.eval_window)
+    for name, (_, ckpt) in sources_by_variant.items():
+        log(f"exporting {name} (fp32) from {ckpt}")
+        exporters[name], base_engines[name], reports[name] = _export_and_evaluate(
+            ckpt, out / name, engine_for, ids, opts, log)
+    log(f"  exporters: {exporters}")
     measured = _measure(base_engines, prompt, opts)
     for name in sources_by_variant:
         log(f"  {name}: ppl {reports[name].perplexity:.2f}, "
