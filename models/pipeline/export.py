@@ -57,6 +57,22 @@ def architecture_of(checkpoint: Path) -> tuple[str, str]:
     return str(archs[0]), str(cfg.get("model_type", "?"))
 
 
+def builder_not_used(checkpoint: Path) -> str | None:
+    """Why the genai builder is not used for ``checkpoint`` although it may export it, or None.
+
+    Its sliding-window attention (``GroupQueryAttention`` with ``local_window_size``) needs a KV
+    buffer at least as long as the window on every call, which our loop's prefill from an empty
+    cache (quality evaluation) does not give it; optimum's graph of the same model runs."""
+    arch, _ = architecture_of(checkpoint)
+    if arch not in GENAI_BUILDER_ARCHITECTURES:
+        return f"it does not cover {arch}"
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    window = cfg.get("sliding_window")
+    if isinstance(window, int) and cfg.get("use_sliding_window", True):
+        return f"{arch} has sliding-window attention ({window} tokens)"
+    return None
+
+
 def exporters_for(checkpoint: Path, builder_python: str | None) -> list[str]:
     """The exporters to try, best first; a :class:`BuildError` naming the architecture and what
     is supported when neither covers it."""
@@ -70,8 +86,9 @@ def exporters_for(checkpoint: Path, builder_python: str | None) -> list[str]:
             f"{checkpoint.name}: architecture {arch} (model type {model_type}) is not supported:"
             f" onnxruntime-genai's builder exports {builder}; optimum exports the model types "
             f"{', '.join(optimum_types)}")
-    order = ([GENAI_BUILDER] if by_builder and builder_python else []) + (
-        [OPTIMUM] if by_optimum else [])
+    use_builder = by_builder and bool(builder_python) and (
+        not by_optimum or builder_not_used(checkpoint) is None)
+    order = ([GENAI_BUILDER] if use_builder else []) + ([OPTIMUM] if by_optimum else [])
     if not order:
         raise BuildError(f"{checkpoint.name}: architecture {arch} is exported only by "
                          "onnxruntime-genai's builder: pass --genai-builder PYTHON (make creates "
@@ -158,8 +175,7 @@ def export_fp32(checkpoint: Path, out_dir: Path, opset: int, builder_python: str
     :class:`BuildError`."""
     order = exporters_for(checkpoint, builder_python)
     if builder_python and order[0] != GENAI_BUILDER:
-        log(f"  genai builder does not cover {architecture_of(checkpoint)[0]}; exporting with "
-            "optimum")
+        log(f"  genai builder not used: {builder_not_used(checkpoint)}; exporting with optimum")
     for exporter in order:
         if exporter == OPTIMUM:
             export_decoder(checkpoint, out_dir, opset)

@@ -27,21 +27,13 @@ from models.engine.ort import OrtEngine
 from models.genai_config import adapt_builder_genai_config, normalized, write_genai_config
 from models.manifest import Calibration, Manifest, VariantInfo, default_ladder_dir
 from models.pipeline import quantize as q
-from models.pipeline.export import (
-    GENAI_BUILDER,
-    ONNX_FILE,
-    OPTIMUM,
-    architecture_of,
-    export_decoder,
-    export_fp32,
-    exporters_for,
-    onnx_bytes,
-)
+from models.pipeline.export import GENAI_BUILDER, ONNX_FILE, exporters_for, onnx_bytes
 from models.pipeline.gguf_source import DEFAULT_MODEL
 from models.pipeline.quality import QualityReport, agreement, evaluate, heldout_ids
 from models.pipeline.source import BuildError, checkpoint_hash, resolve_checkpoint
 from models.pipeline.tasks import DEFAULT_TASKS, TaskReport, load_tasks, task_score
 from models.pipeline.tasks import MAX_NEW_TOKENS as TASK_TOKENS
+from models.pipeline.verify import export_verified
 from models.train.distil import STUDENT_FILE, assemble_student
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -183,31 +175,6 @@ def _distil(teacher: Path, layers: int, steps: int, corpus: str, work: Path, thr
         raise BuildError(str(err)) from err
 
 
-def _export_and_evaluate(checkpoint: Path, vdir: Path, engine_for: Callable[[Path], OrtEngine],
-                         ids: list[int], opts: BuildOptions,
-                         log: Log) -> tuple[str, OrtEngine, QualityReport]:
-    """Export ``checkpoint`` into ``vdir``, load it in our decoding loop and evaluate it; return
-    (exporter, engine, report). A builder graph our loop cannot drive (e.g. a sliding-window
-    ``GroupQueryAttention`` that needs a KV buffer as long as its window) is exported again
-    with optimum where optimum covers the architecture; otherwise one :class:`BuildError` line."""
-    exporter = export_fp32(checkpoint, vdir, opts.opset, opts.genai_builder, log)
-    while True:
-        try:
-            engine = engine_for(vdir)
-            return exporter, engine, evaluate(engine, ids, opts.eval_window)
-        except Exception as err:  # onnxruntime and shape errors come in many types
-            first = (str(err).splitlines() or [type(err).__name__])[0]
-            if exporter == GENAI_BUILDER and OPTIMUM in exporters_for(checkpoint, None):
-                log(f"  the genai builder's graph does not run in our loop ({first[:200]}); "
-                    "exporting with optimum instead")
-                export_decoder(checkpoint, vdir, opts.opset)
-                exporter = OPTIMUM
-                continue
-            arch = architecture_of(checkpoint)[0]
-            raise BuildError(f"{arch}: the graph {exporter} exported is not a KV-cache decoder "
-                             f"greenroute can run ({first})") from err
-
-
 def _measure(engines: Mapping[str, Engine], prompt: list[int],
              opts: BuildOptions) -> dict[str, Calibration]:
     """Engines that will be compared are measured together, taking turns (see calibrate)."""
@@ -284,8 +251,9 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     base_engines: dict[str, OrtEngine] = {}
     for name, (_, ckpt) in sources_by_variant.items():
         log(f"exporting {name} (fp32) from {ckpt}")
-        exporters[name], base_engines[name], reports[name] = _export_and_evaluate(
-            ckpt, out / name, engine_for, ids, opts, log)
+        exporters[name], base_engines[name] = export_verified(
+            ckpt, out / name, engine_for, ids, opts.opset, opts.genai_builder, log)
+        reports[name] = evaluate(base_engines[name], ids, opts.eval_window)
     log(f"  exporters: {exporters}")
     measured = _measure(base_engines, prompt, opts)
     for name in sources_by_variant:
