@@ -165,7 +165,20 @@ def export_with_genai_builder(checkpoint: Path, out_dir: Path, builder_python: s
     for name in _HF_SIDECARS:
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, out_dir / name)
+    _state_head_dim(out_dir / "config.json")
     return out_dir / ONNX_FILE
+
+
+def _state_head_dim(config_file: Path) -> None:
+    """Write the KV head size into the variant's copy of ``config.json`` where the checkpoint
+    saved ``"head_dim": null`` (Mistral does): the builder's graphs leave it symbolic and a
+    quantized copy of the variant (no ``genai_config.json`` yet) reads it from there."""
+    from models.genai_config import normalized
+
+    cfg = json.loads(config_file.read_text())
+    if "head_dim" in cfg and cfg["head_dim"] is None:
+        cfg["head_dim"] = normalized(cfg)["head_dim"]
+        config_file.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def export_fp32(checkpoint: Path, out_dir: Path, opset: int, builder_python: str | None,

@@ -46,11 +46,9 @@ CANDIDATES_4BIT = (CANDIDATE_4BIT, CANDIDATE_Q4_REPACK_OFFSET)
 
 
 def _copy_sidecars(src_dir: Path, dst_dir: Path) -> None:
-    """Copy config/tokenizer files so the quantized directory is a complete variant (with the
-    builder's ``genai_config.json``, which gives the KV head size its graphs leave symbolic when
-    ``config.json`` says ``"head_dim": null``; the ladder rewrites it for the final variants)."""
+    """Copy config/tokenizer files so the quantized directory is a complete variant."""
     for f in src_dir.iterdir():
-        if f.is_file() and f.suffix == ".json":
+        if f.is_file() and f.suffix == ".json" and f.name != "genai_config.json":
             shutil.copy2(f, dst_dir / f.name)
 
 
