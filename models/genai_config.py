@@ -12,17 +12,49 @@ from pathlib import Path
 from typing import Any
 
 
+def normalized(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The attributes every decoder has, under their common names, read through transformers'
+    config class for the model type (its ``attribute_map``: GPT-2's ``n_head``, ``n_embd``,
+    ``n_layer``, ``n_positions`` are ``num_attention_heads``, ``hidden_size``...). A model type
+    transformers does not know is read as written."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = hf_config.get("model_type", "")
+    # (CONFIG_MAPPING is lazy: its ``get`` always answers None, ``in`` and ``[]`` work)
+    cfg: Any = (CONFIG_MAPPING[model_type].from_dict(hf_config)
+                if model_type in CONFIG_MAPPING else None)
+
+    def get(name: str, default: Any = None) -> Any:
+        value = getattr(cfg, name, None) if cfg is not None else None
+        return hf_config.get(name, default) if value is None else value
+
+    def number(name: str) -> int:
+        value = get(name)
+        return int(value) if isinstance(value, int | float) else 0
+
+    heads, hidden = number("num_attention_heads"), number("hidden_size")
+    return {  # 0: the config does not say (state-space models have no attention heads)
+        "num_attention_heads": heads,
+        "hidden_size": hidden,
+        "num_hidden_layers": number("num_hidden_layers"),
+        "num_key_value_heads": number("num_key_value_heads") or heads,
+        "head_dim": number("head_dim") or (hidden // heads if heads else 0),
+        "max_position_embeddings": number("max_position_embeddings"),
+        "vocab_size": number("vocab_size"),
+    }
+
+
 def genai_config(hf_config: dict[str, Any], onnx_filename: str, threads: int,
                  device: str = "cpu") -> dict[str, Any]:
     """The config dict for one variant directory (``hf_config`` is its ``config.json``)."""
-    heads = int(hf_config["num_attention_heads"])
-    hidden = int(hf_config["hidden_size"])
+    norm = normalized(hf_config)
+    heads, hidden = norm["num_attention_heads"], norm["hidden_size"]
     eos = hf_config.get("eos_token_id", 0)
     provider_options: list[dict[str, Any]] = [{"cuda": {}}] if device == "cuda" else []
     return {
         "model": {
             "bos_token_id": hf_config.get("bos_token_id", eos),
-            "context_length": int(hf_config["max_position_embeddings"]),
+            "context_length": norm["max_position_embeddings"],
             "decoder": {
                 "session_options": {
                     "log_id": "onnxruntime-genai",
@@ -31,7 +63,7 @@ def genai_config(hf_config: dict[str, Any], onnx_filename: str, threads: int,
                     "provider_options": provider_options,
                 },
                 "filename": onnx_filename,
-                "head_size": int(hf_config.get("head_dim") or hidden // heads),
+                "head_size": norm["head_dim"],
                 "hidden_size": hidden,
                 "inputs": {
                     "input_ids": "input_ids",
@@ -46,17 +78,17 @@ def genai_config(hf_config: dict[str, Any], onnx_filename: str, threads: int,
                     "present_value_names": "present.%d.value",
                 },
                 "num_attention_heads": heads,
-                "num_hidden_layers": int(hf_config["num_hidden_layers"]),
-                "num_key_value_heads": int(hf_config.get("num_key_value_heads") or heads),
+                "num_hidden_layers": norm["num_hidden_layers"],
+                "num_key_value_heads": norm["num_key_value_heads"],
             },
             "eos_token_id": eos,
             "pad_token_id": hf_config.get("pad_token_id", eos),
             "type": hf_config.get("model_type", "llama"),
-            "vocab_size": int(hf_config["vocab_size"]),
+            "vocab_size": norm["vocab_size"],
         },
         "search": {
             "do_sample": False,
-            "max_length": int(hf_config["max_position_embeddings"]),
+            "max_length": norm["max_position_embeddings"],
             "min_length": 0,
             "num_beams": 1,
             "num_return_sequences": 1,

@@ -24,16 +24,17 @@ from models.calibrate import CALIBRATION_PROMPT, calibrate_many, cpu_name
 from models.chat import TEMPLATE_FILE, ChatTemplate
 from models.engine.base import Engine
 from models.engine.ort import OrtEngine
-from models.genai_config import adapt_builder_genai_config, write_genai_config
+from models.genai_config import adapt_builder_genai_config, normalized, write_genai_config
 from models.manifest import Calibration, Manifest, VariantInfo, default_ladder_dir
 from models.pipeline import quantize as q
-from models.pipeline.export import GENAI_BUILDER, ONNX_FILE, export_fp32, onnx_bytes
+from models.pipeline.export import GENAI_BUILDER, ONNX_FILE, exporters_for, onnx_bytes
 from models.pipeline.gguf_source import DEFAULT_MODEL
 from models.pipeline.quality import QualityReport, agreement, evaluate, heldout_ids
 from models.pipeline.source import BuildError, checkpoint_hash, resolve_checkpoint
 from models.pipeline.speculative import choose_speculative
 from models.pipeline.tasks import DEFAULT_TASKS, TaskReport, load_tasks, task_score
 from models.pipeline.tasks import MAX_NEW_TOKENS as TASK_TOKENS
+from models.pipeline.verify import export_verified
 from models.train.distil import STUDENT_FILE, assemble_student
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -194,6 +195,7 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     log = _timed(log)
 
     teacher = resolve_checkpoint(opts.model)
+    exporters_for(teacher, opts.genai_builder)  # an architecture no exporter covers: fail now
     student: Path | None = None
     student_blocks = opts.student is not None and (Path(opts.student) / STUDENT_FILE).is_file()
     if opts.student and not student_blocks:
@@ -242,30 +244,27 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         if s_tok.is_file() and not _same_vocab(tok_path, s_tok):
             raise BuildError(f"student {opts.student} does not share the teacher's vocabulary")
     hf_cfg = json.loads((teacher / "config.json").read_text())
-    context = int(hf_cfg.get("max_position_embeddings") or hf_cfg.get("n_positions") or 2048)
+    context = normalized(hf_cfg)["max_position_embeddings"] or 2048
     eos = _eos_ids(teacher)
     ids = heldout_ids(tokenizer, opts.heldout, opts.eval_tokens)
     prompt = tokenizer.encode(CALIBRATION_PROMPT, add_special_tokens=False).ids
 
     # 1. fp32 exports ---------------------------------------------------------------------
-    log(f"exporting full (fp32) from {teacher}")
-    exporters = {"full": export_fp32(teacher, out / "full", opts.opset, opts.genai_builder, log)}
-    sources_by_variant = {"full": ("teacher", teacher)}
-    if student is not None:
-        log(f"exporting distilled (fp32) from {student}")
-        exporters["distilled"] = export_fp32(student, out / "distilled", opts.opset,
-                                             opts.genai_builder, log)
-        sources_by_variant["distilled"] = ("student", student)
-    log(f"  exporters: {exporters}")
-
     def engine_for(vdir: Path) -> OrtEngine:
         return OrtEngine(vdir / ONNX_FILE, tokenizer, context, eos, threads=opts.threads)
 
+    sources_by_variant = {"full": ("teacher", teacher)}
+    if student is not None:
+        sources_by_variant["distilled"] = ("student", student)
+    exporters: dict[str, str] = {}
     reports: dict[str, QualityReport] = {}
     base_engines: dict[str, OrtEngine] = {}
-    for name in sources_by_variant:
-        base_engines[name] = engine_for(out / name)
+    for name, (_, ckpt) in sources_by_variant.items():
+        log(f"exporting {name} (fp32) from {ckpt}")
+        exporters[name], base_engines[name] = export_verified(
+            ckpt, out / name, engine_for, ids, opts.opset, opts.genai_builder, log)
         reports[name] = evaluate(base_engines[name], ids, opts.eval_window)
+    log(f"  exporters: {exporters}")
     measured = _measure(base_engines, prompt, opts)
     for name in sources_by_variant:
         log(f"  {name}: ppl {reports[name].perplexity:.2f}, "

@@ -52,6 +52,8 @@ def student_from_teacher(teacher: Any, layers: int) -> tuple[Any, list[int]]:
     attr = _layers_attr(cfg)
     picks = layer_picks(int(getattr(cfg, attr)), layers)
     setattr(cfg, attr, layers)
+    if isinstance(getattr(cfg, "layer_types", None), list):  # per-block kinds (Gemma, Qwen):
+        cfg.layer_types = [cfg.layer_types[i] for i in picks]  # each kept block keeps its own
     student = AutoModelForCausalLM.from_config(cfg)
     t_state = teacher.state_dict()
     new_state = {}
@@ -86,6 +88,8 @@ def assemble_student(teacher_dir: Path, student_dir: Path, out: Path) -> Path:
     cfg = json.loads((teacher_dir / "config.json").read_text())
     attr = next(a for a in ("num_hidden_layers", "n_layer", "num_layers") if a in cfg)
     cfg[attr] = int(meta["layers"])
+    if isinstance(cfg.get("layer_types"), list):  # as student_from_teacher set them
+        cfg["layer_types"] = [cfg["layer_types"][i] for i in meta["teacher_blocks"]]
     cfg["torch_dtype"] = cfg["dtype"] = "float32"
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}

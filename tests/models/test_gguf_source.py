@@ -84,15 +84,20 @@ def _gguf_name(hf_name: str) -> str:
              "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
     if hf_name in fixed:
         return fixed[hf_name]
-    _, _, layer, module = hf_name.removesuffix(".weight").split(".", 3)
-    return f"blk.{layer}.{BLOCK_NAMES[module]}.weight"
+    stem, _, kind = hf_name.rpartition(".")  # weight or bias (Qwen2's q/k/v projections)
+    _, _, layer, module = stem.split(".", 3)
+    return f"blk.{layer}.{BLOCK_NAMES[module]}.{kind}"
+
+
+QUANT_TYPES = ("Q8_0", "Q4_0")  # llama.cpp's 8-bit and 4-bit block types (32 values a block)
 
 
 def write_gguf(path: Path, model: Any, tok: Any, *, quant: str = "F32",
                chat_template: str | None = None, bos_id: int = IM_START,
                eos_id: int = ENDOFTEXT, arch: str = "llama") -> Path:
-    """Write ``model`` + ``tok`` as a llama.cpp-style Llama GGUF; ``quant="Q8_0"`` quantizes the
-    2-D matrices (norms stay F32, as llama.cpp keeps them)."""
+    """Write ``model`` + ``tok`` as a llama.cpp-style GGUF of ``arch`` (``llama``, or ``qwen2``:
+    the same tensor names plus q/k/v biases, and no rope permutation); ``quant`` ``Q8_0`` or
+    ``Q4_0`` quantizes the 2-D matrices (norms and biases stay F32, as llama.cpp keeps them)."""
     import gguf
 
     cfg = model.config
@@ -109,8 +114,7 @@ def write_gguf(path: Path, model: Any, tok: Any, *, quant: str = "F32",
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "Q8_0"
-                         else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant}", gguf.LlamaFileType.ALL_F32))
     spec = json.loads(tok.to_str())
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     writer.add_tokenizer_model("gpt2")
@@ -129,12 +133,12 @@ def write_gguf(path: Path, model: Any, tok: Any, *, quant: str = "F32",
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         weights = tensor.detach().numpy().astype(np.float32)
-        if ".q_proj." in name:
+        if arch == "llama" and ".q_proj." in name:
             weights = _rope_permute(weights, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif ".k_proj." in name:
+        elif arch == "llama" and ".k_proj." in name:
             weights = _rope_permute(weights, cfg.num_attention_heads, cfg.num_key_value_heads)
-        if quant == "Q8_0" and weights.ndim == 2:
-            qtype = gguf.GGMLQuantizationType.Q8_0
+        if quant in QUANT_TYPES and weights.ndim == 2:
+            qtype = getattr(gguf.GGMLQuantizationType, quant)
             writer.add_tensor(_gguf_name(name), gguf.quants.quantize(weights, qtype),
                               raw_dtype=qtype)
         else:
