@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app.deps import RecentDep, ServiceDep, SettingsDep, require_api_key
 from app.errors import sse_error, stream_error
 from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
+from app.recent import RecentRequests
 from app.routes.common import (
     COST_HEADERS,
     SSE_HEADERS,
@@ -32,7 +33,6 @@ from app.schemas import (
     VariantList,
     VariantOut,
 )
-from app.recent import RecentRequests
 from app.service import Call, Outcome, Run
 
 router = APIRouter(dependencies=[Depends(require_api_key)])

@@ -34,6 +34,7 @@ from app.openai_schemas import (
     OpenAIUsage,
 )
 from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
+from app.recent import RecentRequests
 from app.routes.common import (
     COST_HEADERS,
     SSE_HEADERS,
@@ -46,7 +47,6 @@ from app.routes.common import (
     pinned,
     sse,
 )
-from app.recent import RecentRequests
 from app.service import Call, GenerationService, Outcome, Run
 from app.settings import Settings
 from models.chat import ChatTemplate

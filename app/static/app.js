@@ -201,17 +201,21 @@
     const prompt = $("prompt").value;
     if (!prompt.trim()) throw new RangeError("Write a prompt first.");
     const tokens = readNumber("max-tokens");
+    const temperature = readNumber("temperature");
     const latency = readNumber("latency");
     const quality = readNumber("min-quality");
     const joules = readNumber("max-joules");
     const variant = $("variant").value;
     if (mode === "completion") {
       const budget = { latency_ms: latency, min_quality: quality, max_joules: joules };
-      return ["/v1/generate", { prompt, max_new_tokens: tokens, stream: true, variant, budget }];
+      return ["/v1/generate", {
+        prompt, max_new_tokens: tokens, temperature, stream: true, variant, budget,
+      }];
     }
     return ["/v1/chat/completions", {
       model: variant, messages: [{ role: "user", content: prompt }], max_tokens: tokens,
-      stream: true, latency_budget_ms: latency, min_quality: quality, max_joules: joules,
+      temperature, stream: true, latency_budget_ms: latency, min_quality: quality,
+      max_joules: joules,
     }];
   }
 
