@@ -202,6 +202,7 @@
     if (!prompt.trim()) throw new RangeError("Write a prompt first.");
     const tokens = readNumber("max-tokens");
     const temperature = readNumber("temperature");
+    const seed = readNumber("seed");
     const latency = readNumber("latency");
     const quality = readNumber("min-quality");
     const joules = readNumber("max-joules");
@@ -209,12 +210,12 @@
     if (mode === "completion") {
       const budget = { latency_ms: latency, min_quality: quality, max_joules: joules };
       return ["/v1/generate", {
-        prompt, max_new_tokens: tokens, temperature, stream: true, variant, budget,
+        prompt, max_new_tokens: tokens, temperature, seed, stream: true, variant, budget,
       }];
     }
     return ["/v1/chat/completions", {
       model: variant, messages: [{ role: "user", content: prompt }], max_tokens: tokens,
-      temperature, stream: true, latency_budget_ms: latency, min_quality: quality,
+      temperature, seed, stream: true, latency_budget_ms: latency, min_quality: quality,
       max_joules: joules,
     }];
   }

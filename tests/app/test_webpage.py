@@ -24,6 +24,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 KEY = "webpage-test-key-0123456789"
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("GREENROUTE_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
+PROMPT = "Tell me about energy."
 WAIT_S = 120  # generous: the machine may be busy; nothing here measures time
 
 
@@ -44,11 +45,18 @@ def browser() -> Iterator[Any]:
                 "--window-size=1280,800", "--hide-scrollbars"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_window_size(1280, 800)
     try:
+        set_viewport(driver, 1280, 800)
         yield driver
     finally:
         driver.quit()
+
+
+def set_viewport(driver: Any, width: int, height: int) -> None:
+    """Size the window so that the page itself gets ``width`` × ``height`` CSS pixels."""
+    extra_w, extra_h = driver.execute_script(
+        "return [outerWidth - innerWidth, outerHeight - innerHeight]")
+    driver.set_window_size(width + extra_w, height + extra_h)
 
 
 def wait(driver: Any, condition: Callable[[Any], Any], what: str) -> Any:
@@ -79,6 +87,11 @@ def finished(driver: Any, previous: str = "") -> bool:
         return True
     shown = driver.find_elements("css selector", "#result:not([hidden])")
     return bool(shown) and text(driver, "r-id") not in ("", previous)
+
+
+def answer_text(driver: Any) -> str:
+    """The streamed answer exactly as received (``.text`` would trim its whitespace)."""
+    return str(driver.execute_script("return document.getElementById('answer').textContent"))
 
 
 def no_horizontal_scroll(driver: Any) -> bool:
@@ -115,17 +128,20 @@ def test_page_streams_a_routed_answer_and_shows_its_cost(
         ".map(e => e.id || e.name);")
     assert unlabelled == []
 
-    # 1. chat, routed under a quality floor of 1.0: only the reference model is eligible
-    browser.find_element("id", "prompt").send_keys("Tell me about energy.")
+    # 1. chat, routed under a quality floor of 1.0 (only the reference model is eligible),
+    # sampled with a seed (the tiny model's greedy answer is all newlines)
+    browser.find_element("id", "prompt").send_keys(PROMPT)
     browser.find_element("id", "min-quality").send_keys("1")
-    browser.find_element("id", "max-tokens").clear()
-    browser.find_element("id", "max-tokens").send_keys("24")
+    for field, typed in (("max-tokens", "24"), ("temperature", "1"), ("seed", "7")):
+        browser.find_element("id", field).clear()
+        browser.find_element("id", field).send_keys(typed)
     browser.find_element("id", "send").click()
     wait(browser, finished, "the first answer")
     assert text(browser, "form-error") == ""
     answer = browser.find_element("id", "answer")
-    assert answer.text.strip() and int(answer.get_attribute("data-events")) >= 1
     assert answer.get_attribute("data-state") == "done"
+    streamed = answer_text(browser)
+    assert int(answer.get_attribute("data-events")) >= 1 and streamed.strip()
     assert value(browser, "r-variant") == "full"
     request_id = text(browser, "r-id")
     entries = {e["id"]: e for e in api.get("/v1/requests/recent").json()["data"]}
@@ -138,6 +154,11 @@ def test_page_streams_a_routed_answer_and_shows_its_cost(
     # the only request so far: the service's own counter holds the same joules
     assert server.metric("greenroute_energy_joules_total", variant="full") == joules
     assert float(value(browser, "r-watts")) == entry["energy"]["avg_watts"]
+    # the tokens that arrived are the API's answer to the same request on the same variant
+    same = api.post("/v1/chat/completions", json={
+        "model": "full", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24,
+        "temperature": 1.0, "seed": 7}).json()
+    assert streamed == same["choices"][0]["message"]["content"]
     assert text(browser, "r-source").startswith(entry["energy"]["source"])
     route = {r.get_attribute("data-variant"): r for r in
              browser.find_elements("css selector", "#route tbody tr")}
@@ -146,6 +167,7 @@ def test_page_streams_a_routed_answer_and_shows_its_cost(
     for name, row in route.items():
         if name != "full":
             assert row.text.endswith("no: quality below floor"), row.text
+    assert browser.execute_script("return [innerWidth, innerHeight]") == [1280, 800]
     assert no_horizontal_scroll(browser)
     browser.save_screenshot(str(ARTIFACTS / "webpage.png"))
 
@@ -164,21 +186,22 @@ def test_page_streams_a_routed_answer_and_shows_its_cost(
     entry = {e["id"]: e for e in api.get("/v1/requests/recent").json()["data"]}[second]
     assert entry["endpoint"] == "/v1/generate" and entry["pinned"]
     assert float(value(browser, "r-joules")) == entry["energy"]["joules"]
-    # greedy decoding: the streamed text is what the API answers for the same request
     same = api.post("/v1/generate", json={"prompt": "The sun is", "max_new_tokens": 24,
-                                          "temperature": 0.0, "variant": "distilled"}).json()
-    assert browser.execute_script("return document.getElementById('answer').textContent") \
-        == same["text"]
+                                          "temperature": 1.0, "seed": 7,
+                                          "variant": "distilled"}).json()
+    assert answer_text(browser) == same["text"] and same["text"].strip()
 
-    # the chart has drawn both requests, one series per variant
-    wait(browser, lambda d: "2 recent requests" in d.find_element("id", "chart-summary").text
-         or "3 recent requests" in d.find_element("id", "chart-summary").text, "the chart")
+    # the chart has drawn the requests, one series (legend entry) per variant
+    def legend(d: Any) -> set[str]:
+        return {e.text for e in d.find_elements("css selector", "#chart .u-legend th")}
+
+    wait(browser, lambda d: {"full", "distilled"} <= legend(d), "the chart's series")
     assert browser.find_elements("css selector", "#chart canvas")
-    legend = [e.text for e in browser.find_elements("css selector", "#chart .u-legend th")]
-    assert any("full" in x for x in legend) and any("distilled" in x for x in legend)
+    assert "recent requests" in text(browser, "chart-summary")
 
     # a narrow window: one column, nothing wider than the window
-    browser.set_window_size(420, 900)
+    set_viewport(browser, 420, 860)
+    assert browser.execute_script("return innerWidth") == 420
     wait(browser, no_horizontal_scroll, "the narrow layout")
     browser.save_screenshot(str(ARTIFACTS / "webpage-narrow.png"))
     assert (ARTIFACTS / "webpage.png").stat().st_size > 10_000
