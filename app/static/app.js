@@ -94,8 +94,8 @@
   function renderLadder(body) {
     variantNames = body.data.map((v) => v.name);
     const m = body.energy_meter;
-    $("ladder-meta").textContent = `On ${body.device}; energy from ${m.source}` +
-      `${m.estimated ? " (an estimate)" : ""}; device power now ${fixed(body.power_watts, 1)} W` +
+    $("ladder-meta").textContent = `Energy meter: ${m.description}. ` +
+      `Device power now ${fixed(body.power_watts, 1)} W` +
       `${body.power_capped ? ", over its cap" : ""}. Tokens/s and J/token are the router's ` +
       "live decode estimates.";
     const tbody = $("ladder").tBodies[0];
@@ -157,7 +157,14 @@
     const opts = {
       width: Math.max(box.clientWidth, 200),
       height: 260,
-      scales: { x: { time: true }, y: { range: (_u, lo, hi) => [0, hi > 0 ? hi * 1.15 : 1] } },
+      scales: {
+        // at least a minute wide (for a lone point uPlot would otherwise span years)
+        x: { time: true, range: (_u, lo, hi) => {
+          const pad = Math.max(0, 60 - (hi - lo)) / 2;
+          return [lo - pad, hi + pad];
+        } },
+        y: { range: (_u, _lo, hi) => [0, hi > 0 ? hi * 1.15 : 1] },
+      },
       axes: [{}, { label: "joules per request", size: 70 }],
       series: [{ label: "time" }, ...names.map((n) => ({
         label: n,
