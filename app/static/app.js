@@ -283,13 +283,15 @@
     $("stop").disabled = false;
     let record = null;
     let id = null;
+    let usage = null;
+    let served = null;
     try {
       const resp = await api(path, {
         method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body), signal: running.signal,
       });
       if (!resp.ok) throw new Error(await errorText(resp));
-      const served = resp.headers.get("X-Greenroute-Variant");
+      served = resp.headers.get("X-Greenroute-Variant");
       $("answer-meta").textContent = `Streaming from ${served}…`;
       for await (const data of sseData(resp)) {
         if (data === "[DONE]") break;
@@ -302,12 +304,13 @@
           id = id || msg.id.replace(/^chatcmpl-/, "");
           const delta = msg.choices[0].delta.content;
           if (delta) appendToken(delta);
+          if (msg.usage) usage = msg.usage;
         }
       }
       if (mode === "chat" && id) {
         // the chat answer carries usage and energy only: the route comes from the recent list
         const entries = await loadRecent();
-        record = entries.find((e) => e.id === id) || null;
+        record = entries.find((e) => e.id === id) || fromUsage(id, served, usage);
       }
       if (!record) throw new Error("the answer ended without its cost");
       setAnswerState("done");
@@ -328,6 +331,21 @@
     refresh();
   }
 
+  // a chat answer no longer in the recent list (a busy server): its cost without the route
+  function fromUsage(id, variant, u) {
+    if (!u) return null;
+    return {
+      id, variant, latency_ms: null, route: null,
+      usage: { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens },
+      energy: {
+        joules: u.energy_joules, avg_watts: u.avg_watts, source: u.energy_source, device: "",
+        estimated: u.energy_estimated, gco2e: u.gco2e,
+        joules_per_token: u.completion_tokens ? u.energy_joules / u.completion_tokens : null,
+        note: "The route is no longer in this server's list of recent requests.",
+      },
+    };
+  }
+
   function setNumber(id, value, digits) {
     const el = $(id);
     el.textContent = num(value, digits);
@@ -338,12 +356,13 @@
     const e = r.energy;
     $("r-variant").textContent = r.variant;
     $("r-variant").dataset.value = r.variant;
-    $("r-reason").textContent = r.route.reason.replaceAll("_", " ");
+    const reason = r.route ? r.route.reason.replaceAll("_", " ") : "–";
+    $("r-reason").textContent = reason;
     setNumber("r-joules", e.joules);
     setNumber("r-watts", e.avg_watts, 3);
     setNumber("r-jpt", e.joules_per_token);
     const estimated = e.estimated && e.source !== "estimate" ? " (estimated)" : "";
-    $("r-source").textContent = `${e.source}${estimated} on ${e.device}`;
+    $("r-source").textContent = `${e.source}${estimated}${e.device ? ` on ${e.device}` : ""}`;
     $("r-gco2e-row").hidden = e.gco2e === null || e.gco2e === undefined;
     setNumber("r-gco2e", e.gco2e);
     setNumber("r-latency", r.latency_ms, 4);
@@ -353,7 +372,7 @@
     $("r-note").textContent = e.note || "";
     const tbody = $("route").tBodies[0];
     tbody.replaceChildren();
-    for (const c of r.route.candidates) {
+    for (const c of r.route ? r.route.candidates : []) {
       const row = tbody.insertRow();
       row.dataset.variant = c.variant;
       if (c.variant === r.variant) row.className = "chosen";
@@ -365,7 +384,7 @@
       cell(row, c.eligible ? "yes" : `no: ${c.why.replaceAll("_", " ")}`, "why");
     }
     $("result").hidden = false;
-    const summary = `Served by ${r.variant} (${r.route.reason.replaceAll("_", " ")}): ` +
+    const summary = `Served by ${r.variant} (${reason}): ` +
       `${num(e.joules)} J at ${num(e.avg_watts, 3)} W.`;
     $("answer-meta").textContent = summary;
     status(`Done. ${summary}`);
