@@ -49,12 +49,14 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-# Programs (Debian packages) that tests drive for real: a Prometheus server scraping the service.
-# Installed with apt-get when missing and we are root (or have sudo); otherwise their tests say
-# what to install (skipped outside CI, failed under CI=true).
-SYSTEM_TOOLS ?= prometheus
+# Programs (Debian packages) that tests drive for real: a Prometheus server scraping the service,
+# headless Chromium and its WebDriver driving the web page. `program:package` where the names
+# differ. Installed with apt-get when missing and we are root (or have sudo); otherwise their
+# tests say what to install (skipped outside CI, failed under CI=true).
+SYSTEM_TOOLS ?= prometheus chromium chromedriver:chromium-driver
 system-deps:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for spec in $(SYSTEM_TOOLS); do \
+	  command -v $${spec%%:*} >/dev/null || missing="$$missing $${spec#*:}"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo="sudo -n"; \
 	else echo "not installed:$$missing (apt-get install$$missing)"; exit 0; fi; \

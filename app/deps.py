@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.errors import ApiError
+from app.recent import RecentRequests
 from app.service import GenerationService
 from app.settings import Settings
 
@@ -25,8 +26,14 @@ def get_service(request: Request) -> GenerationService:
     return service
 
 
+def get_recent(request: Request) -> RecentRequests:
+    recent: RecentRequests = request.app.state.recent
+    return recent
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[GenerationService, Depends(get_service)]
+RecentDep = Annotated[RecentRequests, Depends(get_recent)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 
 from app.errors import envelope, install_error_handlers
 from app.openapi import document
-from app.routes import native, openai, ops
+from app.recent import RecentRequests
+from app.routes import native, openai, ops, recent, ui
 from app.service import GenerationService
 from app.settings import Settings
 from models.calibrate import CALIBRATION_PROMPT, calibrate, cpu_name, measure_step_slope
@@ -139,6 +140,7 @@ def seed_costs(ladder: LoadedLadder, meter: EnergyMeter) -> dict[str, CostModel]
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
+    state.recent = RecentRequests(state.settings.recent_requests)
 
     async def load() -> None:
         try:
@@ -226,5 +228,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(recent.router)
+    ui.mount(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     return app

@@ -143,6 +143,38 @@ class GenerateResponse(BaseModel):
     route: RouteOut
 
 
+# -- recent requests (GET /v1/requests/recent) ---------------------------------------------
+class BudgetOut(BaseModel):
+    """The budget a request was routed under, server defaults filled in."""
+
+    latency_ms: float
+    min_quality: float
+    max_joules: float | None
+
+
+class RecentRequest(BaseModel):
+    """One finished request's cost and route (no prompt, no text)."""
+
+    id: str
+    endpoint: str
+    finished_at: float = Field(description="when it finished, Unix seconds")
+    variant: str
+    pinned: bool = Field(description="the caller named the variant")
+    finish_reason: FinishReason
+    usage: Usage
+    budget: BudgetOut
+    energy: EnergyOut
+    latency_ms: float
+    queue_ms: float
+    route: RouteOut
+
+
+class RecentList(BaseModel):
+    object: Literal["list"] = "list"
+    size: int = Field(description="most entries kept (GREENROUTE_RECENT_REQUESTS)")
+    data: list[RecentRequest] = Field(description="newest last")
+
+
 # -- ladder and operations --------------------------------------------------------------------
 class EnergyMeterOut(BaseModel):
     source: str

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
                             "429")
     request_timeout_s: float = Field(120.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
+    recent_requests: int = Field(200, ge=1, le=10_000, description="finished requests kept "
+                                 "in memory for GET /v1/requests/recent and the web page")
 
     # security
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

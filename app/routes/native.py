@@ -8,9 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.deps import ServiceDep, SettingsDep, require_api_key
+from app.deps import RecentDep, ServiceDep, SettingsDep, require_api_key
 from app.errors import sse_error, stream_error
 from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
+from app.recent import RecentRequests
 from app.routes.common import (
     COST_HEADERS,
     SSE_HEADERS,
@@ -48,12 +49,13 @@ def response_body(o: Outcome) -> GenerateResponse:
         energy=energy_out(o), latency_ms=o.latency_ms, queue_ms=o.queue_ms, route=route_out(o))
 
 
-async def _events(run: Run) -> AsyncIterator[str]:
+async def _events(run: Run, recent: RecentRequests) -> AsyncIterator[str]:
     """``token`` events, then ``done``; a failure after the start ends the stream with one
     ``{"type": "error", "error": {...}}`` event instead of ``done``."""
     try:
         async for event in run.events():
             if isinstance(event, Outcome):
+                recent.add(run.call, event)  # before `done`: a reader of the list finds it
                 yield sse({"type": "done", **response_body(event).model_dump(mode="json")})
             elif event.text or event.finish_reason:
                 yield sse({"type": "token", "index": event.index, "text": event.text,
@@ -66,7 +68,7 @@ async def _events(run: Run) -> AsyncIterator[str]:
              responses=answers(GenerateResponse, *GENERATION_ERRORS, stream=STREAM,
                                headers=COST_HEADERS))
 async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
-                   settings: SettingsDep) -> Any:
+                   settings: SettingsDep, recent: RecentDep) -> Any:
     """Generate text on the variant the router picks for the budget (or the pinned one)."""
     params = make_params(settings, max_new_tokens=body.max_new_tokens,
                          temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -78,9 +80,10 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
                 endpoint=ENDPOINT, variant=pinned(body.variant), stream=body.stream)
     run = service.open(call)
     if body.stream:
-        return StreamingResponse(_events(run), media_type="text/event-stream",
+        return StreamingResponse(_events(run, recent), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
     outcome = await finish(run, request)
+    recent.add(call, outcome)
     return JSONResponse(response_body(outcome).model_dump(mode="json"),
                         headers=cost_headers(outcome))
 

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.deps import ServiceDep, SettingsDep, require_api_key
+from app.deps import RecentDep, ServiceDep, SettingsDep, require_api_key
 from app.errors import ApiError, sse_error, stream_error
 from app.openai_schemas import (
     AssistantMessage,
@@ -35,6 +35,7 @@ from app.openai_schemas import (
     openai_finish_reason,
 )
 from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
+from app.recent import RecentRequests
 from app.routes.common import (
     COST_HEADERS,
     SSE_HEADERS,
@@ -132,13 +133,14 @@ def _open(service: GenerationService, call: Call) -> Run:
 ChunkFn = Callable[[str, str | None, bool], dict[str, Any]]
 
 
-async def _stream(run: Run, chunk: ChunkFn) -> AsyncIterator[str]:
+async def _stream(run: Run, chunk: ChunkFn, recent: RecentRequests) -> AsyncIterator[str]:
     """Chunks, then ``data: [DONE]``; a failure after the start sends one
     ``{"error": {...}}`` event (as OpenAI and vLLM do) before ``[DONE]``."""
     first = True
     try:
         async for event in run.events():
             if isinstance(event, Outcome):  # last chunk: finish reason, usage and energy
+                recent.add(run.call, event)  # before the chunk: a reader of the list finds it
                 yield sse({**chunk("", openai_finish_reason(event.finish_reason), False),
                            "usage": _usage_json(event)})
             elif event.text or first:
@@ -150,12 +152,14 @@ async def _stream(run: Run, chunk: ChunkFn) -> AsyncIterator[str]:
 
 
 async def _answer(stream: bool, run: Run, request: Request, chunk: ChunkFn,
-                  whole: Callable[[Outcome], Completion | ChatCompletion]) -> Any:
+                  whole: Callable[[Outcome], Completion | ChatCompletion],
+                  recent: RecentRequests) -> Any:
     """SSE chunks when streaming, else one JSON body (``whole``) with usage and energy."""
     if stream:
-        return StreamingResponse(_stream(run, chunk), media_type="text/event-stream",
+        return StreamingResponse(_stream(run, chunk, recent), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
     o = await finish(run, request)
+    recent.add(run.call, o)
     body = whole(o).model_dump(mode="json")
     return JSONResponse({**body, "usage": _usage_json(o)}, headers=cost_headers(o))
 
@@ -164,7 +168,7 @@ async def _answer(stream: bool, run: Run, request: Request, chunk: ChunkFn,
              responses=answers(Completion, *GENERATION_ERRORS, stream=STREAM,
                                headers=COST_HEADERS))
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep,
-                      settings: SettingsDep) -> Any:
+                      settings: SettingsDep, recent: RecentDep) -> Any:
     """OpenAI text completion of one prompt (raw text, no chat template)."""
     call = _call(body, check_prompt(settings, body.prompt_text), "/v1/completions", settings,
                  default_tokens=min(COMPLETION_MAX_TOKENS, settings.max_new_tokens_limit))
@@ -180,16 +184,17 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     def whole(o: Outcome) -> Completion:
         return Completion(id=cid, created=created, model=o.variant, usage=_usage(o),
                           choices=[CompletionChoice(index=0, text=o.text,
-                                                    finish_reason=openai_finish_reason(o.finish_reason))])
+                                                    finish_reason=openai_finish_reason(
+                                                        o.finish_reason))])
 
-    return await _answer(body.stream, run, request, chunk, whole)
+    return await _answer(body.stream, run, request, chunk, whole, recent)
 
 
 @router.post("/v1/chat/completions", response_model=None,
              responses=answers(ChatCompletion, *GENERATION_ERRORS, stream=STREAM,
                                headers=COST_HEADERS))
 async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep,
-                           settings: SettingsDep) -> Any:
+                           settings: SettingsDep, recent: RecentDep) -> Any:
     """OpenAI chat completion: the messages rendered with the ladder's chat template."""
     template = service.chat_template
     prompt = _chat_prompt(template, body.messages, settings)
@@ -211,9 +216,10 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
         return ChatCompletion(id=cid, created=created, model=o.variant, usage=_usage(o),
                               choices=[ChatChoice(index=0,
                                                   message=AssistantMessage(content=o.text),
-                                                  finish_reason=openai_finish_reason(o.finish_reason))])
+                                                  finish_reason=openai_finish_reason(
+                                                      o.finish_reason))])
 
-    return await _answer(body.stream, run, request, chunk, whole)
+    return await _answer(body.stream, run, request, chunk, whole, recent)
 
 
 @router.get("/v1/models", response_model=ModelList,

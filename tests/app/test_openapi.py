@@ -39,12 +39,16 @@ def test_every_operation_documents_its_statuses_with_the_envelope(doc: dict[str,
     ops = operations(doc)
     assert set(ops) == {"GET /health", "GET /ready", "GET /metrics", "POST /v1/generate",
                         "GET /v1/variants", "POST /v1/completions", "POST /v1/chat/completions",
-                        "GET /v1/models"}
+                        "GET /v1/models", "GET /v1/requests/recent"}
     for path in GENERATION:
         assert set(ops[f"POST {path}"]["responses"]) == {
             "200", "400", "404", "413", "422", "429", "500", "503", "504"}, path
     for name in ("GET /v1/variants", "GET /v1/models", "GET /ready"):
         assert set(ops[name]["responses"]) == {"200", "503"}, name
+    assert set(ops["GET /v1/requests/recent"]["responses"]) == {"200", "422"}
+    (limit,) = ops["GET /v1/requests/recent"]["parameters"]
+    assert limit["in"] == "query" and not limit["required"]
+    assert {b.get("type") for b in limit["schema"]["anyOf"]} == {"integer", "null"}
     for name, op in ops.items():
         for status, answer in op["responses"].items():
             if status != "200":
@@ -53,6 +57,11 @@ def test_every_operation_documents_its_statuses_with_the_envelope(doc: dict[str,
     assert ops["POST /v1/generate"]["responses"]["429"]["headers"]["Retry-After"]
     error = doc["components"]["schemas"]["ErrorDetail"]
     assert set(error["required"]) == {"type", "message", "param", "code"}
+
+
+def test_the_page_is_not_an_api_operation(doc: dict[str, Any], limited: TestClient) -> None:
+    assert "/" not in doc["paths"] and not any(p.startswith("/static") for p in doc["paths"])
+    assert limited.get("/").headers["content-type"].startswith("text/html")
 
 
 def test_media_types_are_the_ones_sent(doc: dict[str, Any], limited: TestClient) -> None:

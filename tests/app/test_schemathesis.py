@@ -35,7 +35,7 @@ def test_schemathesis_finds_no_failure(live_server: Callable[..., LiveServer],
     server = live_server(api_keys=KEY, **LIMITS)
     operations = sum(len(ops) for ops in server.http.get("/openapi.json").json()["paths"]
                      .values())
-    assert operations == 8
+    assert operations == 9
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
            "--checks", "all", "--max-examples", str(MAX_EXAMPLES),
            "--generation-deterministic", "--workers", "1", "--no-color",
