@@ -10,9 +10,10 @@
 # (deploy/image-smoke.sh does it with podman):
 #   --build-arg PYTHON_IMAGE=...        any image whose `python` and `pip` are Python 3.11's
 #                                       (deploy/docker/debian-base.sh makes one with debootstrap)
-#   --build-arg TORCH_INDEX_URL=... --build-arg TORCH_FIND_LINKS=/wheels
+#   --build-arg TORCH_FIND_LINKS=/mnt/torch-wheels --build-arg TORCH_INDEX_URL=https://pypi.org/simple
 #                                       torch's CPU wheel from a directory bound at build time
-#                                       (podman build --volume "$PIP_FIND_LINKS:/wheels:ro")
+#                                       (podman build --volume DIR:/mnt/torch-wheels:ro), its
+#                                       dependencies from PyPI
 #   --secret id=ca,src=CA-BUNDLE        a CA bundle for pip (a build secret: in no layer)
 #
 # No secrets are baked in: API keys and every other setting come from GREENROUTE_* at run time.
