@@ -141,11 +141,14 @@ if [ "$uid" = 10001 ] && [[ "$user" == 10001* || "$user" == greenroute* ]]; then
 else
     fail "container runs as uid 10001" "exec uid=$uid, process: $user"
 fi
-if "${P[@]}" exec "$CTR" sh -c 'touch /opt/greenroute/ladder/x || touch /x' 2> /dev/null; then
-    fail "read-only root filesystem" "a write outside /tmp and the cache volume succeeded"
+# the user's own home would be writable on a writable root: there the refusal is the mount's
+root_opts=$("${P[@]}" exec "$CTR" awk '$2 == "/" {print $4}' /proc/mounts | tail -1)
+home_write=$("${P[@]}" exec "$CTR" sh -c 'touch "$HOME/x" 2>&1 || true')
+scratch=$("${P[@]}" exec "$CTR" sh -c 'touch /tmp/x /var/cache/greenroute/x && echo writable')
+if [[ "$root_opts" == ro,* ]] && [[ "$home_write" == *"Read-only file system"* ]] && [ "$scratch" = writable ]; then
+    pass "read-only root filesystem" "served with / mounted ro (home: ${home_write##*: }); /tmp (tmpfs) and /var/cache/greenroute (volume) writable"
 else
-    writable=$("${P[@]}" exec "$CTR" sh -c 'touch /tmp/x /var/cache/greenroute/x && echo yes')
-    pass "read-only root filesystem" "served with --read-only (writes refused; /tmp and /var/cache/greenroute writable: $writable)"
+    fail "read-only root filesystem" "/ mount options '$root_opts', home write '$home_write', scratch '$scratch'"
 fi
 if [ -n "$ready" ] && "${P[@]}" healthcheck run "$CTR" > /dev/null; then
     pass "HEALTHCHECK command" "healthy"
