@@ -28,6 +28,9 @@ CTR=greenroute-smoke
 PROM_CTR=greenroute-smoke-prometheus
 VOLUME=greenroute-smoke-cache
 P=(podman --runtime runc --cgroup-manager cgroupfs)
+# Without systemd podman cannot schedule HEALTHCHECK timers and logs so on every run: hide that
+# line (the health check is run explicitly below with `podman healthcheck run`).
+quiet() { "$@" 2> >(grep -v 'unable to get systemd connection' >&2); }
 # podman's default rlimits (nofile 1048576, ...) exceed this VM's hard limits: runc would refuse
 # to start the container. Stay within them.
 nofile=$(ulimit -Hn)
@@ -85,7 +88,7 @@ pass() { echo "PASS $1: $2"; }
 fail() { echo "FAIL $1: $2"; failed=1; }
 
 # ---- inside the image: no build stack, the user, the ladder -----------------------------------
-inside=$("${P[@]}" run --rm -i "${ULIMITS[@]}" --read-only --network none "$IMAGE" python - <<'EOF' || true
+inside=$(quiet "${P[@]}" run --rm -i "${ULIMITS[@]}" --read-only --network none "$IMAGE" python - <<'EOF' || true
 import importlib.metadata as md, importlib.util as iu, json, os, sys
 bad = [m for m in ("torch", "transformers", "optimum") if iu.find_spec(m) is not None]
 dists = sorted(d.metadata["Name"].lower() for d in md.distributions())
@@ -107,12 +110,12 @@ variants=$(python3 -c 'import json,sys; print(" ".join(json.loads(sys.argv[1])["
 echo "  baked ladder: $variants"
 
 # ---- the service container, as deploy/k8s runs it ---------------------------------------------
-start_period_ns=$("${P[@]}" image inspect --format '{{.Config.Healthcheck.StartPeriod}}' "$IMAGE")
-start_period=$(( start_period_ns / 1000000000 ))
+start_period=$("${P[@]}" image inspect --format '{{json .Config.Healthcheck}}' "$IMAGE" \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["StartPeriod"] // 10**9)')
 "${P[@]}" network create "$NET" > /dev/null
 "${P[@]}" volume create "$VOLUME" > /dev/null
 t0=$(date +%s.%N)
-"${P[@]}" run -d --name "$CTR" "${ULIMITS[@]}" --network "$NET" --network-alias greenroute \
+quiet "${P[@]}" run -d --name "$CTR" "${ULIMITS[@]}" --network "$NET" --network-alias greenroute \
     -p "127.0.0.1:$PORT:8000" \
     --read-only --read-only-tmpfs=false --tmpfs /tmp --volume "$VOLUME:/var/cache/greenroute" \
     --cap-drop ALL --security-opt no-new-privileges --stop-timeout 45 \
@@ -162,7 +165,7 @@ fi
     --volume "$PWD/deploy/prometheus:/etc/prometheus:ro" --tmpfs /prometheus:mode=1777 \
     "$prom_image" --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/prometheus \
     --storage.tsdb.retention.time=15d > /dev/null
-prom_version=$("${P[@]}" run --rm "${ULIMITS[@]}" --network none --entrypoint prometheus "$prom_image" --version 2>&1 | head -1)
+prom_version=$(quiet "${P[@]}" run --rm "${ULIMITS[@]}" --network none --entrypoint prometheus "$prom_image" --version 2>&1 | head -1)
 
 # ---- client checks: openai, /metrics, Prometheus, SIGTERM ------------------------------------
 if [ -z "${SMOKE_PYTHON:-}" ]; then
