@@ -27,6 +27,7 @@ NET=greenroute-smoke
 CTR=greenroute-smoke
 PROM_CTR=greenroute-smoke-prometheus
 VOLUME=greenroute-smoke-cache
+PROM_VOLUME=greenroute-smoke-prometheus
 P=(podman --runtime runc --cgroup-manager cgroupfs)
 # Without systemd podman cannot schedule HEALTHCHECK timers and logs so on every run: hide that
 # line (the health check is run explicitly below with `podman healthcheck run`).
@@ -49,7 +50,7 @@ echo "== image smoke test: $(git rev-parse --short HEAD)$(git diff --quiet HEAD 
 cleanup() {
     if [ "${KEEP:-0}" = 1 ]; then return; fi
     "${P[@]}" rm -f -t 0 "$CTR" "$PROM_CTR" > /dev/null 2>&1 || true
-    "${P[@]}" volume rm -f "$VOLUME" > /dev/null 2>&1 || true
+    "${P[@]}" volume rm -f "$VOLUME" "$PROM_VOLUME" > /dev/null 2>&1 || true
     "${P[@]}" network rm -f "$NET" > /dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -159,10 +160,11 @@ else
     fail "HEALTHCHECK command" "podman healthcheck run failed"
 fi
 
-# ---- Prometheus from deploy/prometheus, on the same network ----------------------------------
+# ---- Prometheus from deploy/prometheus, on the same network, as compose runs it ---------------
+"${P[@]}" volume create "$PROM_VOLUME" > /dev/null
 "${P[@]}" run -d --name "$PROM_CTR" "${ULIMITS[@]}" --network "$NET" \
     -p "127.0.0.1:$PROM_PORT:9090" \
-    --volume "$PWD/deploy/prometheus:/etc/prometheus:ro" --tmpfs /prometheus:mode=1777 \
+    --volume "$PWD/deploy/prometheus:/etc/prometheus:ro" --volume "$PROM_VOLUME:/prometheus" \
     "$prom_image" --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/prometheus \
     --storage.tsdb.retention.time=15d > /dev/null
 prom_version=$(quiet "${P[@]}" run --rm "${ULIMITS[@]}" --network none --entrypoint prometheus "$prom_image" --version 2>&1 | head -1)
@@ -172,7 +174,8 @@ if [ -z "${SMOKE_PYTHON:-}" ]; then
     venv=${XDG_CACHE_HOME:-$HOME/.cache}/greenroute/smoke-venv
     openai_pin=$(grep -o '"openai==[^"]*"' pyproject.toml | tr -d '"')
     if ! "$venv/bin/python" -c "import openai" 2> /dev/null; then
-        python3 -m venv "$venv" && "$venv/bin/pip" install -q "$openai_pin"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "$openai_pin" 2> >(grep -v '^WARNING: Location' >&2)
     fi
     SMOKE_PYTHON=$venv/bin/python
 fi

@@ -67,7 +67,8 @@ def chat(base: str) -> str:
     started = time.monotonic()
     resp = client.chat.completions.create(
         model="auto", messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=24, temperature=0.0)
+        max_tokens=24, temperature=0.0,
+        extra_body={"min_quality": 0.9, "latency_budget_ms": 60000})  # the budget fields
     seconds = time.monotonic() - started
     usage = resp.usage.model_extra or {}
     text = resp.choices[0].message.content or ""
@@ -84,7 +85,9 @@ def chat(base: str) -> str:
 def metrics(base: str) -> str:
     status, text = get(f"{base}/metrics")
     assert status == 200, f"/metrics {status}"
-    types = dict(re.findall(r"^# TYPE (greenroute_\w+) (\w+)$", text, re.MULTILINE))
+    types = {}  # family -> type; a counter's TYPE line names it with _total
+    for name, kind in re.findall(r"^# TYPE (greenroute_\w+) (\w+)$", text, re.MULTILINE):
+        types[name.removesuffix("_total") if kind == "counter" else name] = kind
     missing = [n for n, t in CONTRACT_FAMILIES.items() if types.get(f"greenroute_{n}") != t]
     assert not set(missing) - PENDING, f"missing contract families: {missing}"
     empty = [s for s in SERVED_SERIES if not re.search(rf"^{s}[{{ ]", text, re.MULTILINE)]

@@ -54,3 +54,13 @@ def test_smoke_checks_know_every_metric_family_the_service_registers() -> None:
     assert exposed.items() <= checks.CONTRACT_FAMILIES.items()
     # what the smoke test tolerates as missing is only what the service does not register yet
     assert checks.CONTRACT_FAMILIES.keys() - exposed.keys() <= checks.PENDING
+
+
+def test_smoke_metrics_check_passes_on_the_service_exposition(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The parser the smoke test uses against the container, fed the service's own exposition."""
+    registry = CollectorRegistry()
+    Metrics(registry, ["full", "int8"], ["cpu"]).meter_opened("cpu", "estimate")
+    checks = load_checks()
+    monkeypatch.setattr(checks, "get", lambda url: (200, generate_latest(registry).decode()))
+    detail = checks.metrics("http://container")
+    assert "contract families" in detail
