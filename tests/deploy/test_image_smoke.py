@@ -59,7 +59,9 @@ def test_smoke_checks_know_every_metric_family_the_service_registers() -> None:
 def test_smoke_metrics_check_passes_on_the_service_exposition(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The parser the smoke test uses against the container, fed the service's own exposition."""
     registry = CollectorRegistry()
-    Metrics(registry, ["full", "int8"], ["cpu"]).meter_opened("cpu", "estimate")
+    metrics = Metrics(registry, ["full", "int8"], ["cpu"])
+    metrics.meter_opened("cpu", "estimate")  # as the service does at start-up
+    metrics.quality.labels("full").set(1.0)
     checks = load_checks()
     monkeypatch.setattr(checks, "get", lambda url: (200, generate_latest(registry).decode()))
     detail = checks.metrics("http://container")
