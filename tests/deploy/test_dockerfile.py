@@ -67,9 +67,41 @@ def test_hadolint_passes() -> None:
 def test_build_stage_builds_the_ladder_with_cpu_torch() -> None:
     build = {s.name: s for s in stages()}["build"]
     runs = " ".join(build.args("RUN"))
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs
+    # the PyTorch CPU index by default; elsewhere a wheel directory bound in (TORCH_FIND_LINKS)
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in build.args("ARG")
+    assert 'pip install --index-url "${TORCH_INDEX_URL}"' in runs
+    assert "+cpu\"" in runs  # the CPU build, whichever index or directory serves it
     assert "--extra build" in runs
-    assert "greenroute build --out /opt/greenroute/ladder" in runs
+    assert "cli build --out /opt/greenroute/ladder" in runs
+
+
+def test_build_stage_ladder_layer_depends_on_the_build_code_only() -> None:
+    """The ladder (a long build) is cached across app, routing and telemetry changes: the build
+    stage copies dependency lists, then cli/ and models/ only, and builds from the source tree."""
+    build = {s.name: s for s in stages()}["build"]
+    sources = {src for copy in build.args("COPY") for src in copy.split()[:-1]}
+    assert sources == {"pyproject.toml", "deploy/docker/requirements.py",
+                       "models/pipeline/genai-builder-requirements.txt", "cli/", "models/"}
+    assert "README.md" not in " ".join(build.args("COPY"))  # README edits keep every layer
+
+
+def test_pip_runs_get_the_optional_ca_secret_and_no_certificate_is_copied() -> None:
+    for stage in stages():
+        for run in stage.args("RUN"):
+            # every pip that may reach an index (a local wheel with --no-deps reaches none)
+            if re.search(r"\bpip (install|wheel)\b(?! --no-deps /tmp/wheels/)", run):
+                assert run.startswith("--mount=type=secret,id=ca "), f"{stage.name}: {run[:80]}"
+                assert "if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi" in run
+        for copy in stage.args("COPY"):
+            assert not re.search(r"\.(crt|pem)\b|cert", copy), copy
+
+
+def test_local_differences_are_build_arguments() -> None:
+    """Base image, torch's wheel source and thread count are ARGs with public defaults."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in text
+    args = {a.split("=")[0] for s in stages() for a in s.args("ARG")}
+    assert {"TORCH_INDEX_URL", "TORCH_FIND_LINKS", "BUILD_THREADS", "ORT_FLAVOUR"} <= args
 
 
 def test_runtime_stage_is_last_non_root_healthchecked_and_carries_no_build_stack() -> None:
@@ -78,6 +110,7 @@ def test_runtime_stage_is_last_non_root_healthchecked_and_carries_no_build_stack
     assert runtime.name == "runtime"  # `docker build .` gives the serving image
     copies = runtime.args("COPY")
     assert "--from=build /opt/greenroute/ladder /opt/greenroute/ladder" in copies
+    assert "--from=wheel /wheels/ /tmp/wheels/" in copies  # after the ladder: app changes
     assert not [c for c in copies if "--from=" not in c], "runtime copies no source tree"
     user = runtime.args("USER")[-1]
     assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user), f"numeric non-root user, got {user}"
@@ -92,6 +125,7 @@ def test_runtime_stage_is_last_non_root_healthchecked_and_carries_no_build_stack
     assert "ORT_FLAVOUR=cpu" in runtime.args("ARG")
     installs = " ".join(runtime.args("RUN"))
     assert "requirements-${ORT_FLAVOUR}.txt" in installs
+    assert "pip install --no-deps /tmp/wheels/greenroute-*.whl" in installs
     assert not any(re.search(rf"\b{pkg}\b", installs) for pkg in BUILD_ONLY)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,15 @@ def test_distill_layers_without_corpus_is_a_clear_error(tiny_teacher: Path,
     opts.distill_layers = 1
     with pytest.raises(BuildError, match="needs --corpus"):
         build_ladder(opts, log=lambda _m: None)
+
+
+def test_manifest_is_saved_readable_by_other_users(manifest: Manifest, tmp_path: Path) -> None:
+    """The image builds the ladder as root and serves it as uid 10001: the manifest must be
+    world-readable under the usual umask, like every other file of the ladder."""
+    old = os.umask(0o022)
+    try:
+        path = manifest.save(tmp_path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert Manifest.load(tmp_path) == manifest
