@@ -100,11 +100,13 @@ class StopMatcher:
         self._tok = tokenizer
         self._stop = tuple(s for s in stop if s)
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
         self._emitted = 0
         self.text = ""
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (new text safe to release, whether a stop sequence matched)."""
+        self._ids.append(token_id)
         piece = self._stream.step(self._tok, token_id)
         if piece:
             self.text += piece
@@ -126,7 +128,11 @@ class StopMatcher:
         return out, False
 
     def flush(self) -> str:
-        """Release whatever was held back (generation ended without a stop match)."""
+        """Release whatever was held back (generation ended without a stop match), including
+        bytes of a character the stream never completed, as one whole decode renders them."""
+        whole = self._tok.decode(self._ids, skip_special_tokens=True)  # once per sequence
+        if whole.startswith(self.text):
+            self.text = whole
         out = self.text[self._emitted :]
         self._emitted = len(self.text)
         return out
