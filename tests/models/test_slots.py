@@ -92,15 +92,20 @@ def test_rows_joining_and_leaving_get_their_alone_tokens(engine: OrtEngine) -> N
         assert_same_but_near_ties(got[seq][: budget[seq]], *want[seq])
 
 
+def solo(engine: OrtEngine, ids: list[int], params: GenerationParams, n: int) -> list[int]:
+    """``n`` tokens of ``ids`` decoded in a row of its own."""
+    slots, sampler = KVSlots(engine, 1, 64), Sampler(params)
+    tokens = [slots.prefill(0, ids, sampler)]
+    for _ in range(n - 1):
+        tokens += slots.step([0], tokens[-1:], [sampler])
+    return tokens
+
+
 def test_sampled_rows_keep_their_own_random_streams(engine: OrtEngine) -> None:
     """A seeded row samples the same tokens alone and beside other rows."""
     params = GenerationParams(max_new_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
     ids = engine.encode(PROMPTS[0])
-    solo = KVSlots(engine, 2, 64)
-    s = Sampler(params)
-    want = [solo.prefill(0, ids, s)]
-    for _ in range(11):
-        want += solo.step([0], want[-1:], [s])
+    want = solo(engine, ids, params, 12)
     busy = KVSlots(engine, 4, 64)
     others = [Sampler(GenerationParams(temperature=1.0, seed=k)) for k in range(3)]
     last = [busy.prefill(r, engine.encode(PROMPTS[r + 2]), others[r]) for r in range(3)]
@@ -116,11 +121,8 @@ def test_rollback_leaves_no_trace(engine: OrtEngine) -> None:
     """Tokens appended and then truncated away (a rejected draft) do not change what follows."""
     params = GenerationParams(max_new_tokens=20, ignore_eos=True)
     ids = engine.encode(PROMPTS[3])
-    clean = KVSlots(engine, 1, 64)
+    want = solo(engine, ids, params, 11)
     s = Sampler(params)
-    want = [clean.prefill(0, ids, s)]
-    for _ in range(10):
-        want += clean.step([0], want[-1:], [s])
     slots = KVSlots(engine, 1, 64)
     got = [slots.prefill(0, ids, s)]
     for k in range(10):

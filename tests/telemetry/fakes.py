@@ -11,6 +11,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import pynvml
 
+from telemetry.base import EnergyMeter  # noqa: E402 (after the warning filter)
+
 
 class FakeNvml:
     """The pynvml calls greenroute makes, answering with numbers a test sets.
@@ -89,3 +91,15 @@ def write_zone(zone: Path, name: str, energy_uj: int, max_uj: int) -> None:
 
 def set_energy(root: Path, zone: str, energy_uj: int) -> None:
     (root / zone / "energy_uj").write_text(f"{energy_uj}\n")
+
+
+class CounterMeter(EnergyMeter):
+    """A device energy counter a test moves by hand (``total``, joules)."""
+
+    def __init__(self, source: str = "fake") -> None:
+        super().__init__()
+        self.source = source
+        self.total = 0.0
+
+    def total_joules(self) -> float:
+        return self.total

@@ -9,12 +9,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from telemetry.attribution import split_by_tokens
-from telemetry.base import EnergyMeter
 from telemetry.carbon import grams_co2e
 from telemetry.estimate import EstimateMeter
 from telemetry.factory import preference
 from telemetry.metrics import Metrics
 from telemetry.sampler import DeviceSampler
+from tests.telemetry.fakes import CounterMeter
 
 
 def _spin(seconds: float) -> None:
@@ -87,26 +87,13 @@ def test_meter_preference(kind: str, device: str, want: list[str]) -> None:
     assert preference(kind, device) == want  # type: ignore[arg-type]
 
 
-class StepMeter(EnergyMeter):
-    """A device whose counter a test moves by hand."""
-
-    source = "rapl"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.joules = 0.0
-
-    def total_joules(self) -> float:
-        return self.joules
-
-
 def test_device_sampler_feeds_power_and_energy_metrics() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, ["full"], ["cpu"])
     metrics.meter_opened("cpu", "rapl")
     labels = {"device": "cpu", "source": "rapl"}
     assert registry.get_sample_value("greenroute_device_energy_joules_total", labels) == 0.0
-    meter = StepMeter()
+    meter = CounterMeter("rapl")
     seen = threading.Event()
 
     def on_sample(watts: float, joules: float) -> None:
@@ -116,12 +103,12 @@ def test_device_sampler_feeds_power_and_energy_metrics() -> None:
     sampler = DeviceSampler(meter, on_sample, period_s=3600)  # samples only when asked here
     try:
         time.sleep(0.1)
-        meter.joules = 12.0
+        meter.total = 12.0
         sampler.sample()
         assert seen.is_set()
         watts = registry.get_sample_value("greenroute_device_power_watts", labels)
         assert watts is not None and 12.0 / 0.5 < watts < 12.0 / 0.1 * 1.01
-        meter.joules = 15.0
+        meter.total = 15.0
         sampler.sample()
         assert registry.get_sample_value("greenroute_device_energy_joules_total",
                                          labels) == pytest.approx(15.0)

@@ -4,21 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from telemetry.base import EnergyMeter
 from telemetry.ledger import EnergyLedger
-
-
-class CounterMeter(EnergyMeter):
-    """A device energy counter the test moves by hand (the hardware boundary)."""
-
-    source = "fake"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0.0
-
-    def total_joules(self) -> float:
-        return self.total
+from tests.telemetry.fakes import CounterMeter
 
 
 def test_an_interval_is_shared_by_tokens_and_idle_is_nobodys() -> None:
