@@ -16,6 +16,29 @@ _NUCLEUS_PREFIX = 256  # top-p: sort only this many best tokens when they hold t
 _CDF_BLOCK = 256  # plain sampling: the inverse CDF walks block sums, then one block
 
 
+def _plain(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """Plain temperature sampling: the inverse CDF over 256-token block sums, then within one
+    block; float32 and in place (three passes over the vocabulary, no sort, no float64 copy).
+    A temperature so small that 1/T overflows float32 is greedy (its limit), exactly."""
+    inverse = 1.0 / temperature
+    if not inverse < 3.0e38:
+        return int(np.argmax(logits))
+    w = logits.astype(np.float32, copy=True)
+    w -= w.max()
+    with np.errstate(over="ignore", under="ignore"):
+        w *= np.float32(inverse)  # <= 0, possibly -inf: exp gives 0, never NaN
+    np.exp(w, out=w)
+    vocab = w.shape[0]
+    starts = np.arange(0, vocab, _CDF_BLOCK)
+    block_cdf = np.cumsum(np.add.reduceat(w, starts, dtype=np.float64))
+    u = rng.random() * block_cdf[-1]
+    block = min(int(np.searchsorted(block_cdf, u, side="right")), len(starts) - 1)
+    inner = np.cumsum(w[starts[block] : starts[block] + _CDF_BLOCK], dtype=np.float64)
+    before = block_cdf[block - 1] if block else 0.0
+    pos = min(int(np.searchsorted(inner, u - before, side="right")), len(inner) - 1)
+    return int(starts[block] + pos)
+
+
 def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Generator) -> int:
     """Pick one token id from a 1-D logits vector.
 
@@ -27,6 +50,8 @@ def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
     """
     if params.greedy:
         return int(np.argmax(logits))
+    if (not params.top_k or params.top_k >= logits.shape[0]) and params.top_p >= 1.0:
+        return _plain(logits, params.temperature, rng)
     # shifted by the maximum before dividing: (logit - max) / T is <= 0, so a tiny temperature
     # gives -inf (probability 0) instead of inf - inf = NaN
     raw = logits.astype(np.float64)
@@ -35,24 +60,13 @@ def select_token(logits: np.ndarray, params: GenerationParams, rng: np.random.Ge
     vocab = scaled.shape[0]
     if params.top_k and params.top_k < vocab:
         candidates = np.argpartition(scaled, -params.top_k)[-params.top_k :]
-    elif params.top_p < 1.0:
+    else:  # top-p
         candidates = np.arange(vocab)
         if vocab > _NUCLEUS_PREFIX:
             weights = np.exp(scaled)
             head = np.argpartition(scaled, -_NUCLEUS_PREFIX)[-_NUCLEUS_PREFIX:]
             if weights[head].sum() >= params.top_p * weights.sum():
                 candidates = head
-    else:  # plain temperature sampling: inverse CDF over blocks, no sort
-        weights = np.exp(scaled.astype(np.float32))
-        starts = np.arange(0, vocab, _CDF_BLOCK)
-        block_cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
-        u = rng.random() * block_cdf[-1]
-        block = min(int(np.searchsorted(block_cdf, u, side="right")), len(starts) - 1)
-        inner = np.cumsum(weights[starts[block] : starts[block] + _CDF_BLOCK],
-                          dtype=np.float64)
-        before = block_cdf[block - 1] if block else 0.0
-        pos = min(int(np.searchsorted(inner, u - before, side="right")), len(inner) - 1)
-        return int(starts[block] + pos)
     cand_logits = scaled[candidates]
     order = np.argsort(cand_logits)[::-1]
     candidates, cand_logits = candidates[order], cand_logits[order]
