@@ -1,8 +1,8 @@
 """Splitting one window's energy between the requests that shared it (batching).
 
-With one lane per device a window belongs to one request and no split is needed. When several
-requests share a run, each gets the window's joules in proportion to the tokens it had
-processed (prompt + generated) in that run: the work, not the wall time, drew the power.
+Each request gets the window's joules in proportion to the tokens it processed in it (prompt +
+generated): the work, not the wall time, drew the power. The energy ledger
+(:mod:`telemetry.ledger`) applies this to every step interval of a continuous batch.
 """
 
 from __future__ import annotations
