@@ -19,12 +19,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"ladder {ladder}  runtime {manifest.runtime}  context {manifest.context_length}  "
           f"chat template {manifest.chat_template}")
-    print(f"{'variant':<16}{'precision':<10}{'params':>12}{'MB':>8}{'ppl':>9}{'quality':>9}"
+    print(f"{'variant':<18}{'precision':<10}{'params':>12}{'MB':>8}{'ppl':>9}{'quality':>9}"
           f"{'top1':>7}{'tasks':>7}{'tok/s':>8}  method")
     for v in manifest.ordered():
         rate = v.calibration.decode_tokens_per_s if v.calibration else float("nan")
         tasks = "-" if v.task_score is None else f"{v.task_score:.2f}"
-        print(f"{v.name:<16}{v.precision:<10}{v.parameters:>12,}{v.bytes / 1e6:>8.1f}"
+        print(f"{v.name:<18}{v.precision:<10}{v.parameters:>12,}{v.bytes / 1e6:>8.1f}"
               f"{v.perplexity:>9.2f}{v.quality:>9.3f}{v.top1_agreement:>7.3f}{tasks:>7}"
               f"{rate:>8.0f}  "
               f"{v.quantization or '-'}")

@@ -303,13 +303,17 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
             log(f"  {qname} candidate {method.name}: ppl {rep.perplexity:.2f}, "
                 f"{cost.decode_tokens_per_s:.0f} tok/s")
         eight = [m for m in candidates if m.bits == 8]
-        # fastest 8-bit method whose quality is within 2 % of the best 8-bit quality
+        # fastest 8-bit method whose quality is within 2 % of the best 8-bit quality; speeds
+        # within 5 % of that count as a tie (noise), settled by quality
         best_q = max(trials[m.name]["quality"] for m in eight)
         ok = [m for m in eight if trials[m.name]["quality"] >= best_q - 0.02]
-        pick = max(ok, key=lambda m: trials[m.name]["decode_tokens_per_s"])
+        top = max(trials[m.name]["decode_tokens_per_s"] for m in ok)
+        pick = max((m for m in ok if trials[m.name]["decode_tokens_per_s"] >= 0.95 * top),
+                   key=lambda m: trials[m.name]["quality"])
         chosen_methods[qname] = pick
         quant_choice[qname] = {"chosen": pick.name, "rule": "fastest 8-bit method within 0.02 "
-                               "quality of the best 8-bit method", "candidates": trials}
+                               "quality of the best 8-bit method (speeds within 5 % of the "
+                               "fastest tie, the best quality wins)", "candidates": trials}
         shutil.rmtree(out / qname, ignore_errors=True)
         shutil.copytree(work / f"{qname}-{pick.name}", out / qname)
         reports[qname] = reports[f"{qname}:{pick.name}"]
@@ -415,7 +419,8 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         manifest.speculative_choice = choose_speculative(out, manifest, opts.threads, log=log)
     manifest.save(out)
     shutil.rmtree(work, ignore_errors=True)
-    log(f"ladder written to {out} ({len(variants)} variants, runtime {manifest.runtime})")
+    log(f"ladder written to {out} ({len(manifest.variants)} variants, runtime "
+        f"{manifest.runtime})")
     return manifest, True
 
 

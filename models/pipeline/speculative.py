@@ -1,6 +1,7 @@
 """Build stage: choose the speculative rung's draft and k by measurement (or leave it out).
 
-Every shared-KV rung of the ladder is tried as the draft at several k, each combination taking
+Every shared-KV rung of the ladder is tried as the draft at increasing k (until the speed-up
+falls: it rises with k while the longer draft pays, then only falls), each combination taking
 turns with ``full`` itself on the same chat prompts (greedy, ``new_tokens`` each): decode
 tokens/s of both, and the share of drafted tokens ``full`` kept. The fastest combination earns
 the rung when it beats ``full`` by ``MIN_SPEEDUP``; the manifest records every measurement
@@ -58,10 +59,13 @@ def choose_speculative(ladder: Path, manifest: Manifest, threads: int, new_token
     turns on the same cores make any speculative pair look slow); add the rung to
     ``manifest`` when one earns it; return the record (``manifest.speculative_choice``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "choice.json"
+        # the manifest goes by file: a fresh build saves its own only after this stage
+        given, out = Path(tmp) / "manifest.json", Path(tmp) / "choice.json"
+        given.write_text(manifest.model_dump_json())
         proc = subprocess.run(
-            [sys.executable, "-m", "models.pipeline.speculative", str(ladder), str(threads),
-             str(new_tokens), str(out)], capture_output=True, text=True, check=False)
+            [sys.executable, "-m", "models.pipeline.speculative", str(ladder), str(given),
+             str(threads), str(new_tokens), str(out)], capture_output=True, text=True,
+            check=False)
         for line in proc.stdout.splitlines():
             log(line)
         if proc.returncode != 0 or not out.is_file():
@@ -103,6 +107,7 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
         draft = load(name)
         if not draft.shared_kv:
             continue
+        previous = 0.0
         for k in KS:
             spec = SpeculativeEngine(full, draft, k)
             spec.generate(prompts[0], GenerationParams(max_new_tokens=8))  # warm-up
@@ -128,6 +133,9 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
                 f"{speedup:.2f}x full, identical {identical}/{len(prompts)}")
             if best is None or speedup > best[0]:
                 best = (speedup, name, k, acceptance, statistics.median(spec_s) / new_tokens)
+            if speedup < previous:  # past this draft's best k: longer drafts only waste more
+                break
+            previous = speedup
     if best is None or best[0] < MIN_SPEEDUP:
         record["chosen"] = None
         record["why"] = "no draft x k beat full by the margin" if best else "no shared-KV draft"
@@ -152,11 +160,13 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
 
 
 def main(argv: list[str]) -> int:
-    """``python -m models.pipeline.speculative LADDER THREADS NEW_TOKENS OUT``: measure with one
-    shared thread pool and write the manifest (with the choice) to OUT."""
-    ladder, threads, new_tokens, out = Path(argv[0]), int(argv[1]), int(argv[2]), Path(argv[3])
+    """``python -m models.pipeline.speculative LADDER MANIFEST THREADS NEW_TOKENS OUT``: measure
+    the variants of LADDER that the MANIFEST file lists, with one shared thread pool, and write
+    the manifest (with the choice) to OUT."""
+    ladder, given, out = Path(argv[0]), Path(argv[1]), Path(argv[4])
+    threads, new_tokens = int(argv[2]), int(argv[3])
     use_global_thread_pool(threads)
-    manifest = Manifest.load(ladder)
+    manifest = Manifest.model_validate_json(given.read_text())
     manifest.speculative_choice = _measure_and_choose(ladder, manifest, threads, new_tokens,
                                                       lambda m: print(m, flush=True))
     out.write_text(manifest.model_dump_json())
