@@ -97,6 +97,8 @@ def run_mode(url: str, reqs: list[dict[str, Any]], pin: str | None, clients: int
     with cf.ThreadPoolExecutor(clients) as pool:
         done = [x for part in pool.map(client, range(clients)) for x in part]
     joules, lats, hits, violations, chosen = [], [], 0, 0, []
+    by_variant: dict[str, float] = {}
+    rows = []
     for r, status, lat, out in done:
         if status != 200:
             raise RuntimeError(f"request {r['id']}: {status} {out}")
@@ -104,12 +106,19 @@ def run_mode(url: str, reqs: list[dict[str, Any]], pin: str | None, clients: int
         lats.append(lat)
         hits += lat <= r["latency_ms"]
         variant = out["variant"]
+        by_variant[variant] = by_variant.get(variant, 0.0) + out["energy"]["joules"]
+        rows.append({"id": r["id"], "variant": variant, "joules": out["energy"]["joules"],
+                     "prompt_tokens": out["usage"]["prompt_tokens"],
+                     "completion_tokens": out["usage"]["completion_tokens"],
+                     "finish_reason": out["finish_reason"], "latency_ms": round(lat, 1)})
         violations += not (quality[variant] >= r["min_quality"] or variant in EXACT)
         chosen.append(variant)
     return {"requests": len(done), "total_joules": sum(joules),
             "mean_joules": statistics.mean(joules), "quality_violations": violations,
             "latency_hit_rate": hits / len(done), "p50_ms": _pct(lats, 0.5),
             "p99_ms": _pct(lats, 0.99), "mix": {v: chosen.count(v) for v in sorted(set(chosen))},
+            "joules_by_variant": dict(sorted(by_variant.items())),
+            "per_request": sorted(rows, key=lambda x: x["id"]),
             "energy_source": done[-1][3]["energy"]["source"]}
 
 
@@ -147,7 +156,8 @@ def report(f: dict[str, Any]) -> str:
                      f"{r['quality_violations']:>12}{100 * r['latency_hit_rate']:>10.1f}%"
                      f"{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}")
     for mode, r in m.items():
-        lines.append(f"  mix {mode}: {r['mix']}")
+        joules = {v: round(j, 1) for v, j in r.get("joules_by_variant", {}).items()}
+        lines.append(f"  mix {mode}: {r['mix']}; joules {joules}")
     for n in f["clients"]:
         routed, full = m[f"routed @{n}"], m[f"always-full @{n}"]
         ratio = routed["total_joules"] / full["total_joules"]
