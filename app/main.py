@@ -61,10 +61,11 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     for v in ladder.manifest.variants.values():
         metrics.quality.labels(v.name).set(v.quality)
     meter = create_meter(meter_config(settings, device))
-    exact = {"full"} | {v.name for v in ladder.manifest.variants.values() if v.speculative}
+    speculative = {v.name for v in ladder.manifest.variants.values() if v.speculative}
     router = Router({v.name: v.quality for v in ladder.manifest.variants.values()},
-                    seed_costs(ladder, meter), reference=exact,
-                    on_infeasible=settings.on_infeasible)
+                    seed_costs(ladder, meter), reference={"full"} | speculative,
+                    on_infeasible=settings.on_infeasible, speculative=speculative,
+                    speculate_below_rows=settings.speculate_below_rows)
     config = ExecutorConfig(
         max_batch=settings.max_batch, max_seq_tokens=settings.max_seq_tokens,
         queue_size=settings.queue_size, prefill_token_budget=settings.prefill_token_budget,

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
                                       "scheduling turn, between steps (at least one request)")
     queue_size: int = Field(8, ge=1, description="requests waiting for a row per lane before "
                             "429")
+    speculate_below_rows: int = Field(1, ge=0, description="the speculative rung is offered "
+                                      "only while fewer rows than this run on the device "
+                                      "(0: never); under load full's batch is cheaper")
     request_timeout_s: float = Field(120.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
     recent_requests: int = Field(200, ge=1, le=10_000, description="finished requests kept "

@@ -5,7 +5,8 @@ Among variants whose measured quality meets the floor and whose predicted latenc
 ``max_joules``), pick the lowest predicted *marginal* joules — what serving it adds to the
 device's energy, so a busy batch's extra row can beat an idle cheaper variant; ties go to the
 higher quality. Nothing feasible: best effort (the fastest
-variant meeting the floor) or reject. A floor of 1.0 asks for the reference model itself: an
+variant meeting the floor) or reject. A paused speculative rung (the device is busy) is never
+chosen, not even as best effort. A floor of 1.0 asks for the reference model itself: an
 approximation's measured quality above 1.0 is measurement noise, not an improvement.
 """
 
@@ -33,6 +34,7 @@ class VariantState:
     reference: bool = False  # the full model the others are measured against
     occupancy: int = 0  # rows in its running batch the request would join
     others_ms: float = 0.0  # other variants' steps interleaved with each of its steps (ms)
+    paused: bool = False  # a speculative rung while the device is busy (see Router)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ def evaluate(variants: Sequence[VariantState], budget: Budget, prompt_tokens: in
             why = "unavailable"
         elif not meets_floor(v, budget.min_quality):
             why = "quality_below_floor"
+        elif v.paused:
+            why = "speculation_paused_under_load"
         elif latency > budget.latency_ms:
             why = "over_latency_budget"
         elif budget.max_joules is not None and joules > budget.max_joules:
@@ -112,7 +116,7 @@ def decide(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
         return Decision(pinned, "pinned", c.predicted_latency_ms, c.predicted_joules, cands)
     if power_capped:  # shed energy: cheapest variant the quality floor allows, latency aside
         floor_ok = [c for c, v in zip(cands, variants, strict=True)
-                    if v.available and meets_floor(v, budget.min_quality)]
+                    if v.available and not v.paused and meets_floor(v, budget.min_quality)]
         if floor_ok:
             c = min(floor_ok, key=lambda c: (c.predicted_marginal_joules, -c.quality))
             return Decision(c.variant, "power_cap", c.predicted_latency_ms,
@@ -123,7 +127,7 @@ def decide(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
         return Decision(c.variant, "cheapest_feasible", c.predicted_latency_ms,
                         c.predicted_joules, cands)
     floor_ok = [c for c, v in zip(cands, variants, strict=True)
-                if v.available and meets_floor(v, budget.min_quality)]
+                if v.available and not v.paused and meets_floor(v, budget.min_quality)]
     best = min(floor_ok, key=lambda c: c.predicted_latency_ms) if floor_ok else None
     if on_infeasible == "reject" or best is None:
         achievable = f"{best.predicted_latency_ms:.0f} ms" if best else "none"

@@ -26,14 +26,24 @@ class Router:
 
     def __init__(self, qualities: Mapping[str, float], costs: Mapping[str, CostModel],
                  reference: str | Collection[str] = "full",
-                 on_infeasible: OnInfeasible = "best_effort") -> None:
+                 on_infeasible: OnInfeasible = "best_effort",
+                 speculative: Collection[str] = (), speculate_below_rows: int = 1) -> None:
         """``reference``: the variant(s) that give the reference model's exact output (full,
-        and a speculative rung): the only ones a quality floor of 1.0 accepts."""
+        and a speculative rung): the only ones a quality floor of 1.0 accepts.
+
+        ``speculative``: rungs that buy speed with spare compute (a draft's tokens verified
+        in one pass of the target, row by row). They are offered only while fewer than
+        ``speculate_below_rows`` rows run on the device: under load the target's continuous
+        batch serves a new row for a fraction of a step, while a speculative row pays whole
+        draft and verify passes and holds up every other row's step (vLLM turns speculation
+        off by batch size for the same reason)."""
         self._lock = threading.Lock()
         self._quality = dict(qualities)
         self._costs = dict(costs)
         self._reference = {reference} if isinstance(reference, str) else set(reference)
         self.on_infeasible: OnInfeasible = on_infeasible
+        self._speculative = set(speculative)
+        self.speculate_below_rows = speculate_below_rows
 
     def states(self, available: set[str], load: Mapping[str, Load]) -> list[VariantState]:
         """Each variant's profile under the load it has now (``load``: per variant; a variant
@@ -41,6 +51,7 @@ class Router:
         with self._lock:
             costs = {name: replace(cost) for name, cost in self._costs.items()}
         idle = Load()
+        busy = sum(lo.occupancy for lo in load.values()) >= self.speculate_below_rows
         out = []
         for name, cost in costs.items():
             lv = load.get(name, idle)
@@ -49,7 +60,7 @@ class Router:
                          if o != name and o in costs)
             out.append(VariantState(name, self._quality[name], cost, lv.queue_wait_ms,
                                     name in available, name in self._reference, lv.occupancy,
-                                    others))
+                                    others, paused=busy and name in self._speculative))
         return out
 
     def decide(self, budget: Budget, prompt_tokens: int, new_tokens: int, available: set[str],

@@ -8,6 +8,7 @@ import pytest
 
 from routing.cost import CostModel
 from routing.policy import Budget, InfeasibleError, VariantState, decide
+from routing.router import Load, Router
 
 
 def ladder(**waits: float) -> list[VariantState]:
@@ -104,3 +105,34 @@ def test_deciding_is_cheap() -> None:
     for _ in range(1000):
         decide(vs, Budget(300, 0.9), 32, 64)
     assert (time.perf_counter() - start) / 1000 < 0.001  # well under a millisecond each
+
+
+def spec_router(speculate_below_rows: int = 1) -> Router:
+    """full (20 ms/token), its speculative rung (12 ms/token, rows not batched), int8."""
+    costs = {"full": CostModel(1.0, 20.0, 20.0, step_ms_per_row=3.0),
+             "full-speculative": CostModel(1.5, 12.0, 20.0, step_ms_per_row=12.0),
+             "int8": CostModel(0.6, 7.0, 20.0, step_ms_per_row=2.0)}
+    return Router({"full": 1.0, "full-speculative": 1.0, "int8": 0.99}, costs,
+                  reference={"full", "full-speculative"}, speculative={"full-speculative"},
+                  speculate_below_rows=speculate_below_rows)
+
+
+def test_speculation_is_offered_on_a_quiet_device_and_paused_under_load() -> None:
+    names = {"full", "full-speculative", "int8"}
+    floor_one = Budget(60_000, 1.0)
+    quiet = spec_router().decide(floor_one, 16, 64, names, {})
+    assert quiet.variant == "full-speculative"  # 12 ms a token against full's 20
+    # one row running anywhere (here int8's): a new row of full's batch costs a whole step
+    # while it runs alone, but the speculative row would stall int8's row for its passes
+    busy = spec_router().decide(floor_one, 16, 64, names, {"int8": Load(occupancy=1)})
+    why = {c.variant: c.why for c in busy.candidates}
+    assert busy.variant == "full"
+    assert why["full-speculative"] == "speculation_paused_under_load"
+    # a budget nothing meets: best effort is the fastest *offered* variant, never the paused one
+    # (unpaused, the rung would be the faster: 12 + 11 ms a token against 20 + 11)
+    tight = spec_router().decide(Budget(1.0, 1.0), 16, 64, names, {"int8": Load(occupancy=3)})
+    assert (tight.variant, tight.reason) == ("full", "best_effort")
+    # the threshold is a setting: 0 never speculates, a higher one tolerates a few rows
+    assert spec_router(0).decide(floor_one, 16, 64, names, {}).variant == "full"
+    assert spec_router(4).decide(floor_one, 16, 64, names,
+                                 {"int8": Load(occupancy=2)}).variant == "full-speculative"
