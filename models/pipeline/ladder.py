@@ -302,7 +302,12 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
             measured[f"{qname}:{method.name}"] = cost
             log(f"  {qname} candidate {method.name}: ppl {rep.perplexity:.2f}, "
                 f"{cost.decode_tokens_per_s:.0f} tok/s")
-        eight = [m for m in candidates if m.bits == 8]
+        # a copy no smaller than its source is no quantized rung: blocks wider than a small
+        # model's matrices pad every row (a 32-wide tiny model at block 128 grew 1.4x)
+        base_bytes = onnx_bytes(out / base)
+        eight = [m for m in candidates if m.bits == 8
+                 and trials[m.name]["bytes"] < base_bytes] or [
+            m for m in candidates if m.bits == 8]
         # fastest 8-bit method whose quality is within 2 % of the best 8-bit quality; speeds
         # within 5 % of that count as a tie (noise), settled by quality
         best_q = max(trials[m.name]["quality"] for m in eight)
@@ -311,9 +316,10 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         pick = max((m for m in ok if trials[m.name]["decode_tokens_per_s"] >= 0.95 * top),
                    key=lambda m: trials[m.name]["quality"])
         chosen_methods[qname] = pick
-        quant_choice[qname] = {"chosen": pick.name, "rule": "fastest 8-bit method within 0.02 "
-                               "quality of the best 8-bit method (speeds within 5 % of the "
-                               "fastest tie, the best quality wins)", "candidates": trials}
+        quant_choice[qname] = {"chosen": pick.name, "rule": "of the 8-bit methods smaller than "
+                               "the source, the fastest within 0.02 quality of the best (speeds "
+                               "within 5 % of the fastest tie, the best quality wins)",
+                               "source_bytes": base_bytes, "candidates": trials}
         shutil.rmtree(out / qname, ignore_errors=True)
         shutil.copytree(work / f"{qname}-{pick.name}", out / qname)
         reports[qname] = reports[f"{qname}:{pick.name}"]
@@ -330,15 +336,17 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
             fours = [m for m in candidates if m.bits == 4]
             earning = [m for m in fours
                        if trials[m.name]["decode_tokens_per_s"] >= 1.1 * int8_speed
-                       and trials[m.name]["quality"] > floor]
+                       and trials[m.name]["quality"] > floor
+                       and trials[m.name]["bytes"] < trials[pick.name]["bytes"]]
             earns = bool(earning)
             pick4 = max(earning or fours, key=lambda m: (round(trials[m.name]["quality"], 2),
                                                          trials[m.name]["decode_tokens_per_s"]))
             four = trials[pick4.name]
             quant_choice["int4"] = {
                 "added": earns, "chosen": pick4.name if earns else None,
-                "rule": "4-bit methods >= 1.1x int8 decode speed with quality above distilled "
-                        "earn the rung; of those, the best quality (to 0.01), then the fastest",
+                "rule": "4-bit methods >= 1.1x int8 decode speed, smaller than int8, with "
+                        "quality above distilled earn the rung; of those, the best quality (to "
+                        "0.01), then the fastest",
                 "measured": four}
             if earns:
                 shutil.rmtree(out / "int4", ignore_errors=True)
