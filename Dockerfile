@@ -48,6 +48,7 @@ COPY app/ app/
 COPY bench/ bench/
 COPY models/ models/
 COPY routing/ routing/
+COPY serving/ serving/
 COPY telemetry/ telemetry/
 # The optional secret `ca`: a CA bundle for pip where TLS is intercepted (never in a layer).
 RUN --mount=type=secret,id=ca \

@@ -199,3 +199,15 @@ def test_dockerignore_keeps_caches_out_and_what_the_build_copies_in() -> None:
                 continue
             for source in copy.split()[:-1]:
                 assert not ignored(source.rstrip("/"), patterns), f"COPY {source} is ignored"
+
+
+def test_wheel_stage_copies_every_package_the_wheel_installs() -> None:
+    """The runtime image installs the wheel built from what this stage copied: a package left
+    out installs nothing and the service fails at import (``serving/`` once did, found by the
+    image smoke test)."""
+    wheel = {s.name: s for s in stages()}["wheel"]
+    copied = {src.rstrip("/") for copy in wheel.args("COPY") for src in copy.split()[:-1]}
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    found = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in found}
+    assert packages <= copied, f"not copied into the wheel stage: {sorted(packages - copied)}"
