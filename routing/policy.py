@@ -79,6 +79,12 @@ def meets_floor(v: VariantState, floor: float) -> bool:
     return v.reference or min(v.quality, 1.0) >= floor
 
 
+def offered(v: VariantState, floor: float) -> bool:
+    """Available, not paused, and meeting the floor: what best effort and a power cap pick
+    from when latency no longer decides."""
+    return v.available and not v.paused and meets_floor(v, floor)
+
+
 def evaluate(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
              new_tokens: int) -> list[Candidate]:
     """Every variant's predictions and whether (and why not) it is eligible."""
@@ -116,7 +122,7 @@ def decide(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
         return Decision(pinned, "pinned", c.predicted_latency_ms, c.predicted_joules, cands)
     if power_capped:  # shed energy: cheapest variant the quality floor allows, latency aside
         floor_ok = [c for c, v in zip(cands, variants, strict=True)
-                    if v.available and not v.paused and meets_floor(v, budget.min_quality)]
+                    if offered(v, budget.min_quality)]
         if floor_ok:
             c = min(floor_ok, key=lambda c: (c.predicted_marginal_joules, -c.quality))
             return Decision(c.variant, "power_cap", c.predicted_latency_ms,
@@ -127,7 +133,7 @@ def decide(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
         return Decision(c.variant, "cheapest_feasible", c.predicted_latency_ms,
                         c.predicted_joules, cands)
     floor_ok = [c for c, v in zip(cands, variants, strict=True)
-                if v.available and not v.paused and meets_floor(v, budget.min_quality)]
+                if offered(v, budget.min_quality)]
     best = min(floor_ok, key=lambda c: c.predicted_latency_ms) if floor_ok else None
     if on_infeasible == "reject" or best is None:
         achievable = f"{best.predicted_latency_ms:.0f} ms" if best else "none"
