@@ -305,9 +305,8 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         # a copy no smaller than its source is no quantized rung: blocks wider than a small
         # model's matrices pad every row (a 32-wide tiny model at block 128 grew 1.4x)
         base_bytes = onnx_bytes(out / base)
-        eight = [m for m in candidates if m.bits == 8
-                 and trials[m.name]["bytes"] < base_bytes] or [
-            m for m in candidates if m.bits == 8]
+        all_eight = [m for m in candidates if m.bits == 8]
+        eight = [m for m in all_eight if trials[m.name]["bytes"] < base_bytes] or all_eight
         # fastest 8-bit method whose quality is within 2 % of the best 8-bit quality; speeds
         # within 5 % of that count as a tie (noise), settled by quality
         best_q = max(trials[m.name]["quality"] for m in eight)
