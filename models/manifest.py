@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 SCHEMA_VERSION = 1
 
@@ -46,9 +46,30 @@ class SpeculativeInfo(BaseModel):
     draft: str  # the variant that proposes tokens
     k: int  # tokens drafted per round
     acceptance_rate: float  # share of drafted tokens the target kept (greedy, build prompts)
-    min_acceptance: float  # below this a request stops drafting: rounds would cost more
     speedup: float  # decode tokens/s over the target's, measured side by side
     candidates: dict[str, Any] = Field(default_factory=dict)  # every draft x k measured
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def min_acceptance(self) -> float:
+        """The share of drafted tokens kept below which a round costs more than the plain
+        steps it replaces (a request pauses drafting there), derived from the measurements
+        above rather than stored, so a ladder built by older code gets today's rule.
+
+        A round yields ``1 + k·a`` tokens at acceptance ``a`` (the kept drafts and the
+        target's own token) and was measured ``speedup`` times faster than plain steps, so it
+        costs ``(1 + k·acceptance_rate) / speedup`` plain steps; it breaks even where
+        ``1 + k·a`` equals that."""
+        return break_even(self.acceptance_rate, self.k, self.speedup)
+
+
+def break_even(acceptance: float, k: int, speedup: float) -> float:
+    """Acceptance (kept / drafted) at which a round of ``k`` drafts, measured ``speedup``
+    times faster than plain decoding at ``acceptance``, costs what its tokens cost plainly."""
+    if k < 1 or speedup <= 0:
+        return 1.0
+    round_cost = (1 + k * acceptance) / speedup  # in plain steps
+    return round(min(1.0, max(0.0, (round_cost - 1) / k)), 4)
 
 
 class VariantInfo(BaseModel):

@@ -34,24 +34,6 @@ QUESTIONS = ("Why is the sky blue?", "Write a Python function that reverses a st
              "Explain what a hash table is in two sentences.")
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens one round yields on average (Leviathan et al.): (1 − a^(k+1)) / (1 − a)."""
-    if acceptance >= 1.0:
-        return k + 1.0
-    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
-
-
-def break_even(acceptance: float, k: int, speedup: float) -> float:
-    """The acceptance at which rounds stop paying: with the round's cost fixed (as measured),
-    the rate where the expected tokens per round fall to ``1/speedup`` of the measured."""
-    target = expected_tokens(acceptance, k) / speedup
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if expected_tokens(mid, k) < target else (lo, mid)
-    return round(hi, 4)
-
-
 def choose_speculative(ladder: Path, manifest: Manifest, threads: int, new_tokens: int = 48,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every draft x k in a fresh process whose sessions share one thread pool, as
@@ -154,7 +136,7 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
             decode_tokens_per_s=1 / seconds_per_token, threads=threads),
         "speculative": SpeculativeInfo(
             target="full", draft=name, k=k, acceptance_rate=round(acceptance, 4),
-            min_acceptance=break_even(acceptance, k, speedup), speedup=round(speedup, 3),
+            speedup=round(speedup, 3),
             candidates=record["candidates"])})
     return record
 

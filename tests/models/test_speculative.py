@@ -12,9 +12,10 @@ from models.engine.base import GenerationParams
 from models.engine.ort import OrtEngine
 from models.engine.sampling import distribution
 from models.engine.slots import Sampler
-from models.engine.speculative import SpecSlots, SpeculativeEngine
+from models.engine.speculative import (MAX_PAUSE_TOKENS, PAUSE_TOKENS, SpecSlots,
+                                       SpeculativeEngine)
 from models.ladder import load_ladder
-from models.pipeline.speculative import break_even, expected_tokens
+from models.manifest import SpeculativeInfo, break_even
 from tests.models.test_slots import alone, assert_same_but_near_ties
 
 PROMPTS = ["def main():", "import json\n\n", "The json module can", "x",
@@ -73,33 +74,54 @@ def test_sampled_tokens_follow_fulls_distribution(engines: dict[str, OrtEngine])
     assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)
 
 
-def test_a_row_with_low_acceptance_stops_drafting(engines: dict[str, OrtEngine]) -> None:
+def test_a_row_with_low_acceptance_pauses_then_drafts_again(
+        engines: dict[str, OrtEngine]) -> None:
     full = engines["full"]
-    # a threshold no row can reach: after its first round the row decodes plainly
-    slots = SpecSlots(full, engines["distilled"], k=4, max_batch=2, max_len=96,
+    # a threshold no row can reach: every round is followed by a pause of plain steps, each
+    # pause twice the last, and the tokens stay full's own throughout
+    slots = SpecSlots(full, engines["distilled"], k=4, max_batch=2, max_len=160,
                       min_acceptance=1.01)
-    params = GenerationParams(max_new_tokens=40, ignore_eos=True)
+    params = GenerationParams(max_new_tokens=120, ignore_eos=True)
     sampler = Sampler(params)
     ids = full.encode(PROMPTS[4])
     got = [slots.prefill(1, ids, sampler)]
-    sizes = []
+    drafted_per_step = []
+    while len(got) < 120:
+        before = slots.drafted
+        got += slots.step_many([1], [got[-1]], [sampler])[0]
+        drafted_per_step.append(slots.drafted - before)
+    # a round (4 drafts), 8 plain steps, a round, 16 plain, a round, 32 plain, a round, ...
+    pattern = "".join("R" if d else "." for d in drafted_per_step)
+    assert all(d in (0, 4) for d in drafted_per_step)
+    runs = [len(r) for r in pattern.split("R")[1:-1]]
+    assert runs[:3] == [PAUSE_TOKENS, 2 * PAUSE_TOKENS, 4 * PAUSE_TOKENS], pattern
+    assert pattern.startswith("R")
+    assert_same_but_near_ties(got[:120], *alone(full, ids, 120))
+    assert MAX_PAUSE_TOKENS >= 4 * PAUSE_TOKENS
+
+
+def test_a_row_that_drafts_well_never_pauses(engines: dict[str, OrtEngine]) -> None:
+    full = engines["full"]
+    # full drafting for itself keeps (all but near-tie) drafts: every step is a round
+    slots = SpecSlots(full, full, k=3, max_batch=1, max_len=96, min_acceptance=0.5)
+    sampler = Sampler(GenerationParams(max_new_tokens=40, ignore_eos=True))
+    ids = full.encode(PROMPTS[0])
+    got = [slots.prefill(0, ids, sampler)]
+    steps = 0
     while len(got) < 40:
-        out = slots.step_many([1], [got[-1]], [sampler])[0]
-        sizes.append(len(out))
-        got += out
-    drafted = slots.drafted
-    assert drafted == 4 and sizes[1:] == [1] * (len(sizes) - 1)  # plain steps of full
-    assert slots.work[-1] == 1
-    assert_same_but_near_ties(got[:40], *alone(full, ids, 40))
-    slots.step_many([1], [got[-1]], [sampler])
-    assert slots.drafted == drafted  # it no longer drafts
+        got += slots.step_many([0], [got[-1]], [sampler])[0]
+        steps += 1
+    assert slots.drafted == 3 * steps
+    assert slots.accepted >= 0.9 * slots.drafted
 
 
-def test_expected_tokens_and_break_even() -> None:
-    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
-    assert expected_tokens(0.5, 3) == pytest.approx(1.875)
-    # a round measured 1.5x faster than full at acceptance 0.8: it pays down to the rate whose
-    # expected tokens are 1/1.5 of 0.8's
-    a = break_even(0.8, 4, 1.5)
-    assert expected_tokens(a, 4) == pytest.approx(expected_tokens(0.8, 4) / 1.5, rel=1e-3)
-    assert 0 < a < 0.8
+def test_break_even_acceptance() -> None:
+    # a round of 4 drafts measured 1.5x plain decoding at acceptance 0.8 yields 1 + 3.2 tokens
+    # for the cost of 4.2 / 1.5 = 2.8 plain steps: it pays down to 1 + 4a = 2.8, a = 0.45
+    assert break_even(0.8, 4, 1.5) == pytest.approx(0.45)
+    assert break_even(0.8, 4, 1.0) == pytest.approx(0.8)  # no faster: no slack
+    assert break_even(0.9, 4, 10.0) == 0.0  # even a round keeping nothing pays
+    info = SpeculativeInfo(target="full", draft="int8", k=4, acceptance_rate=0.8, speedup=1.5,
+                           min_acceptance=0.99)  # a stored value from older code is ignored
+    assert info.min_acceptance == pytest.approx(0.45)
+    assert info.model_dump()["min_acceptance"] == pytest.approx(0.45)
