@@ -1,8 +1,11 @@
 """``greenroute bench route``: a mixed workload run three ways against the live service.
 
 Modes: routed (``auto``), always ``full``, always the cheapest variant (lowest calibrated
-joules per token), each at every concurrency level asked for (clients take the next request
-as they finish one; with continuous batching, concurrent requests share steps). Printed per
+joules per token), each at every concurrency level asked for. One client: the modes take turns
+request by request (their order rotating), so the host's drift between minutes falls on every
+mode alike. Several clients: each mode runs the whole workload in its turn (clients take the
+next request as they finish one; with continuous batching, concurrent requests share steps,
+and mixing modes would put them in one another's batches). Printed per
 mode: total and per-request joules, quality-floor violations,
 latency-budget hit rate, p50/p99 latency. The workload (``bench/workloads/mixed.jsonl``) is
 generated once by :func:`make_workload` and committed, so every run sends the same requests.
@@ -96,6 +99,25 @@ def run_mode(url: str, reqs: list[dict[str, Any]], pin: str | None, clients: int
 
     with cf.ThreadPoolExecutor(clients) as pool:
         done = [x for part in pool.map(client, range(clients)) for x in part]
+    return summarize(done, quality)
+
+
+def run_turns(url: str, reqs: list[dict[str, Any]], modes: dict[str, str | None],
+              quality: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """One client, every request once per mode, the modes taking turns (order rotating)."""
+    names = list(modes)
+    done: dict[str, list[tuple[dict[str, Any], int, float, Any]]] = {m: [] for m in names}
+    with httpx.Client(base_url=url, timeout=600) as c:
+        for i, r in enumerate(reqs):
+            for j in range(len(names)):
+                mode = names[(i + j) % len(names)]
+                done[mode].append((r, *_send(c, r, modes[mode])))
+    return {mode: summarize(d, quality) for mode, d in done.items()}
+
+
+def summarize(done: list[tuple[dict[str, Any], int, float, Any]],
+              quality: dict[str, float]) -> dict[str, Any]:
+    """One mode's responses: energy, floor violations, budget hits, latency, mix."""
     joules, lats, hits, violations, chosen = [], [], 0, 0, []
     by_variant: dict[str, float] = {}
     rows = []
@@ -139,6 +161,10 @@ def run_bench(ladder: Path, workload: Path = WORKLOAD, threads: int = 2,
         modes = {"routed": None, "always-full": "full", f"always-{cheapest}": cheapest}
         results: dict[str, Any] = {}
         for n in clients:
+            if n == 1:
+                for mode, r in run_turns(url, reqs, modes, quality).items():
+                    results[f"{mode} @1"] = r
+                continue
             for mode, pin in modes.items():
                 results[f"{mode} @{n}"] = run_mode(url, reqs, pin, n, quality)
         return {"workload": str(workload), "cheapest": cheapest, "clients": list(clients),

@@ -109,6 +109,7 @@ class KVSlots(Slots):
         self._logits = np.zeros((b, 1, e._vocab), dtype=e._logits_dtype)
         self._step_bindings: dict[int, ort.IOBinding] = {}
         self._row_bindings: dict[int, ort.IOBinding] = {}
+        self._forward_bindings: dict[int, ort.IOBinding] = {}
 
     def _bind_kv(self, binding: ort.IOBinding, first_row: int, rows: int) -> None:
         shape = [rows, *self._row_shape]
@@ -148,10 +149,13 @@ class KVSlots(Slots):
             raise ValueError(f"row {row} holds {start} tokens: {count} more exceed its "
                              f"{self.max_len}")
         self.mask[row, start : start + count] = 1
-        binding = self.session.io_binding()
-        self._bind_kv(binding, row, 1)
-        binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.max_len],
-                           int(self.mask.ctypes.data) + row * self.max_len * 8)
+        binding = self._forward_bindings.get(row)
+        if binding is None:  # the row's K/V and mask, bound once (120 tensors on SmolLM2)
+            binding = self.session.io_binding()
+            self._bind_kv(binding, row, 1)
+            binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.max_len],
+                               int(self.mask.ctypes.data) + row * self.max_len * 8)
+            self._forward_bindings[row] = binding
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(binding)

@@ -125,13 +125,15 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
     speedup, name, k, acceptance, seconds_per_token = best
     record["chosen"] = f"{name}:k{k}"
     full_info, draft_info = manifest.variants["full"], manifest.variants[name]
-    cal = full_info.calibration
+    cal, draft_cal = full_info.calibration, draft_info.calibration
     manifest.variants[SPECULATIVE] = full_info.model_copy(update={
         "name": SPECULATIVE, "parameters": full_info.parameters + draft_info.parameters,
         "bytes": full_info.bytes + draft_info.bytes,
         "quantization": f"speculative: {name} drafts {k}, full verifies",
         "calibration": Calibration(
-            prefill_ms_per_token=cal.prefill_ms_per_token if cal else 0.0,
+            # a request's prompt goes through both models
+            prefill_ms_per_token=((cal.prefill_ms_per_token if cal else 0.0)
+                                  + (draft_cal.prefill_ms_per_token if draft_cal else 0.0)),
             decode_ms_per_token=1000 * seconds_per_token,
             decode_tokens_per_s=1 / seconds_per_token, threads=threads),
         "speculative": SpeculativeInfo(

@@ -215,3 +215,9 @@ def test_speculative_stage_measures_a_ladder_whose_manifest_is_not_saved_yet(
         draft, k = record["chosen"].split(":k")
         spec = fresh.variants[SPECULATIVE].speculative
         assert spec is not None and (spec.draft, spec.k) == (draft, int(k))
+        # its prompt goes through both models: the router's prefill seed says so
+        cal = fresh.variants[SPECULATIVE].calibration
+        parts = [fresh.variants[n].calibration for n in ("full", draft)]
+        assert cal is not None and all(parts)
+        assert cal.prefill_ms_per_token == pytest.approx(
+            sum(p.prefill_ms_per_token for p in parts if p))

@@ -12,8 +12,7 @@ from models.engine.base import GenerationParams
 from models.engine.ort import OrtEngine
 from models.engine.sampling import distribution
 from models.engine.slots import Sampler
-from models.engine.speculative import (MAX_PAUSE_TOKENS, PAUSE_TOKENS, SpecSlots,
-                                       SpeculativeEngine)
+from models.engine.speculative import MAX_PAUSE_TOKENS, PAUSE_TOKENS, SpecSlots, SpeculativeEngine
 from models.ladder import load_ladder
 from models.manifest import SpeculativeInfo, break_even
 from tests.models.test_slots import alone, assert_same_but_near_ties
