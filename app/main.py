@@ -53,7 +53,8 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     device = resolve_device(settings.device)
     chat_template = load_chat_template(settings.ladder_dir)  # before the slow part: fail fast
     ladder = load_ladder(settings.ladder_dir, device=device, threads=settings.threads,
-                         runtime=settings.runtime, only=settings.variants or None)
+                         runtime=settings.runtime, only=settings.variants or None,
+                         variant_threads=settings.variant_threads)
     if not ladder.engines:
         raise RuntimeError(f"no variant could be loaded from {settings.ladder_dir}: "
                            f"{ladder.failed}")
@@ -128,7 +129,9 @@ def seed_costs(ladder: LoadedLadder, meter: EnergyMeter) -> dict[str, CostModel]
         measured = calibrate(engine, prompt, new_tokens=16, repeats=1)
         reading = meter.end(mark)
         cal = ladder.manifest.variants[name].calibration
-        if not host_matches or cal is None:
+        threads = getattr(engine, "threads", None)  # our engine's; genai's runs its own way
+        if (not host_matches or cal is None
+                or (threads is not None and cal.threads != threads)):
             cal = measured
         slope = measure_step_slope(engine, prompt)
         costs[name] = CostModel(cal.prefill_ms_per_token, cal.decode_ms_per_token,

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.ladder import CHEAP_RUNGS_ON_ONE_CORE
 from models.manifest import default_ladder_dir
 
 
@@ -21,6 +22,10 @@ class Settings(BaseSettings):
     ladder_dir: Path = Field(default_factory=default_ladder_dir)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(2, ge=1, le=256, description="intra-op threads per session")
+    variant_threads: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=lambda: dict(CHEAP_RUNGS_ON_ONE_CORE),
+        description="threads of named variants, overriding `threads` (NAME=N,...; names "
+        "absent from the ladder are skipped)")
     runtime: Literal["auto", "onnxruntime", "onnxruntime-genai"] = "auto"
     variants: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="load only these variants (comma-separated)")
@@ -80,6 +85,32 @@ class Settings(BaseSettings):
                              f"max_new_tokens_limit ({self.max_new_tokens_limit}): every "
                              "request that omits it would be refused")
         return self
+
+    @field_validator("variant_threads", mode="before")
+    @classmethod
+    def _split_pairs(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        out: dict[str, int] = {}
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            name, sep, count = part.partition("=")
+            if not sep or not name.strip() or not count.strip().isdigit():
+                raise ValueError(f"expected NAME=THREADS, got {part!r}")
+            out[name.strip()] = int(count)
+        return out
+
+    @field_validator("variant_threads")
+    @classmethod
+    def _threads_in_range(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {n: t for n, t in value.items() if not 1 <= t <= 256}
+        if bad:
+            raise ValueError(f"threads must be 1-256: {bad}")
+        return value
+
+    def threads_of(self, variant: str) -> int:
+        return self.variant_threads.get(variant, self.threads)
 
     @field_validator("api_keys", "variants", mode="before")
     @classmethod

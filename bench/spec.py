@@ -20,7 +20,7 @@ from models.chat import ChatTemplate
 from models.engine.base import Engine, GenerationParams
 from models.engine.ort import OrtEngine, use_global_thread_pool
 from models.engine.speculative import SpeculativeEngine
-from models.ladder import load_ladder
+from models.ladder import CHEAP_RUNGS_ON_ONE_CORE, load_ladder
 from models.manifest import SPECULATIVE, Manifest
 from models.pipeline.speculative import QUESTIONS
 from telemetry.factory import MeterConfig, create_meter
@@ -46,15 +46,20 @@ def _run(engine: Engine, ids: list[int], params: GenerationParams,
 
 
 def run_bench(ladder: Path, draft: str | None = None, k: int | None = None,
-              new_tokens: int = 128, rounds: int = 3, threads: int = 2) -> dict[str, Any]:
-    use_global_thread_pool(threads)  # as the service does: draft and target share the cores
+              new_tokens: int = 128, rounds: int = 3, threads: int = 2,
+              variant_threads: dict[str, int] | None = None) -> dict[str, Any]:
+    # threads as the service runs them by default: one shared pool, or each variant its own
+    variant_threads = dict(CHEAP_RUNGS_ON_ONE_CORE if variant_threads is None
+                           else variant_threads)
+    if all(n == threads for n in variant_threads.values()):
+        use_global_thread_pool(threads)
     manifest = Manifest.load(ladder)
     spec_info = manifest.variants.get(SPECULATIVE)
     chosen = spec_info.speculative if spec_info else None
     draft = draft or (chosen.draft if chosen else "int8")
     k = k or (chosen.k if chosen else 5)
     loaded = load_ladder(ladder, threads=threads, runtime="onnxruntime",
-                         only=["full", draft], warmup=False)
+                         only=["full", draft], warmup=False, variant_threads=variant_threads)
     full, drafter = loaded.engines["full"], loaded.engines[draft]
     assert isinstance(full, OrtEngine) and isinstance(drafter, OrtEngine)
     spec = SpeculativeEngine(full, drafter, k)
@@ -87,7 +92,9 @@ def run_bench(ladder: Path, draft: str | None = None, k: int | None = None,
             total += 1
     result: dict[str, Any] = {
         "draft": draft, "k": k, "new_tokens": new_tokens, "prompts": len(prompts),
-        "rounds": rounds, "threads": threads, "energy_source": meter.source,
+        "rounds": rounds, "threads": threads,
+        "variant_threads": {n: variant_threads.get(n, threads) for n in ("full", draft)},
+        "energy_source": meter.source,
         "energy_estimated": meter.estimated,
         "acceptance_rate": spec.accepted / max(1, spec.drafted),
         "identical_outputs": f"{identical}/{total}",
@@ -116,7 +123,8 @@ def report(f: dict[str, Any]) -> str:
     energy = statistics.median(f["joules_ratio_per_round"])
     lines = [
         f"speculative rung: draft {f['draft']}, k {f['k']}; greedy, {f['new_tokens']} tokens, "
-        f"batch 1, {f['prompts']} chat prompts x {f['rounds']} rounds, {f['threads']} threads",
+        f"batch 1, {f['prompts']} chat prompts x {f['rounds']} rounds, threads "
+        f"{f.get('variant_threads') or f['threads']}",
         f"{'engine':<18}{'tok/s':>9}{'J/token':>10}",
         f"{'full':<18}{tps['full']:>9.1f}{jpt['full']:>10.4f}",
         f"{SPECULATIVE:<18}{tps[SPECULATIVE]:>9.1f}{jpt[SPECULATIVE]:>10.4f}",

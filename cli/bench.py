@@ -62,6 +62,14 @@ def _spec(args: argparse.Namespace) -> int:
     return _emit(figures, report, args.json)
 
 
+def _threads(args: argparse.Namespace) -> int:
+    from bench.threads import report, run_bench
+
+    figures = run_bench(ladder_path(args), threads=args.threads, new_tokens=args.new_tokens,
+                        rounds=args.rounds)
+    return _emit(figures, report, args.json)
+
+
 def _energy(args: argparse.Namespace) -> int:
     from bench.energy import report, run_bench
 
@@ -70,7 +78,8 @@ def _energy(args: argparse.Namespace) -> int:
 
 
 SUITES: dict[str, Callable[[argparse.Namespace], int]] = {
-    "models": _models, "serve": _serve, "route": _route, "spec": _spec, "energy": _energy}
+    "models": _models, "serve": _serve, "route": _route, "spec": _spec, "energy": _energy,
+    "threads": _threads}
 
 
 def run(args: argparse.Namespace) -> int:

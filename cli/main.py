@@ -89,6 +89,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", default=None)
+    b = bench.add_parser("threads", help="each variant's decode time and energy per token on "
+                                         "one thread vs --threads (batch 1)")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--rounds", type=int, default=5)
+    b.add_argument("--json", default=None)
     b = bench.add_parser("energy", help="meter overhead per request window; on a GPU, energy "
                                         "counter vs integrated power samples")
     b.add_argument("--ladder", default=None)

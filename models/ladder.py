@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,12 @@ from tokenizers import Tokenizer
 from models.engine.base import Engine, VariantLoadError
 from models.engine.ort import shares_kv_buffer
 from models.manifest import Manifest, VariantInfo
+
+# A rung decoding on one core spends about a third less CPU time per token than on two, for
+# 1.3-1.8x its latency (SmolLM2's ladder on a 2-core host: `greenroute bench threads`). The
+# service's default: these rungs on one thread each, `full` (the reference, and the fallback
+# for tight budgets) and the speculative rung's target on the service's `threads`.
+CHEAP_RUNGS_ON_ONE_CORE = {"int8": 1, "int4": 1, "distilled": 1, "distilled-int8": 1}
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "onnxruntime", "onnxruntime-genai")
@@ -57,8 +64,10 @@ def load_ladder(
     runtime: str = "auto",
     only: list[str] | None = None,
     warmup: bool = True,
+    variant_threads: Mapping[str, int] | None = None,
 ) -> LoadedLadder:
-    """Load every variant in ``ladder_dir`` (or those in ``only``).
+    """Load every variant in ``ladder_dir`` (or those in ``only``), each with ``threads``
+    intra-op threads or its own count from ``variant_threads``.
 
     ``runtime="auto"`` uses our engine where it batches (shared-KV graphs), else the
     manifest's measured choice. Raises :class:`VariantLoadError` only
@@ -84,7 +93,7 @@ def load_ladder(
         if only is not None and variant.name not in only:
             continue
         if variant.speculative is not None:
-            _add_speculative(ladder, variant, device, threads, warmup)
+            _add_speculative(ladder, variant, device, threads, warmup, variant_threads or {})
             continue
         chosen = runtime
         if runtime == "auto":
@@ -94,7 +103,7 @@ def load_ladder(
             chosen = "onnxruntime" if batches else manifest.runtime
         try:
             engine = load_engine(ladder_dir, manifest, variant, tokenizer, chosen, device,
-                                 threads)
+                                 (variant_threads or {}).get(variant.name, threads))
             if warmup:
                 engine.warmup()
         except VariantLoadError as err:
@@ -106,7 +115,7 @@ def load_ladder(
 
 
 def _add_speculative(ladder: LoadedLadder, variant: VariantInfo, device: str, threads: int,
-                     warmup: bool) -> None:
+                     warmup: bool, variant_threads: Mapping[str, int]) -> None:
     """The speculative rung shares its target's and draft's sessions (loaded for their own
     rungs, or here when only the speculative rung was asked for)."""
     from models.engine.ort import OrtEngine
@@ -125,7 +134,7 @@ def _add_speculative(ladder: LoadedLadder, variant: VariantInfo, device: str, th
                                                            / ladder.manifest.tokenizer)),
                                    ladder.manifest.context_length,
                                    ladder.manifest.eos_token_ids, device=device,
-                                   threads=threads)
+                                   threads=variant_threads.get(role, threads))
             engines[role] = engine
         rung = SpeculativeEngine(engines[spec.target], engines[spec.draft], spec.k,
                                  spec.min_acceptance)

@@ -90,6 +90,9 @@ class Executor:
         for name, b in self.lane.batches.items():
             s: dict[str, Any] = {"batching": b.slots.kind, "max_batch": b.slots.max_batch,
                                  "running": len(b.running), "waiting": len(b.waiting)}
+            threads = getattr(self.engines[name], "threads", None)
+            if threads is not None:  # its sessions' intra-op threads (0: draft and target differ)
+                s["threads"] = threads
             drafted = getattr(b.slots, "drafted", None)
             if drafted is not None:
                 accepted = b.slots.accepted  # type: ignore[attr-defined]

@@ -53,10 +53,16 @@ def session_options(threads: int) -> ort.SessionOptions:
     :func:`use_global_thread_pool` set one up) and full graph optimisation."""
     so = ort.SessionOptions()
     if _global_pool_threads is not None:
+        if threads != _global_pool_threads:  # onnxruntime: every session then uses the pool
+            raise ValueError(f"this process shares one pool of {_global_pool_threads} "
+                             f"threads: a session cannot have {threads}")
         so.use_per_session_threads = False
     else:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        # a pool of its own must not spin between runs: the cores then belong to the other
+        # sessions of the process (a one-core rung's, a speculative draft's)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -112,6 +118,7 @@ class OrtEngine(Engine):
         super().__init__(tokenizer, context_length, eos_token_ids)
         if not model_path.is_file():
             raise VariantLoadError(f"ONNX file not found: {model_path}")
+        self.threads = threads
         try:
             self.session = ort.InferenceSession(
                 str(model_path), session_options(threads), providers=providers_for(device)

@@ -172,6 +172,9 @@ class SpeculativeEngine(Engine):
                              "graphs for both the target and the draft")
         super().__init__(target.tokenizer, target.context_length, sorted(target.eos_token_ids))
         self.target, self.draft, self.k = target, draft, k
+        # as a calibration records it; 0 when the two differ (a one-core draft): no build-time
+        # calibration matches, and start-up measures the rung as it runs
+        self.threads = target.threads if target.threads == draft.threads else 0
         self.min_acceptance = min_acceptance
         self.drafted = self.accepted = 0
 

@@ -315,3 +315,27 @@ def test_not_ready_until_the_ladder_loads(tmp_path: Any) -> None:
         assert "build the ladder first" in resp.json()["error"]["message"]
         assert c.get("/health").status_code == 200
         assert_error(c.post("/v1/generate", json={"prompt": "x"}), 503, "not_ready")
+
+
+def test_variant_threads_are_parsed_and_checked_at_start_up() -> None:
+    assert Settings(variant_threads="int8=1, full=3").variant_threads == {"int8": 1, "full": 3}  # type: ignore[arg-type]
+    assert Settings(variant_threads="").variant_threads == {}  # type: ignore[arg-type]
+    for bad in ("int8", "int8=", "=2", "int8=two"):
+        with pytest.raises(ValueError, match="NAME=THREADS"):
+            Settings(variant_threads=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="1-256"):
+        Settings(variant_threads="int8=0")  # type: ignore[arg-type]
+    s = Settings(threads=4, variant_threads="int8=1")  # type: ignore[arg-type]
+    assert (s.threads_of("int8"), s.threads_of("full")) == (1, 4)
+
+
+def test_each_variant_runs_on_its_own_thread_count(
+        make_client: Callable[..., TestClient]) -> None:
+    c = make_client(threads=2, variant_threads={"int8": 1, "distilled": 1})
+    execution = {v["name"]: v["execution"] for v in c.get("/v1/variants").json()["data"]
+                 if v["loaded"]}
+    assert execution["int8"]["threads"] == 1 and execution["distilled"]["threads"] == 1
+    assert execution["full"]["threads"] == 2
+    # a one-core rung still serves
+    resp = c.post("/v1/generate", json={"prompt": "def", "max_new_tokens": 4, "variant": "int8"})
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1

@@ -262,3 +262,17 @@ def test_every_variant_generates(tiny_ladder: Path, runtime: str) -> None:
         assert engine.runtime == runtime
         out = engine.generate(PROMPT, GenerationParams(max_new_tokens=5, ignore_eos=True))
         assert len(out.token_ids) == 5
+
+
+def test_a_session_cannot_leave_the_process_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime refuses a per-session pool once the global one exists: say so plainly."""
+    import models.engine.ort as ort_engine
+
+    monkeypatch.setattr(ort_engine, "_global_pool_threads", 2)
+    assert ort_engine.session_options(2).use_per_session_threads is False
+    with pytest.raises(ValueError, match="shares one pool of 2 threads"):
+        ort_engine.session_options(1)
+    monkeypatch.setattr(ort_engine, "_global_pool_threads", None)
+    so = ort_engine.session_options(3)
+    assert so.intra_op_num_threads == 3
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
