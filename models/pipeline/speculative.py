@@ -26,6 +26,7 @@ from models.chat import ChatTemplate
 from models.engine.base import GenerationParams
 from models.engine.ort import OrtEngine, use_global_thread_pool
 from models.engine.speculative import SpeculativeEngine
+from models.ladder import CHEAP_RUNGS_ON_ONE_CORE
 from models.manifest import SPECULATIVE, Calibration, Manifest, SpeculativeInfo
 
 KS = (3, 5, 8)
@@ -69,7 +70,7 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
     def load(name: str) -> OrtEngine:
         info = manifest.variants[name]
         return OrtEngine(ladder / info.dir / info.file, tokenizer, manifest.context_length,
-                         manifest.eos_token_ids, threads=threads)
+                         manifest.eos_token_ids, threads=CHEAP_RUNGS_ON_ONE_CORE.get(name, threads))
 
     full = load("full")
     record: dict[str, Any] = {"rule": f"fastest draft x k, if >= {MIN_SPEEDUP}x full's greedy "
@@ -124,32 +125,44 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
         return record
     speedup, name, k, acceptance, seconds_per_token = best
     record["chosen"] = f"{name}:k{k}"
-    full_info, draft_info = manifest.variants["full"], manifest.variants[name]
+    add_rung(manifest, name, k, acceptance, speedup, seconds_per_token, threads,
+             record["candidates"])
+    return record
+
+
+def add_rung(manifest: Manifest, draft: str, k: int, acceptance: float, speedup: float,
+             seconds_per_token: float, threads: int, candidates: dict[str, Any]) -> None:
+    """``full-speculative`` into ``manifest``: ``full``'s weights and quality, ``draft``
+    proposing ``k`` tokens a round, with the costs the race measured."""
+    full_info, draft_info = manifest.variants["full"], manifest.variants[draft]
     cal, draft_cal = full_info.calibration, draft_info.calibration
     manifest.variants[SPECULATIVE] = full_info.model_copy(update={
         "name": SPECULATIVE, "parameters": full_info.parameters + draft_info.parameters,
         "bytes": full_info.bytes + draft_info.bytes,
-        "quantization": f"speculative: {name} drafts {k}, full verifies",
+        "quantization": f"speculative: {draft} drafts {k}, full verifies",
         "calibration": Calibration(
             # a request's prompt goes through both models
             prefill_ms_per_token=((cal.prefill_ms_per_token if cal else 0.0)
                                   + (draft_cal.prefill_ms_per_token if draft_cal else 0.0)),
             decode_ms_per_token=1000 * seconds_per_token,
-            decode_tokens_per_s=1 / seconds_per_token, threads=threads),
+            decode_tokens_per_s=1 / seconds_per_token,
+            # as SpeculativeEngine.threads says it: 0 when the draft runs on other threads
+            threads=(threads if CHEAP_RUNGS_ON_ONE_CORE.get(draft, threads) == threads
+                     else 0)),
         "speculative": SpeculativeInfo(
-            target="full", draft=name, k=k, acceptance_rate=round(acceptance, 4),
-            speedup=round(speedup, 3),
-            candidates=record["candidates"])})
-    return record
+            target="full", draft=draft, k=k, acceptance_rate=round(acceptance, 4),
+            speedup=round(speedup, 3), candidates=candidates)})
 
 
 def main(argv: list[str]) -> int:
     """``python -m models.pipeline.speculative LADDER MANIFEST THREADS NEW_TOKENS OUT``: measure
-    the variants of LADDER that the MANIFEST file lists, with one shared thread pool, and write
-    the manifest (with the choice) to OUT."""
+    the variants of LADDER that the MANIFEST file lists, each on the threads the service gives
+    it by default (one shared pool when those are all THREADS), and write the manifest (with the
+    choice) to OUT."""
     ladder, given, out = Path(argv[0]), Path(argv[1]), Path(argv[4])
     threads, new_tokens = int(argv[2]), int(argv[3])
-    use_global_thread_pool(threads)
+    if all(n == threads for n in CHEAP_RUNGS_ON_ONE_CORE.values()):
+        use_global_thread_pool(threads)
     manifest = Manifest.model_validate_json(given.read_text())
     manifest.speculative_choice = _measure_and_choose(ladder, manifest, threads, new_tokens,
                                                       lambda m: print(m, flush=True))

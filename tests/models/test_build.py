@@ -215,9 +215,29 @@ def test_speculative_stage_measures_a_ladder_whose_manifest_is_not_saved_yet(
         draft, k = record["chosen"].split(":k")
         spec = fresh.variants[SPECULATIVE].speculative
         assert spec is not None and (spec.draft, spec.k) == (draft, int(k))
-        # its prompt goes through both models: the router's prefill seed says so
-        cal = fresh.variants[SPECULATIVE].calibration
-        parts = [fresh.variants[n].calibration for n in ("full", draft)]
-        assert cal is not None and all(parts)
-        assert cal.prefill_ms_per_token == pytest.approx(
-            sum(p.prefill_ms_per_token for p in parts if p))
+
+
+def test_the_speculative_rung_is_full_with_the_races_costs(manifest: Manifest) -> None:
+    from models.ladder import CHEAP_RUNGS_ON_ONE_CORE
+    from models.manifest import SPECULATIVE
+    from models.pipeline.speculative import add_rung
+
+    m = manifest.model_copy(deep=True)
+    add_rung(m, "int8", 4, acceptance=0.8, speedup=1.5, seconds_per_token=0.004, threads=2,
+             candidates={"int8:k4": {}})
+    rung, full, draft = m.variants[SPECULATIVE], m.variants["full"], m.variants["int8"]
+    assert (rung.quality, rung.dir, rung.file) == (full.quality, full.dir, full.file)
+    assert rung.parameters == full.parameters + draft.parameters
+    spec, cal = rung.speculative, rung.calibration
+    assert spec is not None and cal is not None and full.calibration and draft.calibration
+    assert (spec.draft, spec.k, spec.min_acceptance) == ("int8", 4, pytest.approx(0.45))
+    # a prompt goes through both models: the router's prefill seed says so
+    assert cal.prefill_ms_per_token == pytest.approx(
+        full.calibration.prefill_ms_per_token + draft.calibration.prefill_ms_per_token)
+    assert cal.decode_ms_per_token == pytest.approx(4.0)
+    # a draft the service runs on one core beside a two-thread full is recorded as 0 threads,
+    # as SpeculativeEngine.threads reports it, so start-up uses this calibration
+    assert CHEAP_RUNGS_ON_ONE_CORE["int8"] == 1 and cal.threads == 0
+    add_rung(m, "full", 4, 0.8, 1.5, 0.004, threads=2, candidates={})
+    assert m.variants[SPECULATIVE].calibration.threads == 2  # type: ignore[union-attr]
+
