@@ -18,7 +18,7 @@ from typing import Any
 
 from models.chat import ChatTemplate
 from models.engine.base import Engine, GenerationParams
-from models.engine.ort import OrtEngine, use_global_thread_pool
+from models.engine.ort import OrtEngine, share_pool_if_uniform
 from models.engine.speculative import SpeculativeEngine
 from models.ladder import CHEAP_RUNGS_ON_ONE_CORE, load_ladder
 from models.manifest import SPECULATIVE, Manifest
@@ -51,8 +51,7 @@ def run_bench(ladder: Path, draft: str | None = None, k: int | None = None,
     # threads as the service runs them by default: one shared pool, or each variant its own
     variant_threads = dict(CHEAP_RUNGS_ON_ONE_CORE if variant_threads is None
                            else variant_threads)
-    if all(n == threads for n in variant_threads.values()):
-        use_global_thread_pool(threads)
+    share_pool_if_uniform(threads, variant_threads.values())
     manifest = Manifest.load(ladder)
     spec_info = manifest.variants.get(SPECULATIVE)
     chosen = spec_info.speculative if spec_info else None

@@ -34,14 +34,9 @@ def run(args: argparse.Namespace) -> int:
             return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
-    from models.engine.ort import use_global_thread_pool
+    from models.engine.ort import share_pool_if_uniform
 
-    # one pool for every variant's session when they all run on the same number of threads:
-    # the lane interleaves them on the same cores, and pools of their own would spin against
-    # each other. Variants on fewer threads (GREENROUTE_VARIANT_THREADS) need sessions of
-    # their own; a one-thread session has no pool threads to spin.
-    if all(n == settings.threads for n in settings.variant_threads.values()):
-        use_global_thread_pool(settings.threads)
+    share_pool_if_uniform(settings.threads, settings.variant_threads.values())
     # uvicorn drains in-flight requests on SIGTERM, restores this handler and re-raises the
     # signal into it: a drained shutdown then exits 0 instead of "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_zero)

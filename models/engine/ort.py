@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,17 @@ def use_global_thread_pool(threads: int) -> bool:
         return False
     _global_pool_threads = threads
     return True
+
+
+def share_pool_if_uniform(threads: int, variant_threads: Iterable[int]) -> bool:
+    """One shared pool of ``threads`` when every variant runs on that many (the lane
+    interleaves them on the same cores, and pools of their own would spin against each
+    other); otherwise each session keeps its own (onnxruntime allows no per-session pool beside
+    the shared one) and a one-thread session has no pool threads to spin. Returns whether the
+    shared pool is in use."""
+    if all(n == threads for n in variant_threads):
+        return use_global_thread_pool(threads)
+    return False
 
 
 def session_options(threads: int) -> ort.SessionOptions:

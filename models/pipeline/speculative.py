@@ -24,8 +24,8 @@ from tokenizers import Tokenizer
 
 from models.chat import ChatTemplate
 from models.engine.base import GenerationParams
-from models.engine.ort import OrtEngine, use_global_thread_pool
-from models.engine.speculative import SpeculativeEngine
+from models.engine.ort import OrtEngine, share_pool_if_uniform
+from models.engine.speculative import SpeculativeEngine, rung_threads
 from models.ladder import CHEAP_RUNGS_ON_ONE_CORE
 from models.manifest import SPECULATIVE, Calibration, Manifest, SpeculativeInfo
 
@@ -146,9 +146,8 @@ def add_rung(manifest: Manifest, draft: str, k: int, acceptance: float, speedup:
                                   + (draft_cal.prefill_ms_per_token if draft_cal else 0.0)),
             decode_ms_per_token=1000 * seconds_per_token,
             decode_tokens_per_s=1 / seconds_per_token,
-            # as SpeculativeEngine.threads says it: 0 when the draft runs on other threads
-            threads=(threads if CHEAP_RUNGS_ON_ONE_CORE.get(draft, threads) == threads
-                     else 0)),
+            threads=rung_threads(CHEAP_RUNGS_ON_ONE_CORE.get("full", threads),
+                                 CHEAP_RUNGS_ON_ONE_CORE.get(draft, threads))),
         "speculative": SpeculativeInfo(
             target="full", draft=draft, k=k, acceptance_rate=round(acceptance, 4),
             speedup=round(speedup, 3), candidates=candidates)})
@@ -161,8 +160,7 @@ def main(argv: list[str]) -> int:
     choice) to OUT."""
     ladder, given, out = Path(argv[0]), Path(argv[1]), Path(argv[4])
     threads, new_tokens = int(argv[2]), int(argv[3])
-    if all(n == threads for n in CHEAP_RUNGS_ON_ONE_CORE.values()):
-        use_global_thread_pool(threads)
+    share_pool_if_uniform(threads, CHEAP_RUNGS_ON_ONE_CORE.values())
     manifest = Manifest.model_validate_json(given.read_text())
     manifest.speculative_choice = _measure_and_choose(ladder, manifest, threads, new_tokens,
                                                       lambda m: print(m, flush=True))
