@@ -61,7 +61,13 @@ def share_pool_if_uniform(threads: int, variant_threads: Iterable[int]) -> bool:
 
 def session_options(threads: int) -> ort.SessionOptions:
     """Sequential execution with ``threads`` intra-op threads (the process's shared pool when
-    :func:`use_global_thread_pool` set one up) and full graph optimisation."""
+    :func:`use_global_thread_pool` set one up) and full graph optimisation.
+
+    A pool of the session's own spins inside a run (its workers wait microseconds between one
+    operator's parallel sections and the next: measured here, int8 decoded at 0.74x
+    onnxruntime-genai's speed with spinning off) and stops spinning the moment the run returns,
+    so that the cores then belong to the process's other sessions (a one-core rung's, a
+    speculative draft's)."""
     so = ort.SessionOptions()
     if _global_pool_threads is not None:
         if threads != _global_pool_threads:  # onnxruntime: every session then uses the pool
@@ -71,13 +77,25 @@ def session_options(threads: int) -> ort.SessionOptions:
     else:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        # a pool of its own must not spin between runs: the cores then belong to the other
-        # sessions of the process (a one-core rung's, a speculative draft's)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     return so
+
+
+def aligned_zeros(shape: Sequence[int], dtype: Any, alignment: int = 64) -> np.ndarray:
+    """A zeroed array whose data starts on an ``alignment``-byte boundary (a cache line).
+
+    numpy's buffers start 16 bytes into their allocation; onnxruntime's own are 64-byte
+    aligned, and its kernels read a buffer bound from numpy (KV cache, mask, logits) a little
+    faster when it is too (measured here: 1.5 % per decode step, full and int8 alike). Like
+    ``np.zeros``, a large array is lazily backed: pages never written cost no memory."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(tuple(shape))
 
 
 def providers_for(device: str) -> list[str]:
@@ -251,7 +269,7 @@ class OrtEngine(Engine):
         buffers = []
         for past, present in zip(self._past_names, self._present_names, strict=True):
             if self.device == "cpu":
-                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self._kv_dtype))
+                buffer = ort.OrtValue.ortvalue_from_numpy(aligned_zeros(shape, self._kv_dtype))
             else:
                 buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype,
                                                                    self.device, 0)
@@ -259,7 +277,7 @@ class OrtEngine(Engine):
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
         # the mask spans the whole buffer; its count of ones is the sequence so far
-        mask = np.zeros((1, max_len), dtype=np.int64)
+        mask = aligned_zeros((1, max_len), np.int64)
         mask[0, :length] = 1
         buffers.append(ort.OrtValue.ortvalue_from_numpy(mask))
         binding.bind_ortvalue_input("attention_mask", buffers[-1])
@@ -267,8 +285,8 @@ class OrtEngine(Engine):
         binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[-1].numpy()[0, -1]
-        step = np.zeros((1, 1), dtype=np.int64)
-        step_logits = np.zeros((1, 1, self._vocab), dtype=self._logits_dtype)
+        step = aligned_zeros((1, 1), np.int64)
+        step_logits = aligned_zeros((1, 1, self._vocab), self._logits_dtype)
         buffers += [ort.OrtValue.ortvalue_from_numpy(step),
                     ort.OrtValue.ortvalue_from_numpy(step_logits)]
         binding.bind_ortvalue_input("input_ids", buffers[-2])

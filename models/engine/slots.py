@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.engine.base import Engine, GenerationParams
-from models.engine.ort import OrtEngine
+from models.engine.ort import OrtEngine, aligned_zeros
 from models.engine.sampling import make_rng, select_token
 
 
@@ -93,8 +93,8 @@ class KVSlots(Slots):
         self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(e._kv_dtype).itemsize
         self._dev = "cuda" if e.device == "cuda" else "cpu"
         shape = [b, *self._row_shape]
-        if self._dev == "cpu":  # np.zeros is lazily backed: untouched rows cost no memory
-            self._kv = [np.zeros(shape, e._kv_dtype) for _ in e._past_names]
+        if self._dev == "cpu":  # lazily backed: untouched rows cost no memory
+            self._kv = [aligned_zeros(shape, e._kv_dtype) for _ in e._past_names]
             self._ptrs = [int(a.ctypes.data) for a in self._kv]
         else:
             self._kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, e._kv_dtype, "cuda", 0)
@@ -102,11 +102,11 @@ class KVSlots(Slots):
             self._ptrs = [int(v.data_ptr()) for v in self._kv]  # type: ignore[attr-defined]
         # a free row holds one (meaningless) token, so a step over a prefix that includes it
         # stays well-formed; its logits are never read
-        self.mask = np.zeros((b, length), dtype=np.int64)
+        self.mask = aligned_zeros((b, length), np.int64)
         self.mask[:, 0] = 1
         self.lengths = np.zeros(b, dtype=np.int64)  # tokens whose K/V a row holds
-        self._ids = np.zeros((b, 1), dtype=np.int64)
-        self._logits = np.zeros((b, 1, e._vocab), dtype=e._logits_dtype)
+        self._ids = aligned_zeros((b, 1), np.int64)
+        self._logits = aligned_zeros((b, 1, e._vocab), e._logits_dtype)
         self._step_bindings: dict[int, ort.IOBinding] = {}
         self._row_bindings: dict[int, ort.IOBinding] = {}
         self._forward_bindings: dict[int, ort.IOBinding] = {}

@@ -275,4 +275,31 @@ def test_a_session_cannot_leave_the_process_pool(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ort_engine, "_global_pool_threads", None)
     so = ort_engine.session_options(3)
     assert so.intra_op_num_threads == 3
-    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # its own pool spins inside a run and stops when the run returns
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((1, 3, 160, 64), np.float32), ((5,), np.int64),
+                                              ((2, 1, 49152), np.float16), ((1, 1), np.int64)])
+def test_aligned_zeros_start_on_a_cache_line(shape: tuple[int, ...], dtype: type) -> None:
+    from models.engine.ort import aligned_zeros
+
+    arrays = [aligned_zeros(shape, dtype) for _ in range(8)]  # numpy alone: 16-byte offsets
+    for a in arrays:
+        assert a.ctypes.data % 64 == 0
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert not a.any()
+        a[...] = 1  # writable, and its own memory: the others stay zero
+    assert all(int(np.count_nonzero(a == 1)) == a.size for a in arrays)
+
+
+def test_batch_buffers_are_aligned(tiny_ladder: Path) -> None:
+    """Every buffer a step binds from numpy starts on a cache line (see ``aligned_zeros``)."""
+    from models.engine.slots import KVSlots
+
+    engine = load_ladder(tiny_ladder, runtime="onnxruntime", only=["full"]).engines["full"]
+    assert isinstance(engine, OrtEngine) and engine.shared_kv
+    slots = KVSlots(engine, 3, 40)
+    for a in (*slots._kv, slots.mask, slots._ids, slots._logits):
+        assert a.ctypes.data % 64 == 0
