@@ -33,10 +33,12 @@ def use_global_thread_pool(threads: int) -> bool:
     ``threads`` (call before the first session; a serving process does, at start-up).
 
     Sessions that take turns on the same cores — a lane interleaving variants' steps, a
-    speculative draft and its target — otherwise each keep their own pool, whose threads spin
-    after their work and steal the cores from the next session's: measured here, speculative
-    decoding ran at 0.85x full with per-session pools and 1.4-1.5x with one shared pool (both
-    models at their usual speed). Returns whether the shared pool is in use."""
+    speculative draft and its target — otherwise each keep their own pool, whose threads (by
+    onnxruntime's default) spin after their work and steal the cores from the next session's:
+    measured here, speculative decoding ran at 0.85x full with such pools and 1.4-1.5x with one
+    shared pool (both models at their usual speed). One shared pool also never has to wake its
+    threads at the start of a run, as a pool that stops spinning between runs does (see
+    :func:`session_options`). Returns whether the shared pool is in use."""
     global _global_pool_threads
     if _global_pool_threads is not None:
         return _global_pool_threads == threads
@@ -50,10 +52,10 @@ def use_global_thread_pool(threads: int) -> bool:
 
 def share_pool_if_uniform(threads: int, variant_threads: Iterable[int]) -> bool:
     """One shared pool of ``threads`` when every variant runs on that many (the lane
-    interleaves them on the same cores, and pools of their own would spin against each
-    other); otherwise each session keeps its own (onnxruntime allows no per-session pool beside
-    the shared one) and a one-thread session has no pool threads to spin. Returns whether the
-    shared pool is in use."""
+    interleaves them on the same cores); otherwise each session keeps its own (onnxruntime
+    allows no per-session pool beside the shared one), which stops spinning when its run
+    returns, and a one-thread session has no pool threads at all. Returns whether the shared
+    pool is in use."""
     if all(n == threads for n in variant_threads):
         return use_global_thread_pool(threads)
     return False
