@@ -26,6 +26,7 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 _global_pool_threads: int | None = None  # onnxruntime's environment is one per process
+SPIN_US = 1000  # how long an idle thread of a session's own pool spins before it sleeps
 
 
 def use_global_thread_pool(threads: int) -> bool:
@@ -36,9 +37,8 @@ def use_global_thread_pool(threads: int) -> bool:
     speculative draft and its target — otherwise each keep their own pool, whose threads (by
     onnxruntime's default) spin after their work and steal the cores from the next session's:
     measured here, speculative decoding ran at 0.85x full with such pools and 1.4-1.5x with one
-    shared pool (both models at their usual speed). One shared pool also never has to wake its
-    threads at the start of a run, as a pool that stops spinning between runs does (see
-    :func:`session_options`). Returns whether the shared pool is in use."""
+    shared pool (both models at their usual speed); :func:`session_options` bounds the spin of
+    a pool of a session's own instead. Returns whether the shared pool is in use."""
     global _global_pool_threads
     if _global_pool_threads is not None:
         return _global_pool_threads == threads
@@ -53,9 +53,9 @@ def use_global_thread_pool(threads: int) -> bool:
 def share_pool_if_uniform(threads: int, variant_threads: Iterable[int]) -> bool:
     """One shared pool of ``threads`` when every variant runs on that many (the lane
     interleaves them on the same cores); otherwise each session keeps its own (onnxruntime
-    allows no per-session pool beside the shared one), which stops spinning when its run
-    returns, and a one-thread session has no pool threads at all. Returns whether the shared
-    pool is in use."""
+    allows no per-session pool beside the shared one), whose threads spin for at most
+    :data:`SPIN_US` when idle, and a one-thread session has no pool threads at all. Returns
+    whether the shared pool is in use."""
     if all(n == threads for n in variant_threads):
         return use_global_thread_pool(threads)
     return False
@@ -65,11 +65,12 @@ def session_options(threads: int) -> ort.SessionOptions:
     """Sequential execution with ``threads`` intra-op threads (the process's shared pool when
     :func:`use_global_thread_pool` set one up) and full graph optimisation.
 
-    A pool of the session's own spins inside a run (its workers wait microseconds between one
-    operator's parallel sections and the next: measured here, int8 decoded at 0.74x
-    onnxruntime-genai's speed with spinning off) and stops spinning the moment the run returns,
-    so that the cores then belong to the process's other sessions (a one-core rung's, a
-    speculative draft's)."""
+    A pool of the session's own spins while it waits for work, for at most
+    :data:`SPIN_US`: long enough to span the gaps inside a run (one operator's parallel section
+    to the next: int8 decoded at 0.74x onnxruntime-genai's speed with spinning off) and between
+    one decode step and the next (a pool stopped at the end of every run had to be woken at the
+    start of the next: 0.88-0.97x genai's step time), short enough that the cores soon belong
+    to the process's other sessions (a one-core rung's, a speculative draft's)."""
     so = ort.SessionOptions()
     if _global_pool_threads is not None:
         if threads != _global_pool_threads:  # onnxruntime: every session then uses the pool
@@ -80,7 +81,7 @@ def session_options(threads: int) -> ort.SessionOptions:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-        so.add_session_config_entry("session.force_spinning_stop", "1")
+        so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3

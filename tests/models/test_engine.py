@@ -275,9 +275,11 @@ def test_a_session_cannot_leave_the_process_pool(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ort_engine, "_global_pool_threads", None)
     so = ort_engine.session_options(3)
     assert so.intra_op_num_threads == 3
-    # its own pool spins inside a run and stops when the run returns
+    # its own pool spins, for a bounded time, when idle
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
-    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert so.get_session_config_entry("session.intra_op.spin_duration_us") == str(
+        ort_engine.SPIN_US)
+    assert 0 < ort_engine.SPIN_US <= 10_000
 
 
 @pytest.mark.parametrize(("shape", "dtype"), [((1, 3, 160, 64), np.float32), ((5,), np.int64),
