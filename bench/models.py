@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,19 @@ def _prompt_ids(ladder: Path, prompt_tokens: int) -> list[int]:
     return list(ids[:prompt_tokens])
 
 
+def _timed(fn_first: Callable[[], None], fn_all: Callable[[], None],
+           settle_s: float = 0.0) -> tuple[float, float]:
+    """Seconds of one 1-token run and of one full run, each after ``settle_s`` of rest."""
+    time.sleep(settle_s)
+    t = time.perf_counter()
+    fn_first()
+    first = time.perf_counter() - t
+    time.sleep(settle_s)
+    t = time.perf_counter()
+    fn_all()
+    return first, time.perf_counter() - t
+
+
 def _median_timing(fn_first: Callable[[], None], fn_all: Callable[[], None], runs: int,
                    new_tokens: int, batch: int) -> dict[str, float]:
     """TTFT = median time of a 1-token run; decode rate from the full runs minus that."""
@@ -59,12 +73,9 @@ def _median_timing(fn_first: Callable[[], None], fn_all: Callable[[], None], run
     fn_all()  # warm-up
     firsts, totals = [], []
     for _ in range(runs):
-        t = time.perf_counter()
-        fn_first()
-        firsts.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fn_all()
-        totals.append(time.perf_counter() - t)
+        first, total = _timed(fn_first, fn_all)
+        firsts.append(first)
+        totals.append(total)
     ttft, total = statistics.median(firsts), statistics.median(totals)
     return {"ttft_ms": 1000 * ttft,
             "decode_tokens_per_s": batch * (new_tokens - 1) / max(1e-9, total - ttft),
@@ -73,7 +84,7 @@ def _median_timing(fn_first: Callable[[], None], fn_all: Callable[[], None], run
 
 def _paired_timing(engines: dict[str, Any], prompt: list[int], runs: int,
                    new_tokens: int) -> dict[str, Any]:
-    """Batch-1 timing of several engines taking turns run by run (the order rotates); per
+    """Batch-1 timing of two engines taking turns run by run (the order alternates); per
     engine the medians, plus each run's decode-rate ratio of the first engine to the second."""
     from models.engine.base import GenerationParams
 
@@ -89,14 +100,8 @@ def _paired_timing(engines: dict[str, Any], prompt: list[int], runs: int,
     for i in range(runs):
         for name in names[i % len(names):] + names[:i % len(names)]:
             eng = engines[name]
-            time.sleep(SETTLE_S)
-            t = time.perf_counter()
-            eng.generate(prompt, one)
-            first = time.perf_counter() - t
-            time.sleep(SETTLE_S)
-            t = time.perf_counter()
-            eng.generate(prompt, full)
-            total = time.perf_counter() - t
+            first, total = _timed(partial(eng.generate, prompt, one),
+                                  partial(eng.generate, prompt, full), SETTLE_S)
             firsts[name].append(first)
             totals[name].append(total)
             rates[name].append((new_tokens - 1) / max(1e-9, total - first))
