@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
-from models.engine.base import Engine, GenerationParams
+from models.engine.base import Engine, GenerationParams, GenerationResult, OutputStream
 from models.engine.ort import OrtEngine, aligned_zeros
 from models.engine.sampling import make_rng, select_token
 
@@ -257,3 +258,74 @@ def slots_for(engine: Engine, max_batch: int, max_len: int) -> Slots:
     if isinstance(engine, OrtEngine) and engine.shared_kv:
         return KVSlots(engine, max_batch, max_len)
     return SerialSlots(engine, max_batch, max_len)
+
+
+@dataclass
+class _Sequence:
+    """One prompt of :func:`generate_many` while it holds a row."""
+
+    index: int  # in the caller's list
+    prompt_tokens: int
+    out: OutputStream
+    sampler: Sampler
+    eos: frozenset[int]
+    last: int = -1  # the token the next step feeds
+    parts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+
+    def push(self, token: int) -> GenerationResult | None:
+        """Take one generated token; the whole result once the sequence has ended (the same
+        text, ids and reason as :meth:`Engine.generate`)."""
+        chunk = self.out.push(token)
+        self.last = token
+        self.parts.append(chunk.text)
+        if token not in self.eos:
+            self.ids.append(token)
+        if chunk.finish_reason is None:
+            return None
+        return GenerationResult("".join(self.parts), self.ids, self.prompt_tokens,
+                                chunk.finish_reason)
+
+
+def generate_many(engine: Engine, prompts: Sequence[Sequence[int]], params: GenerationParams,
+                  max_batch: int = 8) -> list[GenerationResult]:
+    """Every prompt decoded to its end in ``engine``'s continuous batch of ``max_batch`` rows
+    (a row a sequence leaves takes the next prompt at once); results in ``prompts``' order,
+    each what ``engine.generate`` gives that prompt alone (up to batched float rounding at a
+    near-tie of two logits). For offline work such as the build's task score: the serving
+    executor adds admission, deadlines, energy and cancellation to this same loop."""
+    for ids in prompts:
+        engine.check_fits(len(ids), params.max_new_tokens)
+    if not prompts:
+        return []
+    slots = slots_for(engine, min(max_batch, len(prompts)),
+                      max(len(ids) for ids in prompts) + params.max_new_tokens)
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    queue = iter(enumerate(prompts))
+    eos = engine.eos_token_ids
+    live: dict[int, _Sequence] = {}  # row -> its sequence
+
+    def fill(row: int) -> None:
+        """Prefill the next prompt into the free ``row`` (a prompt may end at once)."""
+        for index, ids in queue:
+            seq = _Sequence(index, len(ids), OutputStream(engine.tokenizer, eos, params),
+                            Sampler(params), eos)
+            done = seq.push(slots.prefill(row, ids, seq.sampler))
+            if done is None:
+                live[row] = seq
+                return
+            results[index] = done
+            slots.release(row)
+
+    for row in range(slots.max_batch):
+        fill(row)
+    while live:
+        rows = sorted(live)
+        tokens = slots.step(rows, [live[r].last for r in rows], [live[r].sampler for r in rows])
+        for row, token in zip(rows, tokens, strict=True):
+            done = live[row].push(token)
+            if done is not None:
+                results[live.pop(row).index] = done
+                slots.release(row)
+                fill(row)
+    return [r for r in results if r is not None]

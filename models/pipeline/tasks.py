@@ -16,9 +16,11 @@ from pathlib import Path
 
 from models.chat import ChatTemplate
 from models.engine.base import Engine, GenerationParams
+from models.engine.slots import generate_many
 
 DEFAULT_TASKS = Path(__file__).resolve().parent.parent / "data" / "tasks.jsonl"
 MAX_NEW_TOKENS = 32  # the expected answers are a few words; most answers end (EOS) well before
+BATCH = 8  # questions answered together in one continuous batch
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,12 @@ def matches(answer: str, expected: Sequence[str]) -> bool:
 
 
 def task_score(engine: Engine, template: ChatTemplate, tasks: Sequence[Task],
-               max_new_tokens: int = MAX_NEW_TOKENS) -> TaskReport:
-    """Answer every task greedily (one user turn each) and score the answers."""
-    answers = []
+               max_new_tokens: int = MAX_NEW_TOKENS, batch: int = BATCH) -> TaskReport:
+    """Answer every task greedily (one user turn each, ``batch`` questions decoding together
+    as the service batches requests) and score the answers."""
     params = GenerationParams(max_new_tokens=max_new_tokens, stop=template.stop_strings)
-    for task in tasks:
-        prompt = template.render([{"role": "user", "content": task.question}])
-        answers.append(engine.generate(prompt, params).text.strip())
+    prompts = [engine.encode(template.render([{"role": "user", "content": task.question}]))
+               for task in tasks]
+    answers = [r.text.strip() for r in generate_many(engine, prompts, params, batch)]
     correct = sum(matches(a, t.answers) for a, t in zip(answers, tasks, strict=True))
     return TaskReport(correct / len(tasks) if tasks else 0.0, correct, len(tasks), tuple(answers))

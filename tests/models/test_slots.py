@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from models.engine.base import GenerationParams
+from models.engine.base import ContextOverflowError, GenerationParams
 from models.engine.ort import OrtEngine
-from models.engine.slots import KVSlots, Sampler, SerialSlots, slots_for
+from models.engine.slots import KVSlots, Sampler, SerialSlots, generate_many, slots_for
 
 # Batched and single-row forwards add the same floats in a different order (different GEMM
 # shapes), so two continuations can differ where the alone run's best two logits are closer
@@ -160,3 +160,36 @@ def test_concat_graphs_interleave_rows(random_llama: tuple[Path, Path]) -> None:
             got[row].append(token)
     for row, i in enumerate(ids):
         assert got[row] == engine.generate(i, params).token_ids
+
+
+def test_generate_many_gives_each_prompt_what_it_gets_alone(engine: OrtEngine) -> None:
+    """Eight prompts through three rows: some end on a stop sequence, the others at the token
+    budget, freed rows take the next prompt, and each result (text, ids, finish reason) is the
+    one ``generate`` gives that prompt alone, in the prompts' order."""
+    ids = [engine.encode(p) for p in PROMPTS]
+    plain = GenerationParams(max_new_tokens=12)
+    # a stop sequence taken from the middle of one prompt's own continuation, so it ends early
+    stop = engine.generate(ids[0], plain).text[6:9]
+    params = GenerationParams(max_new_tokens=12, stop=(stop,))
+    got = generate_many(engine, ids, params, max_batch=3)
+    assert len(got) == len(ids)
+    reasons = {g.finish_reason for g in got}
+    assert "stop" in reasons and "length" in reasons
+    for prompt, result in zip(ids, got, strict=True):
+        want = engine.generate(prompt, params)
+        assert result.prompt_tokens == len(prompt)
+        if result.token_ids != want.token_ids:  # only at a near-tie (see NEAR_TIE)
+            n = min(len(result.token_ids), len(want.token_ids))
+            tokens, margins = alone(engine, prompt, n)
+            assert_same_but_near_ties(result.token_ids[:n], tokens, margins)
+            assert_same_but_near_ties(want.token_ids[:n], tokens, margins)
+            continue
+        assert (result.text, result.finish_reason) == (want.text, want.finish_reason)
+
+
+def test_generate_many_checks_every_prompt_before_decoding(engine: OrtEngine) -> None:
+    params = GenerationParams(max_new_tokens=8)
+    assert generate_many(engine, [], params) == []
+    too_long = list(range(1, engine.context_length))
+    with pytest.raises(ContextOverflowError):
+        generate_many(engine, [engine.encode("x"), too_long], params)
