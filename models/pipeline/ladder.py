@@ -212,7 +212,9 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
     if opts.distill_layers is not None and opts.corpus:
         sources.update(corpus_sha256=hashlib.sha256(Path(opts.corpus).read_bytes()).hexdigest())
     config = opts.config_for_hash()
-    key = _build_key(sources, config)
+    # the key is what the sources hold, not where they lie: the same student in another clone,
+    # or the same checkpoint under another path, is the same build
+    key = _build_key({k: v for k, v in sources.items() if k.endswith("_sha256")}, config)
     out = opts.out
     if not opts.force and is_up_to_date(out, key):
         manifest = Manifest.load(out)

@@ -88,6 +88,23 @@ def test_unchanged_rebuild_is_skipped(tiny_ladder: Path, tiny_teacher: Path, tin
     assert not is_up_to_date(tiny_ladder, "0" * 64)
 
 
+def test_the_same_sources_at_other_paths_are_the_same_build(
+        tiny_ladder: Path, tiny_teacher: Path, tiny_student: Path,
+        tiny_texts: tuple[Path, Path], tmp_path: Path) -> None:
+    """A second clone (the committed student elsewhere) or a moved checkpoint reuses the
+    ladder: the build key covers the sources' contents, not their paths."""
+    import shutil
+
+    ladder, teacher, student = tmp_path / "ladder", tmp_path / "t", tmp_path / "s"
+    shutil.copytree(tiny_ladder, ladder)
+    shutil.copytree(tiny_teacher, teacher)
+    shutil.copytree(tiny_student, student)
+    opts = tiny_build_options(teacher, student, ladder, tiny_texts[1])
+    manifest, built = build_ladder(opts, log=lambda _m: None)
+    assert not built
+    assert manifest.build_key == Manifest.load(tiny_ladder).build_key
+
+
 def test_missing_variant_file_makes_the_ladder_stale(tiny_ladder: Path, tmp_path: Path) -> None:
     import shutil
 
