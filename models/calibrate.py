@@ -38,14 +38,20 @@ def calibrate_many(engines: Mapping[str, Engine], prompt_ids: Sequence[int],
     """Each engine's median cost over ``repeats`` rounds after a warm-up, the engines taking
     turns within every round: on a shared VM a slow spell (decode rates of one engine moved
     1,100-1,800 tok/s between back-to-back runs here) then falls on all of them alike, so a
-    comparison between them is fair."""
+    comparison between them is fair. The order rotates from round to round, so that noise
+    that recurs with the round's period cannot fall on one engine's every run. (A build's
+    race once measured two int8 candidates level, 151 and 152 tok/s, that measured 1.10-1.18x
+    apart in nine reruns of this function; the cause was not found, the fixed order was one
+    candidate.)"""
     for engine in engines.values():
         time_generation(engine, prompt_ids, min(new_tokens, 8))
-    ttfts: dict[str, list[float]] = {name: [] for name in engines}
-    decodes: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(repeats):
-        for name, engine in engines.items():
-            ttft, rest = time_generation(engine, prompt_ids, new_tokens)
+    names = list(engines)
+    ttfts: dict[str, list[float]] = {name: [] for name in names}
+    decodes: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            ttft, rest = time_generation(engines[name], prompt_ids, new_tokens)
             ttfts[name].append(ttft)
             decodes[name].append(rest / max(1, new_tokens - 1))
     out = {}

@@ -1,0 +1,43 @@
+"""Calibration: engines measured together take turns, in an order that rotates every round."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Tokenizer
+
+from models.calibrate import calibrate_many
+from models.engine.ort import OrtEngine
+
+
+@pytest.fixture(scope="module")
+def engines(random_llama_builder: tuple[Path, Path]) -> dict[str, OrtEngine]:
+    ckpt, onnx_dir = random_llama_builder
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    return {name: OrtEngine(onnx_dir / "model.onnx", tokenizer, 128, [0], threads=1)
+            for name in ("a", "b", "c")}
+
+
+def test_every_engine_leads_a_round_in_turn(engines: dict[str, OrtEngine],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    for name, engine in engines.items():
+        real = engine.stream
+
+        def stream(*args: Any, _name: str = name, _real: Any = real,
+                   **kwargs: Any) -> Iterator[Any]:
+            calls.append(_name)
+            return _real(*args, **kwargs)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(engine, "stream", stream)
+    prompt = engines["a"].encode("def f(x):")
+    out = calibrate_many(engines, prompt, new_tokens=4, repeats=4)
+    warmup, rounds = calls[:3], [calls[3 + 3 * r: 6 + 3 * r] for r in range(4)]
+    assert warmup == ["a", "b", "c"] and len(calls) == 15
+    assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    for cal in out.values():
+        assert cal.prefill_ms_per_token > 0 and cal.decode_ms_per_token > 0
+        assert cal.decode_tokens_per_s == pytest.approx(1000 / cal.decode_ms_per_token)
