@@ -292,8 +292,9 @@ def generate_many(engine: Engine, prompts: Sequence[Sequence[int]], params: Gene
     """Every prompt decoded to its end in ``engine``'s continuous batch of ``max_batch`` rows
     (a row a sequence leaves takes the next prompt at once); results in ``prompts``' order,
     each what ``engine.generate`` gives that prompt alone (up to batched float rounding at a
-    near-tie of two logits). For offline work such as the build's task score: the serving
-    executor adds admission, deadlines, energy and cancellation to this same loop."""
+    near-tie of two logits). For offline work such as the build's task score; the serving
+    executor (``serving/executor.py``) runs a loop of the same shape with admission,
+    deadlines, energy shares and cancellation."""
     for ids in prompts:
         engine.check_fits(len(ids), params.max_new_tokens)
     if not prompts:
