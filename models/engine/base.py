@@ -87,6 +87,29 @@ class GenerationResult:
     finish_reason: FinishReason = "length"
 
 
+@dataclass
+class ResultBuilder:
+    """One sequence's chunks gathered into its :class:`GenerationResult` (for
+    :meth:`Engine.generate` and the batched ``generate_many`` alike)."""
+
+    prompt_tokens: int
+    eos_token_ids: frozenset[int]
+    parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason = "length"
+
+    def add(self, chunk: Chunk) -> None:
+        self.parts.append(chunk.text)
+        if chunk.token_id >= 0 and chunk.token_id not in self.eos_token_ids:
+            self.token_ids.append(chunk.token_id)
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+
+    def result(self) -> GenerationResult:
+        return GenerationResult("".join(self.parts), self.token_ids, self.prompt_tokens,
+                                self.finish_reason)
+
+
 class StopMatcher:
     """Incremental detokenisation with stop-sequence hold-back.
 
@@ -235,16 +258,10 @@ class Engine(ABC):
     ) -> GenerationResult:
         """Non-streaming convenience over :meth:`stream`."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        parts: list[str] = []
-        out_ids: list[int] = []
-        reason: FinishReason = "length"
+        out = ResultBuilder(len(ids), self.eos_token_ids)
         for chunk in self.stream(ids, params, cancel):
-            parts.append(chunk.text)
-            if chunk.token_id >= 0 and chunk.token_id not in self.eos_token_ids:
-                out_ids.append(chunk.token_id)
-            if chunk.finish_reason:
-                reason = chunk.finish_reason
-        return GenerationResult("".join(parts), out_ids, len(ids), reason)
+            out.add(chunk)
+        return out.result()
 
     def warmup(self) -> None:
         """Run a short generation so first-request latency excludes lazy initialisation."""

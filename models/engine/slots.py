@@ -20,12 +20,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from models.engine.base import Engine, GenerationParams, GenerationResult, OutputStream
+from models.engine.base import (
+    Engine,
+    GenerationParams,
+    GenerationResult,
+    OutputStream,
+    ResultBuilder,
+)
 from models.engine.ort import OrtEngine, aligned_zeros
 from models.engine.sampling import make_rng, select_token
 
@@ -265,26 +271,18 @@ class _Sequence:
     """One prompt of :func:`generate_many` while it holds a row."""
 
     index: int  # in the caller's list
-    prompt_tokens: int
     out: OutputStream
     sampler: Sampler
-    eos: frozenset[int]
+    result: ResultBuilder
     last: int = -1  # the token the next step feeds
-    parts: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
 
     def push(self, token: int) -> GenerationResult | None:
         """Take one generated token; the whole result once the sequence has ended (the same
         text, ids and reason as :meth:`Engine.generate`)."""
         chunk = self.out.push(token)
         self.last = token
-        self.parts.append(chunk.text)
-        if token not in self.eos:
-            self.ids.append(token)
-        if chunk.finish_reason is None:
-            return None
-        return GenerationResult("".join(self.parts), self.ids, self.prompt_tokens,
-                                chunk.finish_reason)
+        self.result.add(chunk)
+        return self.result.result() if chunk.finish_reason else None
 
 
 def generate_many(engine: Engine, prompts: Sequence[Sequence[int]], params: GenerationParams,
@@ -309,8 +307,8 @@ def generate_many(engine: Engine, prompts: Sequence[Sequence[int]], params: Gene
     def fill(row: int) -> None:
         """Prefill the next prompt into the free ``row`` (a prompt may end at once)."""
         for index, ids in queue:
-            seq = _Sequence(index, len(ids), OutputStream(engine.tokenizer, eos, params),
-                            Sampler(params), eos)
+            seq = _Sequence(index, OutputStream(engine.tokenizer, eos, params), Sampler(params),
+                            ResultBuilder(len(ids), eos))
             done = seq.push(slots.prefill(row, ids, seq.sampler))
             if done is None:
                 live[row] = seq
