@@ -24,7 +24,7 @@ from app.recent import RecentRequests
 from app.routes import native, openai, ops, recent, ui
 from app.service import GenerationService
 from app.settings import Settings
-from models.calibrate import CALIBRATION_PROMPT, calibrate, cpu_name, measure_step_slope
+from models.calibrate import CALIBRATION_PROMPT, calibrate, cpu_name, measure_step_widths
 from models.chat import TOKENIZER_CONFIG, ChatTemplate
 from models.ladder import LoadedLadder, load_ladder
 from routing.cost import CostModel
@@ -64,7 +64,7 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     meter = create_meter(meter_config(settings, device))
     speculative = {v.name for v in ladder.manifest.variants.values() if v.speculative}
     router = Router({v.name: v.quality for v in ladder.manifest.variants.values()},
-                    seed_costs(ladder, meter), reference={"full"} | speculative,
+                    seed_costs(ladder, meter, settings.max_batch), reference={"full"} | speculative,
                     on_infeasible=settings.on_infeasible, speculative=speculative,
                     speculate_below_rows=settings.speculate_below_rows)
     config = ExecutorConfig(
@@ -117,9 +117,11 @@ def meter_config(settings: Settings, device: str) -> MeterConfig:
                        settings.estimate_watts_per_core, settings.estimate_idle_watts)
 
 
-def seed_costs(ladder: LoadedLadder, meter: EnergyMeter) -> dict[str, CostModel]:
+def seed_costs(ladder: LoadedLadder, meter: EnergyMeter,
+               max_batch: int = 16) -> dict[str, CostModel]:
     """Start-up calibration: a short measured run per loaded variant gives its watts (and its
-    per-token times when this host is not the one the manifest was calibrated on)."""
+    per-token times when this host is not the one the manifest was calibrated on), and its
+    step time at a few batch widths seeds the router's step table."""
     host_matches = (ladder.manifest.host.get("processor") == cpu_name()
                     and ladder.manifest.host.get("cpu_count") == os.cpu_count())
     costs: dict[str, CostModel] = {}
@@ -133,11 +135,13 @@ def seed_costs(ladder: LoadedLadder, meter: EnergyMeter) -> dict[str, CostModel]
         if (not host_matches or cal is None
                 or (threads is not None and cal.threads != threads)):
             cal = measured
-        slope = measure_step_slope(engine, prompt)
+        widths = measure_step_widths(engine, prompt, max_batch=max_batch)
         costs[name] = CostModel(cal.prefill_ms_per_token, cal.decode_ms_per_token,
                                 watts=max(reading.avg_watts, 1e-3),
-                                step_ms_per_row=slope if slope is not None
-                                else cal.decode_ms_per_token)
+                                # rows that share no forward cost a whole step each
+                                step_ms_per_row=cal.decode_ms_per_token,
+                                widths=widths,
+                                max_rows=max_batch)
     return costs
 
 

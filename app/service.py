@@ -118,6 +118,19 @@ class GenerationService:
         self.metrics = metrics
         self.settings = settings
         self.device = device
+        self._busy_counted = 0.0  # ledger busy joules already added to the counter
+
+    def refresh_energy_metrics(self) -> None:
+        """Bring the device energy counters up to now: the meter's total (idle included) and
+        the ledger's busy joules (what requests are charged from)."""
+        if self.sampler is not None:
+            self.sampler.sample()
+        busy = self.executor.lane.ledger.busy_joules
+        counted = self._busy_counted
+        if busy > counted:
+            self.metrics.device_busy_energy.labels(self.meter.device, self.meter.source).inc(
+                busy - counted)
+            self._busy_counted = busy
 
     # -- routing ----------------------------------------------------------------------------
     def known(self, name: str) -> bool:
@@ -163,7 +176,8 @@ class GenerationService:
             raise ApiError(422, "invalid_request_error", "prompt encodes to no tokens", "prompt")
         route = self.route(call, len(prompt_ids))
         request = Request(prompt_ids, call.params, route.variant, call.budget.max_joules,
-                          call.stream, call.cancel, call.arrived, call.id)
+                          call.stream, call.cancel, call.arrived, call.id,
+                          call.budget.latency_ms)
         try:
             handle = self.executor.submit(request)
         except ContextOverflowError as err:

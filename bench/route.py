@@ -1,14 +1,28 @@
-"""``greenroute bench route``: a mixed workload run three ways against the live service.
+"""``greenroute bench route``: a mixed-floor chat workload served three ways, taking turns in
+one run, at several concurrency levels.
 
-Modes: routed (``auto``), always ``full``, always the cheapest variant (lowest calibrated
-joules per token), each at every concurrency level asked for. One client: the modes take turns
-request by request (their order rotating), so the host's drift between minutes falls on every
-mode alike. Several clients: each mode runs the whole workload in its turn (clients take the
-next request as they finish one; with continuous batching, concurrent requests share steps,
-and mixing modes would put them in one another's batches). Printed per
-mode: total and per-request joules, quality-floor violations,
-latency-budget hit rate, p50/p99 latency. The workload (``bench/workloads/mixed.jsonl``) is
-generated once by :func:`make_workload` and committed, so every run sends the same requests.
+Policies:
+
+* ``routed`` — ``model: auto``, the router decides;
+* ``always-full`` — every request pinned to ``full``;
+* ``static`` — what an operator writes without a router: every request pinned to the variant
+  cheapest per token (batch-1 joules per token, from ``/v1/variants`` before any traffic)
+  whose quality meets its floor; the exact-output rungs (``full`` and a speculative rung) count
+  for a floor of 1.0, but a speculative rung is left out (it is for a quiet device: pinning
+  it under load would handicap the baseline).
+
+At every concurrency level the policies take turns (their order rotating from level to level),
+each running the whole workload from ``clients`` closed-loop clients, so the host's drift
+between minutes falls on all three. Per policy: ledger joules (the requests' own, summed),
+device-counter joules and busy joules over the policy's window (``/metrics``, refreshed at every
+scrape), wall time, floor violations, latency budgets met, the variant mix and the route
+reasons. The workload (``bench/workloads/chat.jsonl``) is generated once from
+``chat_prompts.txt`` by :func:`make_workload` and committed, so every run sends the same
+requests.
+
+``--scaling`` runs ``full`` alone instead: the same requests from 1 client and then from 16,
+greedy, and prints tok/s at each, whether every text is identical, and the requests' joules
+over the device counter's and the busy joules over each window (conservation).
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ import re
 import statistics
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,168 +42,218 @@ import httpx
 
 from bench.live import live_service
 
+WORKLOADS = Path(__file__).parent / "workloads"
+WORKLOAD = WORKLOADS / "chat.jsonl"
+PROMPTS = WORKLOADS / "chat_prompts.txt"
 EXACT = ("full", "full-speculative")  # the reference's exact output: every floor accepts them
-WORKLOAD = Path(__file__).parent / "workloads" / "mixed.jsonl"
-FLOORS = ((0.0, 20), (0.5, 15), (0.8, 25), (0.9, 20), (0.95, 10), (1.0, 10))  # (floor, weight)
-# tight .. loose, per requested token, on top of BASE_MS; chosen for SmolLM2-135M on a 2-core CPU
-# (full decodes ~20 ms/token, int8 ~7, the distilled rungs 2-5): the tightest leaves full ~1.5x
-# its decode time, the loosest suits a background job
-MS_PER_TOKEN_BUDGETS = (30.0, 60.0, 120.0, 300.0)
-BASE_MS = 250.0  # prefill of up to ~100 prompt tokens on full, and the HTTP round trip
+FLOORS = (0.0, 0.5, 0.8, 0.95, 0.99, 1.0)
+MAX_TOKENS = (32, 64, 96, 128)
+BUDGETS_MS = (3000.0, 5000.0, 8000.0, 12000.0)  # several seconds: a chat turn's patience
+POLICIES = ("routed", "always-full", "static")
 
 
-def make_workload(n: int = 240, seed: int = 7) -> list[dict[str, Any]]:
-    """Prompts cut from the held-out text (4-400 chars), 8-96 new tokens, varied budgets."""
-    from models.pipeline.ladder import DEFAULT_HELDOUT
-
+def make_workload(seed: int = 11) -> list[dict[str, Any]]:
+    """One request per prompt: floors spread evenly over :data:`FLOORS` (shuffled), lengths
+    and budgets drawn from :data:`MAX_TOKENS` and :data:`BUDGETS_MS`."""
     rng = random.Random(seed)
-    # plain text: the held-out file's ChatML markers removed
-    text = re.sub(r"<\|im_(?:start|end)\|>(?:user|assistant)?\n?", "\n",
-                  DEFAULT_HELDOUT.read_text(encoding="utf-8"))
-    floors = [f for f, w in FLOORS for _ in range(w)]
-    out = []
-    for i in range(n):
-        length = rng.choice((4, 16, 60, 150, 400))
-        start = rng.randrange(0, len(text) - length)
-        prompt = text[start : start + length]
-        new = rng.choice((8, 16, 32, 64, 96))
-        out.append({"id": i, "prompt": prompt if prompt.strip() else "The",
-                    "max_new_tokens": new,
-                    "latency_ms": round(BASE_MS + new * rng.choice(MS_PER_TOKEN_BUDGETS), 1),
-                    "min_quality": rng.choice(floors)})
-    return out
+    prompts = [p for p in PROMPTS.read_text(encoding="utf-8").splitlines() if p.strip()]
+    floors = [FLOORS[i % len(FLOORS)] for i in range(len(prompts))]
+    rng.shuffle(floors)
+    return [{"id": i, "prompt": p, "max_tokens": rng.choice(MAX_TOKENS),
+             "latency_ms": rng.choice(BUDGETS_MS), "min_quality": floors[i]}
+            for i, p in enumerate(prompts)]
 
 
 def write_workload(path: Path = WORKLOAD) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in make_workload()))
     return path
 
 
-def _pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+def static_policy(variants: dict[str, dict[str, Any]]) -> dict[float, str]:
+    """Each floor's variant under the static policy (see the module doc)."""
+    def per_token_joules(v: dict[str, Any]) -> float:
+        return float(v["cost"]["decode_ms_per_token"] * v["cost"]["watts"])
+
+    out = {}
+    for floor in FLOORS:
+        ok = [v for n, v in variants.items() if not v.get("speculative")
+              and (n == "full" if floor >= 1.0 else n == "full" or min(v["quality"], 1) >= floor)]
+        out[floor] = min(ok, key=per_token_joules)["name"]
+    return out
 
 
-def _send(c: httpx.Client, r: dict[str, Any], pin: str | None) -> tuple[int, float, Any]:
-    body: dict[str, Any] = {"prompt": r["prompt"], "max_new_tokens": r["max_new_tokens"],
-                            "budget": {"latency_ms": r["latency_ms"],
-                                       "min_quality": r["min_quality"]}}
-    if pin:
-        body["variant"] = pin
+_SAMPLE = re.compile(r"^greenroute_(device_energy|device_busy_energy)_joules_total\{[^}]*\} (\S+)$",
+                     re.M)
+
+
+def device_joules(c: httpx.Client) -> dict[str, float]:
+    """The device counters now: all energy (idle included) and busy energy."""
+    text = c.get("/metrics").text
+    return {m.group(1): float(m.group(2)) for m in _SAMPLE.finditer(text)}
+
+
+def _send(c: httpx.Client, r: dict[str, Any], model: str) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": r["prompt"]}],
+            "max_tokens": r["max_tokens"], "temperature": 0,
+            "latency_budget_ms": r["latency_ms"], "min_quality": r["min_quality"]}
     t = time.perf_counter()
-    resp = c.post("/v1/generate", json=body)
-    return resp.status_code, 1000 * (time.perf_counter() - t), resp.json()
+    resp = c.post("/v1/chat/completions", json=body)
+    latency = 1000 * (time.perf_counter() - t)
+    if resp.status_code != 200:
+        raise RuntimeError(f"request {r['id']}: {resp.status_code} {resp.text[:300]}")
+    out = resp.json()
+    return {"id": r["id"], "variant": resp.headers["X-Greenroute-Variant"],
+            "reason": resp.headers["X-Greenroute-Route-Reason"],
+            "joules": out["usage"]["energy_joules"], "tokens": out["usage"]["completion_tokens"],
+            "latency_ms": latency, "met": latency <= r["latency_ms"],
+            "text": out["choices"][0]["message"]["content"],
+            "source": out["usage"]["energy_source"]}
 
 
-def run_mode(url: str, reqs: list[dict[str, Any]], pin: str | None, clients: int,
-             quality: dict[str, float]) -> dict[str, Any]:
-    """Every request once, from ``clients`` concurrent clients (each takes the next one)."""
+def run_policy(c: httpx.Client, reqs: list[dict[str, Any]], model_of: Any,
+               clients: int) -> list[dict[str, Any]]:
+    """Every request once from ``clients`` closed-loop clients (each takes the next one)."""
     todo = iter(reqs)
     lock = threading.Lock()
 
-    def client(_: int) -> list[tuple[dict[str, Any], int, float, Any]]:
-        out: list[tuple[dict[str, Any], int, float, Any]] = []
-        with httpx.Client(base_url=url, timeout=600) as c:
+    def client(_: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        with httpx.Client(base_url=str(c.base_url), timeout=600) as mine:
             while True:
                 with lock:
                     r = next(todo, None)
                 if r is None:
                     return out
-                out.append((r, *_send(c, r, pin)))
+                out.append(_send(mine, r, model_of(r)))
 
     with cf.ThreadPoolExecutor(clients) as pool:
-        done = [x for part in pool.map(client, range(clients)) for x in part]
-    return summarize(done, quality)
+        return [x for part in pool.map(client, range(clients)) for x in part]
 
 
-def run_turns(url: str, reqs: list[dict[str, Any]], modes: dict[str, str | None],
-              quality: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """One client, every request once per mode, the modes taking turns (order rotating)."""
-    names = list(modes)
-    done: dict[str, list[tuple[dict[str, Any], int, float, Any]]] = {m: [] for m in names}
-    with httpx.Client(base_url=url, timeout=600) as c:
-        for i, r in enumerate(reqs):
-            for j in range(len(names)):
-                mode = names[(i + j) % len(names)]
-                done[mode].append((r, *_send(c, r, modes[mode])))
-    return {mode: summarize(d, quality) for mode, d in done.items()}
-
-
-def summarize(done: list[tuple[dict[str, Any], int, float, Any]],
-              quality: dict[str, float]) -> dict[str, Any]:
-    """One mode's responses: energy, floor violations, budget hits, latency, mix."""
-    joules, lats, hits, violations, chosen = [], [], 0, 0, []
-    by_variant: dict[str, float] = {}
-    rows = []
-    for r, status, lat, out in done:
-        if status != 200:
-            raise RuntimeError(f"request {r['id']}: {status} {out}")
-        joules.append(out["energy"]["joules"])
-        lats.append(lat)
-        hits += lat <= r["latency_ms"]
-        variant = out["variant"]
-        by_variant[variant] = by_variant.get(variant, 0.0) + out["energy"]["joules"]
-        rows.append({"id": r["id"], "variant": variant, "joules": out["energy"]["joules"],
-                     "prompt_tokens": out["usage"]["prompt_tokens"],
-                     "completion_tokens": out["usage"]["completion_tokens"],
-                     "finish_reason": out["finish_reason"], "latency_ms": round(lat, 1)})
-        violations += not (quality[variant] >= r["min_quality"] or variant in EXACT)
-        chosen.append(variant)
-    return {"requests": len(done), "total_joules": sum(joules),
-            "mean_joules": statistics.mean(joules), "quality_violations": violations,
-            "latency_hit_rate": hits / len(done), "p50_ms": _pct(lats, 0.5),
-            "p99_ms": _pct(lats, 0.99), "mix": {v: chosen.count(v) for v in sorted(set(chosen))},
-            "joules_by_variant": dict(sorted(by_variant.items())),
-            "per_request": sorted(rows, key=lambda x: x["id"]),
-            "energy_source": done[-1][3]["energy"]["source"]}
+def measured(c: httpx.Client, reqs: list[dict[str, Any]], model_of: Any, clients: int,
+             quality: dict[str, float]) -> dict[str, Any]:
+    """One policy's window: its responses and the device counters around them."""
+    before, t0 = device_joules(c), time.perf_counter()
+    done = run_policy(c, reqs, model_of, clients)
+    wall, after = time.perf_counter() - t0, device_joules(c)
+    floor = {r["id"]: r["min_quality"] for r in reqs}
+    ledger = sum(d["joules"] for d in done)
+    device = after["device_energy"] - before["device_energy"]
+    busy = after["device_busy_energy"] - before["device_busy_energy"]
+    return {"requests": len(done), "ledger_joules": ledger, "device_joules": device,
+            "busy_joules": busy, "ledger_over_device": ledger / device if device else None,
+            "ledger_over_busy": ledger / busy if busy else None, "wall_s": wall,
+            "tokens": sum(d["tokens"] for d in done),
+            "floor_violations": sum(1 for d in done if d["variant"] not in EXACT
+                                    and quality[d["variant"]] < floor[d["id"]]),
+            "budgets_met": sum(d["met"] for d in done) / len(done),
+            "p50_ms": statistics.median(d["latency_ms"] for d in done),
+            "mix": dict(sorted(Counter(d["variant"] for d in done).items())),
+            "reasons": dict(sorted(Counter(d["reason"] for d in done).items())),
+            "energy_source": done[0]["source"],
+            "texts": {d["id"]: d["text"] for d in done}}
 
 
 def run_bench(ladder: Path, workload: Path = WORKLOAD, threads: int = 2,
-              clients: tuple[int, ...] = (1,), requests: int | None = None) -> dict[str, Any]:
+              clients: tuple[int, ...] = (1, 4, 8, 16), requests: int | None = None,
+              rounds: int = 1) -> dict[str, Any]:
     reqs = [json.loads(line) for line in workload.read_text().splitlines() if line.strip()]
     reqs = reqs[:requests] if requests else reqs
     env = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64"}
     with live_service(ladder, env) as c:
-        url = str(c.base_url).rstrip("/")
         variants = {v["name"]: v for v in c.get("/v1/variants").json()["data"] if v["loaded"]}
         quality = {n: v["quality"] for n, v in variants.items()}
-
-        def joules_per_token(v: dict[str, Any]) -> float:
-            return float(v["cost"]["decode_ms_per_token"] * v["cost"]["watts"])
-
-        cheapest = min(variants.values(), key=joules_per_token)["name"]
-        modes = {"routed": None, "always-full": "full", f"always-{cheapest}": cheapest}
+        static = static_policy(variants)
+        models = {"routed": lambda r: "auto", "always-full": lambda r: "full",
+                  "static": lambda r: static[r["min_quality"]]}
         results: dict[str, Any] = {}
-        for n in clients:
-            if n == 1:
-                for mode, r in run_turns(url, reqs, modes, quality).items():
-                    results[f"{mode} @1"] = r
-                continue
-            for mode, pin in modes.items():
-                results[f"{mode} @{n}"] = run_mode(url, reqs, pin, n, quality)
-        return {"workload": str(workload), "cheapest": cheapest, "clients": list(clients),
-                "modes": results}
+        turn = 0
+        for _ in range(rounds):
+            for n in clients:
+                order = POLICIES[turn % 3:] + POLICIES[:turn % 3]
+                turn += 1
+                for policy in order:
+                    r = measured(c, reqs, models[policy], n, quality)
+                    key = f"{policy} @{n}"
+                    results.setdefault(key, []).append(r)
+        learned = {n: v["cost"] for n, v in
+                   ((v["name"], v) for v in c.get("/v1/variants").json()["data"] if v["loaded"])}
+    return {"workload": str(workload), "requests": len(reqs), "clients": list(clients),
+            "rounds": rounds, "static": {str(k): v for k, v in static.items()},
+            "runs": results, "learned_costs": learned}
+
+
+def _total(runs: list[dict[str, Any]], key: str) -> float:
+    return float(sum(r[key] for r in runs))
 
 
 def report(f: dict[str, Any]) -> str:
-    m = f["modes"]
-    lines = [f"workload {f['workload']} ({next(iter(m.values()))['requests']} requests), energy "
-             f"source: {next(iter(m.values()))['energy_source']}",
-             f"{'mode':<24}{'total J':>10}{'J/req':>9}{'floor viol.':>12}{'budget hit':>11}"
-             f"{'p50 ms':>9}{'p99 ms':>9}"]
-    for mode, r in m.items():
-        lines.append(f"{mode:<24}{r['total_joules']:>10.1f}{r['mean_joules']:>9.3f}"
-                     f"{r['quality_violations']:>12}{100 * r['latency_hit_rate']:>10.1f}%"
-                     f"{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}")
-    for mode, r in m.items():
-        joules = {v: round(j, 1) for v, j in r.get("joules_by_variant", {}).items()}
-        lines.append(f"  mix {mode}: {r['mix']}; joules {joules}")
+    runs = f["runs"]
+    first = next(iter(runs.values()))[0]
+    lines = [f"workload {f['workload']} ({f['requests']} requests x {f['rounds']} round(s)), "
+             f"energy source: {first['energy_source']}; static policy: {f['static']}",
+             f"{'policy':<18}{'ledger J':>10}{'device J':>10}{'busy J':>9}{'wall s':>8}"
+             f"{'floor viol.':>12}{'budgets met':>12}{'p50 ms':>8}"]
+    for key, rs in runs.items():
+        met = statistics.mean(r["budgets_met"] for r in rs)
+        lines.append(f"{key:<18}{_total(rs, 'ledger_joules'):>10.1f}"
+                     f"{_total(rs, 'device_joules'):>10.1f}{_total(rs, 'busy_joules'):>9.1f}"
+                     f"{_total(rs, 'wall_s'):>8.1f}{int(_total(rs, 'floor_violations')):>12}"
+                     f"{100 * met:>11.1f}%{statistics.median(r['p50_ms'] for r in rs):>8.0f}")
+    for key, rs in runs.items():
+        mix: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        for r in rs:
+            mix.update(r["mix"])
+            reasons.update(r["reasons"])
+        lines.append(f"  {key}: mix {dict(sorted(mix.items()))}; reasons "
+                     f"{dict(sorted(reasons.items()))}")
+    lines.append("ratios (ledger / device counter):")
     for n in f["clients"]:
-        routed, full = m[f"routed @{n}"], m[f"always-full @{n}"]
-        ratio = routed["total_joules"] / full["total_joules"]
-        lines.append(f"{n} client(s): routed / always-full energy = {ratio:.2f} (target <= 0.35)"
-                     f": {'met' if ratio <= 0.35 else 'MISSED'}; floor violations "
-                     f"{routed['quality_violations']} (target 0); budget hit "
-                     f"{100 * routed['latency_hit_rate']:.1f} % (target >= 99 %)")
+        def t(policy: str, key: str, n: int = n) -> float:
+            return _total(runs[f"{policy} @{n}"], key)
+
+        routed_ledger, routed_device = t("routed", "ledger_joules"), t("routed", "device_joules")
+        lines.append(
+            f"  {n:>2} clients: routed/static {routed_ledger / t('static', 'ledger_joules'):.2f}"
+            f" / {routed_device / t('static', 'device_joules'):.2f}; routed/always-full "
+            f"{routed_ledger / t('always-full', 'ledger_joules'):.2f} / "
+            f"{routed_device / t('always-full', 'device_joules'):.2f}")
+    lines.append("learned step ms by width (1..16), switch ms:")
+    for name, cost in f["learned_costs"].items():
+        table = cost.get("step_ms_by_rows") or []
+        lines.append(f"  {name:<18}{' '.join(f'{x:.1f}' for x in table[:16])}; "
+                     f"switch {cost.get('switch_ms', 0):.2f}")
+    return "\n".join(lines)
+
+
+def run_scaling(ladder: Path, threads: int = 2, requests: int = 48, new_tokens: int = 64,
+                clients: int = 16) -> dict[str, Any]:
+    """``full`` alone: the same greedy requests from 1 client, then from ``clients``."""
+    prompts = [p for p in PROMPTS.read_text(encoding="utf-8").splitlines() if p.strip()]
+    reqs = [{"id": i, "prompt": prompts[i % len(prompts)], "max_tokens": new_tokens,
+             "latency_ms": 600_000.0, "min_quality": 1.0} for i in range(requests)]
+    env = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64"}
+    out: dict[str, Any] = {"requests": requests, "new_tokens": new_tokens}
+    with live_service(ladder, env) as c:
+        quality = {v["name"]: v["quality"] for v in c.get("/v1/variants").json()["data"]}
+        for n in (1, clients):
+            r = measured(c, reqs, lambda _r: "full", n, quality)
+            r["tok_s"] = r["tokens"] / r["wall_s"]
+            out[f"@{n}"] = r
+    one, many = out["@1"], out[f"@{clients}"]
+    out["speedup"] = many["tok_s"] / one["tok_s"]
+    out["identical_text"] = one["texts"] == many["texts"]
+    return out
+
+
+def report_scaling(f: dict[str, Any]) -> str:
+    lines = [f"full alone, {f['requests']} greedy requests of up to {f['new_tokens']} tokens"]
+    for key in (k for k in f if k.startswith("@")):
+        r = f[key]
+        lines.append(f"  {key:>4} clients: {r['tok_s']:.1f} tok/s; ledger {r['ledger_joules']:.1f}"
+                     f" J, device {r['device_joules']:.1f} J (ratio {r['ledger_over_device']:.3f})"
+                     f", busy {r['busy_joules']:.1f} J (ledger/busy {r['ledger_over_busy']:.3f})")
+    lines.append(f"  speedup {f['speedup']:.2f}x (target >= 4); identical greedy text: "
+                 f"{f['identical_text']}")
     return "\n".join(lines)

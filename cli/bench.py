@@ -45,12 +45,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
-    from bench.route import WORKLOAD, report, run_bench
+    from bench.route import WORKLOAD, report, report_scaling, run_bench, run_scaling
 
+    if args.scaling:
+        return _emit(run_scaling(ladder_path(args), threads=args.threads), report_scaling,
+                     args.json)
     figures = run_bench(ladder_path(args), Path(args.workload) if args.workload else WORKLOAD,
                         threads=args.threads,
                         clients=tuple(int(c) for c in args.clients.split(",")),
-                        requests=args.requests)
+                        requests=args.requests, rounds=args.rounds)
     return _emit(figures, report, args.json)
 
 

@@ -74,9 +74,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", default=None)
-    b = bench.add_parser("route", help="mixed workload: routed vs always-full vs cheapest")
+    b = bench.add_parser("route", help="mixed-floor chat workload: routed vs always-full vs "
+                                       "static, taking turns, at several concurrency levels")
     b.add_argument("--ladder", default=None)
-    b.add_argument("--clients", default="1", help="comma-separated concurrency levels")
+    b.add_argument("--clients", default="1,4,8,16", help="comma-separated concurrency levels")
+    b.add_argument("--rounds", type=int, default=1, help="repeat every level this many times")
+    b.add_argument("--scaling", action="store_true",
+                   help="instead: full alone at 1 and 16 clients (tok/s, identical text, "
+                        "joules against the device counter)")
     b.add_argument("--requests", type=int, default=None, help="the workload's first N only")
     b.add_argument("--workload", default=None, help="JSON lines (default bench/workloads)")
     b.add_argument("--threads", type=int, default=2)

@@ -85,25 +85,34 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def measure_step_slope(engine: Engine, prompt_ids: Sequence[int], rows: int = 4,
-                       steps: int = 4) -> float | None:
-    """Milliseconds each extra row adds to one decode step of ``engine``'s continuous batch
-    (a start-up seed; the router refits it from every step it observes). ``None`` when the
+STEP_WIDTHS = (1, 2, 3, 4, 8, 16)  # batch widths measured at start-up (linear in between)
+
+
+def measure_step_widths(engine: Engine, prompt_ids: Sequence[int],
+                        widths: Sequence[int] = STEP_WIDTHS, max_batch: int = 16,
+                        steps: int = 3) -> dict[int, float] | None:
+    """Milliseconds of one decode step of ``engine``'s continuous batch at each width up to
+    ``max_batch`` (a start-up seed of the router's step table, which every observed step then
+    refines; not a line: an 8-bit graph's second row costs a kernel switch). ``None`` when the
     engine's rows do not share a forward pass (each row then costs a whole step)."""
     from models.engine.slots import Sampler, slots_for
 
-    slots = slots_for(engine, rows, len(prompt_ids) + 2 * steps + 2)
+    widths = sorted({w for w in widths if 1 <= w <= max_batch})
+    rows = widths[-1]
+    slots = slots_for(engine, rows, len(prompt_ids) + (len(widths) + 1) * steps + 2)
     if not slots.batched:
         return None
-    params = GenerationParams(max_new_tokens=2 * steps + 1, ignore_eos=True)
+    params = GenerationParams(max_new_tokens=(len(widths) + 1) * steps + 1, ignore_eos=True)
     samplers = [Sampler(params) for _ in range(rows)]
     last = [slots.prefill(r, prompt_ids, samplers[r]) for r in range(rows)]
 
     def step_ms(n: int) -> float:
-        t0 = time.perf_counter()
+        times = []
         for _ in range(steps):
+            t0 = time.perf_counter()
             last[:n] = slots.step(list(range(n)), last[:n], samplers[:n])
-        return 1000 * (time.perf_counter() - t0) / steps
+            times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times)
 
-    one, many = step_ms(1), step_ms(rows)
-    return max(0.0, (many - one) / (rows - 1))
+    step_ms(1)  # warm-up
+    return {w: step_ms(w) for w in widths}

@@ -1,31 +1,29 @@
-"""Per-variant cost model: latency and energy as functions of tokens and of the batch joined.
+"""Per-variant cost model: the time of one decode step at each batch width, of a prefill, and
+of following another variant's step on the device; the watts the device draws meanwhile.
 
-A variant decodes in steps over its continuous batch. One step over ``rows`` sequences takes
-``step_ms(rows) = decode_ms_per_token + step_ms_per_row × (rows − 1)`` (a batch of one costs
-``decode_ms_per_token``; each extra row adds far less: the weights are read once per step).
-A prefill of ``n`` prompt tokens takes ``decode_ms_per_token + prefill_ms_per_token × n``.
-The device draws ``watts`` while the variant runs.
+A variant decodes in steps over its continuous batch. ``step_ms(rows)`` is a *table* indexed by
+the step's width (the rows the forward covers), not a straight line: on int8's
+``MatMulNBits`` graphs the second row switches from a matrix-vector kernel to a
+matrix-matrix one and costs far more than the third. The table is seeded from a calibration
+at a few widths (linear between them, the last segment's slope beyond) and every observed step
+moves its own width's entry (exponentially weighted), kept non-decreasing in width.
 
-From these, for a request of ``prompt`` tokens and ``new`` tokens joining a batch that already
-holds ``occupancy`` rows (``others_ms``: the other variants' steps the lane interleaves):
+``switch_ms``: what a step costs on top of the table when the previous step on the device was
+another variant's (its weights are out of cache, the other session's pool threads still spin).
+It is learnt only from such steps, and the table only from steps that followed the same
+variant, so interleaving under load never inflates the per-token time: the cost of switching
+is priced separately, on the decision that causes it (see :mod:`routing.timeline`).
 
-* latency: ``overhead + prefill(prompt) + new × (step_ms(occupancy + 1) + others_ms)``
-* attributed joules (what the ledger will charge it: its share of each step, by tokens):
-  ``(prefill(prompt) + new × step_ms(occupancy + 1) / (occupancy + 1)) × watts``
-* marginal joules (what serving it adds to the device's bill, what routing minimises):
-  ``(prefill(prompt) + new × (step_ms(occupancy + 1) − step_ms(occupancy))) × watts``, where an
-  empty batch's ``step_ms(0)`` is 0: the first row pays for whole steps.
-
-Seeded from a calibration, then moved toward what this host does by every observation
-(exponentially weighted): a step of one row corrects the level; a step of several rows shares
-its error between level and slope in proportion to their parts of the prediction (a host twice
-as slow scales both); every prefill and every energy interval moves its own coefficient. No I/O,
-no clock.
+A prefill of ``n`` prompt tokens takes ``step_ms(1) + prefill_ms_per_token × n``. No I/O, no
+clock.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -33,62 +31,86 @@ class CostModel:
     """Coefficients for one variant (units in the names)."""
 
     prefill_ms_per_token: float
-    decode_ms_per_token: float  # one step of a batch of one
+    decode_ms_per_token: float  # one step of a batch of one (the table's first entry)
     watts: float
-    step_ms_per_row: float = -1.0  # each extra row of a step; < 0: a quarter of a batch of one
+    step_ms_per_row: float = -1.0  # seed slope between measured widths; < 0: a quarter
     overhead_ms: float = 0.0
-    alpha: float = 0.2  # weight of each new prefill or energy observation
+    switch_ms: float = 0.0  # extra time of a step that follows another variant's
+    alpha: float = 0.2  # weight of each new observation
     observations: int = 0  # steps and prefills folded in
+    widths: Mapping[int, float] | None = None  # measured step ms by width (a calibration)
+    max_rows: int = 64  # widths the table holds (wider: extrapolated)
+    _table: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.step_ms_per_row < 0:
             self.step_ms_per_row = 0.25 * self.decode_ms_per_token
+        anchors = {1: self.decode_ms_per_token, **dict(self.widths or {})}
+        xs = sorted(w for w in anchors if 1 <= w <= self.max_rows)
+        ys = [anchors[w] for w in xs]
+        grid = np.arange(1, self.max_rows + 1, dtype=np.float64)
+        table = np.interp(grid, xs, ys)
+        last_slope = ((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1
+                      else self.step_ms_per_row)
+        beyond = grid > xs[-1]
+        table[beyond] = ys[-1] + max(0.0, last_slope) * (grid[beyond] - xs[-1])
+        # index 0: no rows, no step
+        self._table = np.maximum.accumulate(np.concatenate(([0.0], table)))
+        self.decode_ms_per_token = float(self._table[1])
 
     # -- predictions ------------------------------------------------------------------------
+    def _slope(self) -> float:
+        t = self._table
+        return max(0.0, float(t[-1] - t[-2])) if len(t) > 2 else self.step_ms_per_row
+
     def step_ms(self, rows: int) -> float:
         """One decode step over ``rows`` sequences (0 rows: no step)."""
         if rows <= 0:
             return 0.0
-        return self.decode_ms_per_token + self.step_ms_per_row * (rows - 1)
+        last = len(self._table) - 1
+        if rows <= last:
+            return float(self._table[rows])
+        return float(self._table[last]) + self._slope() * (rows - last)
+
+    def steps_ms(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`step_ms` of every entry of an integer array (0 rows: 0 ms)."""
+        last = len(self._table) - 1
+        inside = self._table[np.minimum(rows, last)]
+        return np.where(rows <= last, inside,
+                        self._table[last] + self._slope() * (rows - last))
 
     def prefill_ms(self, prompt_tokens: int) -> float:
         return self.decode_ms_per_token + self.prefill_ms_per_token * prompt_tokens
 
-    def predict_run_ms(self, prompt_tokens: int, new_tokens: int, occupancy: int = 0,
-                       others_ms: float = 0.0) -> float:
-        """Prefill to last token, joining a batch of ``occupancy`` rows, interleaved with other
-        variants' steps of ``others_ms`` in total."""
-        per_token = self.step_ms(occupancy + 1) + others_ms
-        return self.overhead_ms + self.prefill_ms(prompt_tokens) + per_token * max(
-            0, new_tokens - 1)
-
-    def predict_joules(self, prompt_tokens: int, new_tokens: int, occupancy: int = 0) -> float:
-        """The request's attributed share (what ``max_joules`` caps)."""
-        rows = occupancy + 1
-        ms = self.prefill_ms(prompt_tokens) + max(0, new_tokens - 1) * self.step_ms(rows) / rows
-        return ms / 1000.0 * self.watts
-
-    def marginal_joules(self, prompt_tokens: int, new_tokens: int, occupancy: int = 0) -> float:
-        """What serving the request adds to the device's energy (what routing minimises)."""
-        extra = self.step_ms(occupancy + 1) - self.step_ms(occupancy)
-        ms = self.prefill_ms(prompt_tokens) + max(0, new_tokens - 1) * extra
-        return ms / 1000.0 * self.watts
+    def table(self, rows: int | None = None) -> list[float]:
+        """Step ms at widths 1 .. ``rows`` (default: the whole table)."""
+        n = rows or len(self._table) - 1
+        return [round(self.step_ms(w), 4) for w in range(1, n + 1)]
 
     # -- learning ---------------------------------------------------------------------------
-    def observe_step(self, rows: int, ms: float) -> None:
-        """One decode step over ``rows`` sequences took ``ms``."""
-        if rows < 1 or ms <= 0:
+    def observe_step(self, width: int, ms: float) -> None:
+        """A decode step whose forward covered ``width`` rows took ``ms``, right after a step
+        of this same variant (or on an otherwise idle device)."""
+        if width < 1 or ms <= 0:
             return
-        predicted = self.step_ms(rows)
-        error = self.alpha * (ms - predicted)
-        if rows == 1:  # a batch of one measures the level alone
-            self.decode_ms_per_token = max(1e-6, self.decode_ms_per_token + error)
-        else:  # shared by level and slope in proportion to their parts of the prediction
-            level = self.decode_ms_per_token / predicted
-            self.decode_ms_per_token = max(1e-6, self.decode_ms_per_token + error * level)
-            self.step_ms_per_row = max(0.0, self.step_ms_per_row
-                                       + error * (1 - level) / (rows - 1))
+        t = self._table
+        if width >= len(t):  # grow to it (rare: wider than max_rows)
+            t = self._table = np.concatenate(
+                (t, [self.step_ms(w) for w in range(len(t), width + 1)]))
+        t[width] += self.alpha * (ms - t[width])
+        # keep it non-decreasing in width: a wider step never costs less
+        np.maximum(t[width:], t[width], out=t[width:])
+        np.minimum(t[1:width], t[width], out=t[1:width])
+        self.decode_ms_per_token = float(t[1])
         self.observations += 1
+
+    def observe_switch(self, width: int, ms: float) -> None:
+        """A step of ``width`` rows that followed another variant's step took ``ms``: what it
+        took beyond the table is the switch's cost (the table itself is left alone)."""
+        if width < 1 or ms <= 0:
+            return
+        extra = ms - self.step_ms(width)
+        self.switch_ms = max(0.0, self.switch_ms + self.alpha * (extra - self.switch_ms))
 
     def observe_prefill(self, prompt_tokens: int, ms: float) -> None:
         """A prefill of ``prompt_tokens`` took ``ms``."""
@@ -103,8 +125,17 @@ class CostModel:
         if seconds > 0 and joules >= 0:
             self.watts += self.alpha * (joules / seconds - self.watts)
 
-    def as_dict(self) -> dict[str, float | int]:
+    def copy(self) -> CostModel:
+        """An independent snapshot (the router decides on copies, outside its lock)."""
+        out = CostModel(self.prefill_ms_per_token, self.decode_ms_per_token, self.watts,
+                        self.step_ms_per_row, self.overhead_ms, self.switch_ms, self.alpha,
+                        self.observations, None, self.max_rows)
+        out._table = self._table.copy()
+        return out
+
+    def as_dict(self) -> dict[str, float | int | list[float]]:
         return {"prefill_ms_per_token": self.prefill_ms_per_token,
                 "decode_ms_per_token": self.decode_ms_per_token,
-                "step_ms_per_row": self.step_ms_per_row, "watts": self.watts,
+                "step_ms_per_row": self._slope(), "switch_ms": self.switch_ms,
+                "step_ms_by_rows": self.table(16), "watts": self.watts,
                 "overhead_ms": self.overhead_ms, "observations": self.observations}

@@ -1,39 +1,44 @@
-"""The routing policy (ARCHITECTURE.md, "Routing").
+"""The routing policy (docs/architecture.md, "Routing").
 
-Among variants whose measured quality meets the floor and whose predicted latency (queue wait
-+ run, in the batch it would join) fits the budget (and whose predicted attributed joules fit
-``max_joules``), pick the lowest predicted *marginal* joules — what serving it adds to the
-device's energy, so a busy batch's extra row can beat an idle cheaper variant; ties go to the
-higher quality. Nothing feasible: best effort (the fastest
-variant meeting the floor) or reject. A paused speculative rung (the device is busy) is never
-chosen, not even as best effort. A floor of 1.0 asks for the reference model itself: an
-approximation's measured quality above 1.0 is measurement noise, not an improvement.
+Every candidate is priced over the request's lifetime by :class:`routing.timeline.Timeline`.
+Among variants whose measured quality meets the floor, whose predicted latency fits the budget,
+whose predicted attributed joules fit ``max_joules`` and that would make no running row miss
+its own budget, pick the lowest predicted *marginal* joules — what serving it adds to the
+device's energy: a busy batch's extra row for as long as that batch runs, against an idle
+variant's whole steps plus the switches it adds to every turn. Ties go to the higher quality.
+
+Nothing feasible: reject, or best effort — among the variants meeting the floor (those that
+make no running row late, when there are any), the ones within :data:`BEST_EFFORT_SLACK` of
+the fastest, and of those the cheapest in marginal joules: a budget that will be missed anyway
+is missed by about as much on a variant that costs far less. A paused speculative rung (the
+device is busy) is never chosen, not even as best effort. A floor of 1.0 asks for the
+reference model itself: an approximation's measured quality above 1.0 is measurement noise,
+not an improvement.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from routing.cost import CostModel
+from routing.timeline import Load, Timeline
 
 OnInfeasible = Literal["best_effort", "reject"]
 Reason = Literal["cheapest_feasible", "best_effort", "pinned", "power_cap"]
+BEST_EFFORT_SLACK = 1.25  # best effort: within this factor of the fastest latency
 
 
 @dataclass(frozen=True)
 class VariantState:
-    """What the router knows of one variant right now."""
+    """What the router knows of one variant right now (its load is in the timeline)."""
 
     name: str
     quality: float
     cost: CostModel
-    queue_wait_ms: float = 0.0
     available: bool = True
     reference: bool = False  # the full model the others are measured against
-    occupancy: int = 0  # rows in its running batch the request would join
-    others_ms: float = 0.0  # other variants' steps interleaved with each of its steps (ms)
     paused: bool = False  # a speculative rung while the device is busy (see Router)
 
 
@@ -52,6 +57,7 @@ class Candidate:
     predicted_joules: float  # its attributed share: what max_joules caps and it is charged
     predicted_marginal_joules: float  # what it adds to the device's energy: what is minimised
     occupancy: int  # rows already in the batch it would join
+    rows_made_late: int  # running rows whose own budget it would break
     eligible: bool
     why: str  # "ok" or the first rule it failed
 
@@ -86,56 +92,71 @@ def offered(v: VariantState, floor: float) -> bool:
 
 
 def evaluate(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
-             new_tokens: int) -> list[Candidate]:
-    """Every variant's predictions and whether (and why not) it is eligible."""
+             new_tokens: int, load: Mapping[str, Load] | None = None) -> list[Candidate]:
+    """Every variant's lifetime predictions under ``load`` (default: an idle device) and
+    whether (and why not) it is eligible."""
+    load = load or {}
+    timeline = Timeline({v.name: v.cost for v in variants}, load, new_tokens)
     out = []
     for v in variants:
-        latency = v.queue_wait_ms + v.cost.predict_run_ms(prompt_tokens, new_tokens,
-                                                          v.occupancy, v.others_ms)
-        joules = v.cost.predict_joules(prompt_tokens, new_tokens, v.occupancy)
-        marginal = v.cost.marginal_joules(prompt_tokens, new_tokens, v.occupancy)
+        lo = load.get(v.name, Load())
+        p = timeline.price(v.name, prompt_tokens, new_tokens, lo.queue_wait_ms)
         if not v.available:
             why = "unavailable"
         elif not meets_floor(v, budget.min_quality):
             why = "quality_below_floor"
         elif v.paused:
             why = "speculation_paused_under_load"
-        elif latency > budget.latency_ms:
+        elif p.latency_ms > budget.latency_ms:
             why = "over_latency_budget"
-        elif budget.max_joules is not None and joules > budget.max_joules:
+        elif budget.max_joules is not None and p.attributed_joules > budget.max_joules:
             why = "over_energy_budget"
+        elif p.rows_made_late:
+            why = "would_make_running_rows_late"
         else:
             why = "ok"
-        out.append(Candidate(v.name, v.quality, latency, joules, marginal, v.occupancy,
-                             why == "ok", why))
+        out.append(Candidate(v.name, v.quality, p.latency_ms, p.attributed_joules,
+                             p.marginal_joules, lo.occupancy, p.rows_made_late, why == "ok",
+                             why))
     return out
+
+
+def _cheapest(cands: Sequence[Candidate]) -> Candidate:
+    return min(cands, key=lambda c: (c.predicted_marginal_joules, -c.quality))
+
+
+def best_effort(cands: Sequence[Candidate]) -> Candidate:
+    """Among ``cands`` (all meeting the floor): harm no running row if possible, stay near the
+    fastest, and then spend the least."""
+    harmless = [c for c in cands if not c.rows_made_late] or list(cands)
+    fastest = min(c.predicted_latency_ms for c in harmless)
+    near = [c for c in harmless if c.predicted_latency_ms <= BEST_EFFORT_SLACK * fastest]
+    return _cheapest(near)
 
 
 def decide(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
            new_tokens: int, pinned: str | None = None,
-           on_infeasible: OnInfeasible = "best_effort", power_capped: bool = False) -> Decision:
-    """Choose the variant for one request (pure; microseconds)."""
-    cands = evaluate(variants, budget, prompt_tokens, new_tokens)
+           on_infeasible: OnInfeasible = "best_effort", power_capped: bool = False,
+           load: Mapping[str, Load] | None = None) -> Decision:
+    """Choose the variant for one request (pure; well under a millisecond)."""
+    cands = evaluate(variants, budget, prompt_tokens, new_tokens, load)
     by_name = {c.variant: c for c in cands}
     if pinned is not None:
         c = by_name[pinned]
         return Decision(pinned, "pinned", c.predicted_latency_ms, c.predicted_joules, cands)
-    if power_capped:  # shed energy: cheapest variant the quality floor allows, latency aside
-        floor_ok = [c for c, v in zip(cands, variants, strict=True)
-                    if offered(v, budget.min_quality)]
-        if floor_ok:
-            c = min(floor_ok, key=lambda c: (c.predicted_marginal_joules, -c.quality))
-            return Decision(c.variant, "power_cap", c.predicted_latency_ms,
-                            c.predicted_joules, cands)
-    feasible = [c for c in cands if c.eligible]
-    if feasible:
-        c = min(feasible, key=lambda c: (c.predicted_marginal_joules, -c.quality))
-        return Decision(c.variant, "cheapest_feasible", c.predicted_latency_ms,
-                        c.predicted_joules, cands)
     floor_ok = [c for c, v in zip(cands, variants, strict=True)
                 if offered(v, budget.min_quality)]
-    best = min(floor_ok, key=lambda c: c.predicted_latency_ms) if floor_ok else None
-    if on_infeasible == "reject" or best is None:
+    if power_capped and floor_ok:  # shed energy: cheapest variant the floor allows
+        c = _cheapest(floor_ok)
+        return Decision(c.variant, "power_cap", c.predicted_latency_ms, c.predicted_joules,
+                        cands)
+    feasible = [c for c in cands if c.eligible]
+    if feasible:
+        c = _cheapest(feasible)
+        return Decision(c.variant, "cheapest_feasible", c.predicted_latency_ms,
+                        c.predicted_joules, cands)
+    if on_infeasible == "reject" or not floor_ok:
+        best = min(floor_ok, key=lambda c: c.predicted_latency_ms) if floor_ok else None
         achievable = f"{best.predicted_latency_ms:.0f} ms" if best else "none"
         raise InfeasibleError(
             f"no variant meets quality >= {budget.min_quality:g} within "
@@ -143,5 +164,6 @@ def decide(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
             + (f" and {budget.max_joules:g} J" if budget.max_joules is not None else "")
             + f"; best achievable latency at that quality: {achievable}",
             best.predicted_latency_ms if best else None)
-    return Decision(best.variant, "best_effort", best.predicted_latency_ms,
-                    best.predicted_joules, cands)
+    c = best_effort(floor_ok)
+    return Decision(c.variant, "best_effort", c.predicted_latency_ms, c.predicted_joules,
+                    cands)

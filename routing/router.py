@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
 
 from routing.cost import CostModel
 from routing.policy import Budget, Decision, OnInfeasible, VariantState, decide
+from routing.timeline import Load
 
-
-@dataclass(frozen=True)
-class Load:
-    """A variant's live load, as the executor sees it when a request arrives."""
-
-    occupancy: int = 0  # rows in its running batch (a new request joins them)
-    queue_wait_ms: float = 0.0  # predicted wait for a free row (0 while one is free)
+__all__ = ["Load", "Router"]
 
 
 class Router:
@@ -46,32 +40,31 @@ class Router:
         self.speculate_below_rows = speculate_below_rows
 
     def states(self, available: set[str], load: Mapping[str, Load]) -> list[VariantState]:
-        """Each variant's profile under the load it has now (``load``: per variant; a variant
-        missing from it is idle)."""
+        """Each variant's profile now (copies: deciding needs no lock)."""
         with self._lock:
-            costs = {name: replace(cost) for name, cost in self._costs.items()}
-        idle = Load()
+            costs = {name: cost.copy() for name, cost in self._costs.items()}
         busy = sum(lo.occupancy for lo in load.values()) >= self.speculate_below_rows
-        out = []
-        for name, cost in costs.items():
-            lv = load.get(name, idle)
-            # the lane interleaves one step of every other busy variant with each of ours
-            others = sum(costs[o].step_ms(lo.occupancy) for o, lo in load.items()
-                         if o != name and o in costs)
-            out.append(VariantState(name, self._quality[name], cost, lv.queue_wait_ms,
-                                    name in available, name in self._reference, lv.occupancy,
-                                    others, paused=busy and name in self._speculative))
-        return out
+        return [VariantState(name, self._quality[name], cost, name in available,
+                             name in self._reference,
+                             paused=busy and name in self._speculative)
+                for name, cost in costs.items()]
 
     def decide(self, budget: Budget, prompt_tokens: int, new_tokens: int, available: set[str],
                load: Mapping[str, Load], pinned: str | None = None,
                power_capped: bool = False) -> Decision:
+        """``load``: per variant, its rows now (a variant missing from it is idle)."""
         return decide(self.states(available, load), budget, prompt_tokens, new_tokens,
-                      pinned, self.on_infeasible, power_capped)
+                      pinned, self.on_infeasible, power_capped, load)
 
-    def observe_step(self, variant: str, rows: int, ms: float) -> None:
+    def observe_step(self, variant: str, width: int, ms: float, switched: bool = False) -> None:
+        """A step of ``width`` rows took ``ms`` per token; ``switched``: the device's previous
+        step was another variant's (its extra time is the switch's, not the table's)."""
         with self._lock:
-            self._costs[variant].observe_step(rows, ms)
+            cost = self._costs[variant]
+            if switched:
+                cost.observe_switch(width, ms)
+            else:
+                cost.observe_step(width, ms)
 
     def observe_prefill(self, variant: str, prompt_tokens: int, ms: float) -> None:
         with self._lock:
@@ -85,6 +78,6 @@ class Router:
         with self._lock:
             return self._costs[variant].step_ms(rows)
 
-    def coefficients(self) -> dict[str, dict[str, float | int]]:
+    def coefficients(self) -> dict[str, dict[str, float | int | list[float]]]:
         with self._lock:
             return {name: cost.as_dict() for name, cost in self._costs.items()}

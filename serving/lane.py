@@ -82,7 +82,9 @@ class Lane:
         self._inbox: list[Sequence] = []
         self._waiting = 0  # submitted, not yet in a row (inbox + batches' waiting)
         self._stopping = False
-        self._turn = 0  # round-robin position among variants
+        self._order = list(batches)  # round-robin order (fixed)
+        self._stepped: str | None = None  # the variant whose step ran last
+        self._ran: str | None = None  # the variant whose forward (step or prefill) ran last
         self._variant_in_interval: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name=f"lane-{device}", daemon=True)
         self._thread.start()
@@ -94,16 +96,24 @@ class Lane:
         return self._waiting
 
     def load(self) -> dict[str, Load]:
-        """Each variant's occupancy and predicted wait for a row, for the router (approximate:
+        """Each variant's rows for the router: running ones and those submitted (they will be
+        in the batch by the time a new request joins it), each with its tokens left and the
+        ms left to its latency budget, plus the predicted wait for a free row (approximate:
         read without stopping the loop)."""
+        now = time.perf_counter()
+        pending: dict[str, list[Sequence]] = {}
+        for s in list(self._inbox):
+            pending.setdefault(s.request.variant, []).append(s)
         out = {}
         for name, b in self.batches.items():
-            running = len(b.running)
-            waiting = len(b.waiting) + sum(1 for s in list(self._inbox)
-                                           if s.request.variant == name)
-            # requests already submitted will be in the batch by the time a new one joins it
-            out[name] = Load(min(running + waiting, b.slots.max_batch - 1),
-                             self._wait_ms(b, waiting))
+            running = list(b.running.values())
+            waiting = list(b.waiting) + pending.get(name, [])
+            if not running and not waiting:
+                continue
+            seqs = running + waiting
+            out[name] = Load(tuple(max(0, s.remaining) for s in seqs),
+                             tuple(s.request.slack_ms(now) for s in seqs),
+                             self._wait_ms(b, len(waiting)))
         return out
 
     def _cycle_ms(self) -> float:
@@ -214,17 +224,22 @@ class Lane:
             self._fail(b, row, err)
             return
         now = time.perf_counter()
+        self._ran = b.name
         self.router.observe_prefill(b.name, len(prompt), 1000 * (now - t0))
         self.ledger.record(seq.id, len(prompt))
         self._variant_in_interval.add(b.name)
         self._update(b, [seq], [[token]], now)
 
     def _next_batch(self) -> Batch | None:
-        busy = [b for b in self.batches.values() if b.running]
-        if not busy:
-            return None
-        self._turn = (self._turn + 1) % len(busy)
-        return busy[self._turn]
+        """Exact round-robin: the first busy variant after the one stepped last, in a fixed
+        order (variants joining or leaving never shift whose turn it is)."""
+        n = len(self._order)
+        start = self._order.index(self._stepped) + 1 if self._stepped in self.batches else 0
+        for i in range(n):
+            b = self.batches[self._order[(start + i) % n]]
+            if b.running:
+                return b
+        return None
 
     def _execute(self, b: Batch) -> None:
         """One step of ``b``'s running rows, then update."""
@@ -245,9 +260,13 @@ class Lane:
                 self._fail(b, row, err)
             return
         now = time.perf_counter()
-        # per token: a speculative step gives a row several
+        # per token: a speculative step gives a row several; the width is what the forward
+        # covered (a batched step runs over the prefix of rows up to the highest one)
         per_row = sum(len(t) for t in tokens) / len(rows)
-        self.router.observe_step(b.name, len(rows), 1000 * (now - t0) / per_row)
+        width = rows[-1] + 1 if b.slots.batched else len(rows)
+        self.router.observe_step(b.name, width, 1000 * (now - t0) / per_row,
+                                 switched=self._ran not in (None, b.name))
+        self._ran = self._stepped = b.name
         for seq, work in zip(seqs, b.slots.work, strict=True):
             self.ledger.record(seq.id, work)
         drafted = getattr(b.slots, "drafted", None)

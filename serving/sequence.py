@@ -29,6 +29,11 @@ class Request:
     cancel: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    latency_ms: float = math.inf  # its latency budget (a routing target, from ``arrived``)
+
+    def slack_ms(self, now: float) -> float:
+        """Milliseconds left to its latency budget at ``now`` (``inf``: none)."""
+        return self.latency_ms - 1000 * (now - self.arrived)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,10 @@ class Metrics:
         self.device_energy = Counter(f"{p}device_energy_joules",
                                      "All device energy, idle included",
                                      ["device", "source"], registry=registry)
+        self.device_busy_energy = Counter(
+            f"{p}device_busy_energy_joules",
+            "Device energy while the lane was working: what the ledger splits among requests",
+            ["device", "source"], registry=registry)
         self.route_decisions = Counter(f"{p}route_decisions", "Routing decisions",
                                        ["variant", "reason"], registry=registry)
         self.queue_depth = Gauge(f"{p}queue_depth", "Requests waiting per lane", ["device"],
@@ -105,6 +109,7 @@ class Metrics:
         """Create the device series for the meter in use, so they exist before a sample."""
         self.device_power.labels(device, source)
         self.device_energy.labels(device, source)
+        self.device_busy_energy.labels(device, source)
 
     def device_sample(self, device: str, source: str, watts: float, joules: float) -> None:
         """One device-sampler reading: recent power, and the energy since the last one."""

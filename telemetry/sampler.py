@@ -25,19 +25,22 @@ class DeviceSampler:
         self.period_s = period_s
         self._on_sample = on_sample
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the thread and a scrape both sample
         self._last_j = meter.total_joules()
         self._last_t = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="device-sampler", daemon=True)
         self._thread.start()
 
     def sample(self) -> None:
-        """Take one sample now (the thread calls this every period)."""
-        total = self.meter.total_joules()
-        now = time.perf_counter()
-        delta_j = max(0.0, total - self._last_j)
-        dt = now - self._last_t
-        self._last_j, self._last_t = total, now
-        self._on_sample(delta_j / dt if dt > 0 else 0.0, delta_j)
+        """Take one sample now (the thread calls this every period, and a scrape of
+        ``/metrics`` too, so the energy counter is current at every scrape)."""
+        with self._lock:
+            total = self.meter.total_joules()
+            now = time.perf_counter()
+            delta_j = max(0.0, total - self._last_j)
+            dt = now - self._last_t
+            self._last_j, self._last_t = total, now
+            self._on_sample(delta_j / dt if dt > 0 else 0.0, delta_j)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):

@@ -105,7 +105,8 @@ def route_out(o: Outcome) -> RouteOut:
 def cost_headers(o: Outcome) -> dict[str, str]:
     return {"X-Greenroute-Variant": o.variant,
             "X-Greenroute-Energy-Joules": f"{o.energy.joules:.6f}",
-            "X-Greenroute-Energy-Source": o.energy.source}
+            "X-Greenroute-Energy-Source": o.energy.source,
+            "X-Greenroute-Route-Reason": o.route.reason}
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -122,4 +123,6 @@ COST_HEADERS = {
                                    "schema": {"type": "string"}},
     "X-Greenroute-Energy-Source": {"description": "the energy meter (JSON answers)",
                                    "schema": {"type": "string"}},
+    "X-Greenroute-Route-Reason": {"description": "why the router chose the variant "
+                                  "(JSON answers)", "schema": {"type": "string"}},
 }

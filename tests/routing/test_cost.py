@@ -1,4 +1,4 @@
-"""The cost model: batch-aware predictions, and learning from observed steps and prefills."""
+"""The cost model: a step table by batch width, switch overhead kept apart, prefill and power."""
 
 from __future__ import annotations
 
@@ -6,26 +6,43 @@ import pytest
 
 from routing.cost import CostModel
 from routing.policy import Budget, VariantState, decide
-from routing.router import Load, Router
 
 
-def test_steps_at_several_batch_sizes_fit_level_and_slope() -> None:
-    m = CostModel(prefill_ms_per_token=1.0, decode_ms_per_token=5.0, watts=10.0)
-    for k in range(200):  # the host: 20 ms for one row, +3 ms per extra row
+def test_the_table_is_seeded_from_measured_widths_and_interpolated() -> None:
+    # int8-like: the second row costs a kernel switch, later rows little
+    m = CostModel(1.0, 8.0, 10.0, widths={2: 14.0, 4: 16.0, 16: 28.0}, max_rows=16)
+    assert m.step_ms(0) == 0.0
+    assert m.step_ms(1) == pytest.approx(8.0)
+    assert m.step_ms(2) == pytest.approx(14.0)
+    assert m.step_ms(3) == pytest.approx(15.0)  # between measured widths: linear
+    assert m.step_ms(10) == pytest.approx(22.0)
+    assert m.step_ms(20) == pytest.approx(32.0)  # beyond: the last segment's slope (1 ms/row)
+    assert m.table(4) == pytest.approx([8.0, 14.0, 15.0, 16.0])
+
+
+def test_each_width_learns_its_own_entry_and_the_table_stays_monotonic() -> None:
+    m = CostModel(1.0, 5.0, 10.0, step_ms_per_row=1.0, max_rows=8)
+    for k in range(300):  # the host: 20 ms for one row, 35 for two, +1 per row after
         rows = 1 + k % 8
-        m.observe_step(rows, 20.0 + 3.0 * (rows - 1))
+        m.observe_step(rows, 20.0 if rows == 1 else 35.0 + (rows - 2))
     assert m.decode_ms_per_token == pytest.approx(20.0, rel=0.02)
-    assert m.step_ms_per_row == pytest.approx(3.0, rel=0.05)
-    assert m.step_ms(16) == pytest.approx(65.0, rel=0.03)
-    assert m.observations == 200
+    assert m.step_ms(2) == pytest.approx(35.0, rel=0.02)  # not a straight line through 1
+    assert m.step_ms(8) == pytest.approx(41.0, rel=0.02)
+    assert m.observations == 300
+    # a noisy fast reading at a wide step never makes it cheaper than a narrower one
+    for _ in range(20):
+        m.observe_step(6, 1.0)
+    table = m.table(8)
+    assert all(a <= b for a, b in zip(table, table[1:], strict=False))
 
 
-def test_one_batch_size_moves_the_level_and_keeps_the_slope() -> None:
-    m = CostModel(1.0, 10.0, 10.0, step_ms_per_row=2.0)
-    for _ in range(300):
-        m.observe_step(1, 30.0)
-    assert m.step_ms(1) == pytest.approx(30.0, rel=0.02)
-    assert m.step_ms_per_row > 0
+def test_switched_steps_teach_the_switch_cost_and_leave_the_table_alone() -> None:
+    m = CostModel(1.0, 10.0, 10.0, widths={4: 13.0}, max_rows=8)
+    for _ in range(100):  # every step after another variant's takes 4 ms more
+        m.observe_switch(4, 17.0)
+    assert m.switch_ms == pytest.approx(4.0, rel=0.02)
+    assert m.step_ms(4) == pytest.approx(13.0)
+    assert m.decode_ms_per_token == pytest.approx(10.0)
 
 
 def test_prefill_and_power_observations() -> None:
@@ -37,16 +54,12 @@ def test_prefill_and_power_observations() -> None:
     assert m.watts == pytest.approx(15.0, rel=0.01)
 
 
-def test_joining_a_busy_batch_costs_a_share_and_a_margin() -> None:
-    m = CostModel(0.0, 20.0, 10.0, step_ms_per_row=2.0)
-    # alone: every step is its own (20 ms x 10 W = 0.2 J per token)
-    assert m.marginal_joules(0, 11, occupancy=0) == pytest.approx(
-        m.predict_joules(0, 11, occupancy=0))
-    # beside 7 rows: it adds 2 ms per step and is charged an eighth of a 34 ms step
-    assert m.marginal_joules(0, 11, 7) == pytest.approx((20 + 10 * 2) / 1000 * 10)
-    assert m.predict_joules(0, 11, 7) == pytest.approx((20 + 10 * 34 / 8) / 1000 * 10)
-    # and waits for every step of the batch, plus the other variants' steps it interleaves with
-    assert m.predict_run_ms(0, 11, 7, others_ms=5.0) == pytest.approx(20 + 10 * (34 + 5))
+def test_a_copy_learns_independently() -> None:
+    m = CostModel(1.0, 10.0, 10.0)
+    c = m.copy()
+    c.observe_step(1, 50.0)
+    assert m.step_ms(1) == pytest.approx(10.0)
+    assert c.step_ms(1) > 10.0
 
 
 def test_a_variant_that_becomes_slow_loses_traffic() -> None:
@@ -57,24 +70,3 @@ def test_a_variant_that_becomes_slow_loses_traffic() -> None:
     for _ in range(50):
         fast.observe_step(1, 8.0)
     assert decide(vs, Budget(10_000, 0.5), 10, 50).variant == "b"
-
-
-def test_a_busy_higher_quality_batch_can_be_the_cheaper_place() -> None:
-    """Idle, the small model is cheapest; with 12 rows running on the big one, one more row
-    there adds less energy than starting the small model's steps."""
-    router = Router({"full": 1.0, "small": 0.5},
-                    {"full": CostModel(0.1, 30.0, 20.0, step_ms_per_row=1.0),
-                     "small": CostModel(0.05, 8.0, 20.0, step_ms_per_row=0.5)})
-    budget = Budget(100_000, 0.0)
-    idle = router.decide(budget, 16, 64, {"full", "small"}, {})
-    assert idle.variant == "small"
-    busy = router.decide(budget, 16, 64, {"full", "small"},
-                         {"full": Load(occupancy=12)})
-    assert busy.variant == "full"
-    by_name = {c.variant: c for c in busy.candidates}
-    assert by_name["full"].occupancy == 12
-    assert (by_name["full"].predicted_marginal_joules
-            < by_name["small"].predicted_marginal_joules)
-    # the small model would now also wait for full's steps, interleaved with its own
-    assert by_name["small"].predicted_latency_ms > {c.variant: c for c in idle.candidates}[
-        "small"].predicted_latency_ms

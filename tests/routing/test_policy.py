@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from routing.cost import CostModel
 from routing.policy import Budget, InfeasibleError, VariantState, decide
-from routing.router import Load, Router
+from routing.router import Router
+from routing.timeline import Load
 
 
-def ladder(**waits: float) -> list[VariantState]:
+def ladder() -> list[VariantState]:
     """full: slow/costly; int8: 2x faster; distilled: 4x faster, lower quality."""
     def v(name: str, q: float, decode: float, watts: float, ref: bool = False) -> VariantState:
         return VariantState(name, q, CostModel(prefill_ms_per_token=decode / 10,
                                                decode_ms_per_token=decode, watts=watts),
-                            queue_wait_ms=waits.get(name.replace("-", "_"), 0.0),
                             reference=ref)
     return [v("full", 1.0, 8.0, 20.0, ref=True), v("int8", 0.99, 4.0, 20.0),
             v("distilled", 0.83, 2.0, 18.0), v("distilled-int8", 0.82, 1.8, 18.0)]
@@ -82,10 +80,13 @@ def test_pinned_variant_wins_but_is_explained() -> None:
 
 
 def test_queue_wait_counts_against_the_budget() -> None:
-    assert decide(ladder(), Budget(600, 1.0 - 1e-9), 32, 64).variant == "full"
-    busy = ladder(full=500.0)
-    d = decide(busy, Budget(600, 0.9), 32, 64)
-    assert d.variant == "int8"
+    idle = decide(ladder(), Budget(600, 1.0), 32, 64)
+    assert (idle.variant, idle.reason) == ("full", "cheapest_feasible")
+    waiting = decide(ladder(), Budget(600, 1.0), 32, 64, load={"full": Load(queue_wait_ms=500)})
+    assert (waiting.variant, waiting.reason) == ("full", "best_effort")
+    full = next(c for c in waiting.candidates if c.variant == "full")
+    assert full.why == "over_latency_budget"
+    assert full.predicted_latency_ms == pytest.approx(500 + idle.predicted_latency_ms)
 
 
 def test_unavailable_variants_are_skipped() -> None:
@@ -97,14 +98,6 @@ def test_unavailable_variants_are_skipped() -> None:
 def test_power_cap_sheds_to_cheapest_allowed_by_the_floor() -> None:
     d = decide(ladder(), Budget(10_000, 0.9), 32, 64, power_capped=True)
     assert (d.variant, d.reason) == ("int8", "power_cap")
-
-
-def test_deciding_is_cheap() -> None:
-    vs = ladder()
-    start = time.perf_counter()
-    for _ in range(1000):
-        decide(vs, Budget(300, 0.9), 32, 64)
-    assert (time.perf_counter() - start) / 1000 < 0.001  # well under a millisecond each
 
 
 def spec_router(speculate_below_rows: int = 1) -> Router:
@@ -124,15 +117,15 @@ def test_speculation_is_offered_on_a_quiet_device_and_paused_under_load() -> Non
     assert quiet.variant == "full-speculative"  # 12 ms a token against full's 20
     # one row running anywhere (here int8's): a new row of full's batch costs a whole step
     # while it runs alone, but the speculative row would stall int8's row for its passes
-    busy = spec_router().decide(floor_one, 16, 64, names, {"int8": Load(occupancy=1)})
+    busy = spec_router().decide(floor_one, 16, 64, names, {"int8": Load.rows(1, 64)})
     why = {c.variant: c.why for c in busy.candidates}
     assert busy.variant == "full"
     assert why["full-speculative"] == "speculation_paused_under_load"
     # a budget nothing meets: best effort is the fastest *offered* variant, never the paused one
     # (unpaused, the rung would be the faster: 12 + 11 ms a token against 20 + 11)
-    tight = spec_router().decide(Budget(1.0, 1.0), 16, 64, names, {"int8": Load(occupancy=3)})
+    tight = spec_router().decide(Budget(1.0, 1.0), 16, 64, names, {"int8": Load.rows(3, 64)})
     assert (tight.variant, tight.reason) == ("full", "best_effort")
     # the threshold is a setting: 0 never speculates, a higher one tolerates a few rows
     assert spec_router(0).decide(floor_one, 16, 64, names, {}).variant == "full"
     assert spec_router(4).decide(floor_one, 16, 64, names,
-                                 {"int8": Load(occupancy=2)}).variant == "full-speculative"
+                                 {"int8": Load.rows(2, 64)}).variant == "full-speculative"

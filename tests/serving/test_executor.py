@@ -239,3 +239,86 @@ def test_speculative_rows_give_fulls_tokens_and_exact_lengths(tiny_ladder: Path)
     assert stats["drafted"] > 0 and 0 < stats["acceptance_rate"] <= 1
     joules = sum(fin.energy.joules for _, fin, _ in results if fin is not None)
     assert joules == pytest.approx(ex.lane.ledger.busy_joules, rel=0.01)
+
+
+class RecordingRouter(Router):
+    """The real router, keeping the order of the steps the lane reports."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__({n: 1.0 for n in names}, {n: CostModel(0.1, 1.0, 10.0) for n in names},
+                         reference=names[0])
+        self.steps: list[tuple[str, int, bool]] = []
+
+    def observe_step(self, variant: str, width: int, ms: float, switched: bool = False) -> None:
+        self.steps.append((variant, width, switched))
+        super().observe_step(variant, width, ms, switched)
+
+
+def test_round_robin_is_exact_and_switches_are_reported_apart(tiny_ladder: Path) -> None:
+    """Three variants busy, one leaving early: no variant ever steps twice while another has
+    rows waiting for its turn, the cyclic order never shifts, and a step that follows another
+    variant's is reported as switched (its extra time is not the step table's)."""
+    names = ["full", "int8", "distilled"]
+    ladder = load_ladder(tiny_ladder, threads=1, only=names, warmup=False)
+    router = RecordingRouter(names)
+    ex = Executor(ladder.engines, names, router, PowerMeter(), "cpu",
+                  ExecutorConfig(max_batch=4, max_seq_tokens=96))
+    jobs = [("full", 24), ("full", 24), ("int8", 6), ("distilled", 24)]
+
+    async def main() -> None:
+        handles = [ex.submit(Request(ladder.engines[v].encode("def main():"),
+                                     GenerationParams(max_new_tokens=n, ignore_eos=True), v))
+                   for v, n in jobs]
+        await asyncio.gather(*(collect(h) for h in handles))
+
+    try:
+        asyncio.run(main())
+    finally:
+        ex.stop(10)
+    order = [v for v, _, _ in router.steps]
+    assert order.count("int8") == 5 and order.count("full") == order.count("distilled") == 23
+    # while all three are busy, every window of three steps holds each once, in a fixed order
+    last_int8 = max(i for i, v in enumerate(order) if v == "int8")
+    first = max(order.index(v) for v in names)
+    cycles = order[first - 2 : last_int8 + 1]
+    assert all(sorted(cycles[i : i + 3]) == sorted(names) for i in range(len(cycles) - 2))
+    # afterwards the two left alternate strictly
+    rest = order[last_int8 + 1 :]
+    assert all(a != b for a, b in zip(rest, rest[1:], strict=False))
+    # interleaved steps are switched; a full batch's width is its two rows
+    assert all(switched for v, _, switched in router.steps[first + 1 :])
+    assert {w for v, w, _ in router.steps if v == "full"} == {2}
+
+
+def test_requests_joules_lie_between_the_busy_and_the_device_energy(tiny_ladder: Path) -> None:
+    """Sixteen concurrent requests on two variants at once: over the window their ledger
+    joules never exceed the device counter's and are at least 97 % of its busy joules."""
+    names = ["full", "distilled"]
+    ladder = load_ladder(tiny_ladder, threads=1, only=names, warmup=False)
+    meter = PowerMeter()
+    router = Router({n: 1.0 for n in names}, {n: CostModel(0.1, 1.0, 10.0) for n in names},
+                    reference="full")
+    ex = Executor(ladder.engines, names, router, meter, "cpu",
+                  ExecutorConfig(max_batch=8, max_seq_tokens=96, queue_size=16))
+
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        handles = [ex.submit(Request(ladder.engines[names[k % 2]].encode(PROMPTS[k % 4]),
+                                     GenerationParams(max_new_tokens=8 + 3 * k,
+                                                      ignore_eos=True), names[k % 2]))
+                   for k in range(16)]
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    device0, busy0 = meter.total_joules(), ex.lane.ledger.busy_joules
+    try:
+        results = asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while ex.lane.ledger.is_open and time.monotonic() < deadline:
+            time.sleep(0.01)
+        device = meter.total_joules() - device0
+        busy = ex.lane.ledger.busy_joules - busy0
+    finally:
+        ex.stop(10)
+    joules = sum(fin.energy.joules for _, fin, _ in results if fin is not None)
+    assert all(fin is not None for _, fin, _ in results)
+    assert joules <= device
+    assert joules >= 0.97 * busy
