@@ -8,7 +8,7 @@ device's energy: a busy batch's extra row for as long as that batch runs, agains
 variant's whole steps plus the switches it adds to every turn. Ties go to the higher quality.
 
 Nothing feasible: reject, or best effort — among the variants meeting the floor (those that
-make no running row late, when there are any), the ones within :data:`BEST_EFFORT_SLACK` of
+make the fewest running rows late), the ones within :data:`BEST_EFFORT_SLACK` of
 the fastest, and of those the cheapest in marginal joules: a budget that will be missed anyway
 is missed by about as much on a variant that costs far less. A paused speculative rung (the
 device is busy) is never chosen, not even as best effort. A floor of 1.0 asks for the
@@ -126,11 +126,12 @@ def _cheapest(cands: Sequence[Candidate]) -> Candidate:
 
 
 def best_effort(cands: Sequence[Candidate]) -> Candidate:
-    """Among ``cands`` (all meeting the floor): harm no running row if possible, stay near the
-    fastest, and then spend the least."""
-    harmless = [c for c in cands if not c.rows_made_late] or list(cands)
-    fastest = min(c.predicted_latency_ms for c in harmless)
-    near = [c for c in harmless if c.predicted_latency_ms <= BEST_EFFORT_SLACK * fastest]
+    """Among ``cands`` (all meeting the floor): make the fewest running rows late, stay near
+    the fastest, and then spend the least."""
+    fewest = min(c.rows_made_late for c in cands)
+    least_harm = [c for c in cands if c.rows_made_late == fewest]
+    fastest = min(c.predicted_latency_ms for c in least_harm)
+    near = [c for c in least_harm if c.predicted_latency_ms <= BEST_EFFORT_SLACK * fastest]
     return _cheapest(near)
 
 

@@ -23,6 +23,10 @@ every running row by as much) and then holds a row of ``v`` for ``n − 1`` turn
 * the rows it would make late: rows whose budget the current plan meets and the new one does
   not (``slack`` ≥ their remaining time now, < with the request).
 
+A batched step runs over the prefix of rows up to the highest one in use, so free rows below it
+(``holes``) cost as much as used ones; a new request fills the lowest free row, so it takes a
+hole first. The timeline keeps the holes while the batch runs.
+
 Remaining tokens are each row's ``max_new_tokens`` left: an upper bound (a row may end at EOS
 sooner), so latencies are conservative and a busy batch's life is never underestimated by much
 more than its early stops. Pure numpy over at most ``max_new_tokens`` turns: well under a
@@ -49,6 +53,7 @@ class Load:
     remaining: tuple[int, ...] = ()
     slack_ms: tuple[float, ...] = ()
     queue_wait_ms: float = 0.0
+    holes: int = 0  # free rows inside the step's width (a step covers rows 0 .. highest)
 
     @property
     def occupancy(self) -> int:
@@ -89,17 +94,21 @@ class Timeline:
         self.rows = {u: _rows_left(np.sort(np.asarray(load[u].remaining, dtype=np.int64)),
                                    self._turns) if u in load else np.zeros(self.horizon, int)
                      for u in costs}
-        self.duration_ms, self.energy_mj = self._run(self.rows)
+        self.holes = {u: np.full(self.horizon, load[u].holes if u in load else 0)
+                      for u in costs}
+        self.duration_ms, self.energy_mj = self._run(self.rows, self.holes)
         self._elapsed = np.cumsum(self.duration_ms)
 
-    def _run(self, rows: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Each turn's duration (ms) and energy (mJ) with ``rows`` per variant per turn."""
+    def _run(self, rows: Mapping[str, np.ndarray],
+             holes: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Each turn's duration (ms) and energy (mJ) with ``rows`` per variant per turn (and
+        ``holes`` inside each busy batch's width)."""
         duration = np.zeros(self.horizon)
         energy = np.zeros(self.horizon)
         busy = np.zeros(self.horizon, dtype=np.int64)
         steps = {}
         for u, r in rows.items():
-            steps[u] = self.costs[u].steps_ms(r)
+            steps[u] = self.costs[u].steps_ms(r + holes[u] * (r > 0))
             busy += r > 0
         interleaved = busy >= 2
         for u, s in steps.items():
@@ -118,12 +127,15 @@ class Timeline:
         holds = self._turns < min(new_tokens, self.horizon + 1)  # turns 1 .. n-1
         rows = dict(self.rows)
         rows[variant] = self.rows[variant] + holds
-        duration, energy = self._run(rows)
+        holes = dict(self.holes)
+        # it takes the lowest free row, a hole while there is one, for as long as it runs
+        holes[variant] = np.maximum(0, self.holes[variant] - holds)
+        duration, energy = self._run(rows, holes)
         latency = (cost.overhead_ms + queue_wait_ms + prefill_ms
                    + float(duration[holds].sum()))
         marginal = (prefill_ms * cost.watts + float((energy - self.energy_mj).sum())) / 1000
         mine = rows[variant][holds]
-        step = cost.steps_ms(mine)
+        step = cost.steps_ms(mine + holes[variant][holds])
         if cost.switch_ms > 0:  # a switched step's extra lands in the rows of that step
             others = sum((r[holds] > 0).astype(np.int64) for u, r in rows.items()
                          if u != variant)

@@ -111,9 +111,12 @@ class Lane:
             if not running and not waiting:
                 continue
             seqs = running + waiting
+            rows = list(b.running)
+            holes = max(rows) + 1 - len(rows) if rows else 0
             out[name] = Load(tuple(max(0, s.remaining) for s in seqs),
                              tuple(s.request.slack_ms(now) for s in seqs),
-                             self._wait_ms(b, len(waiting)))
+                             self._wait_ms(b, len(waiting)),
+                             max(0, holes - len(waiting)) if b.slots.batched else 0)
         return out
 
     def _cycle_ms(self) -> float:

@@ -117,3 +117,28 @@ def test_best_effort_prefers_the_cheaper_of_near_equally_fast_variants() -> None
     assert best_effort(cands).variant == "frugal"  # within 1.25x of fast, a quarter the watts
     d = decide(_states(costs), Budget(1.0, 0.0), 4, 32)
     assert (d.variant, d.reason) == ("frugal", "best_effort")
+
+
+def test_free_rows_inside_the_width_cost_as_used_ones_and_are_filled_first() -> None:
+    costs = {"a": flat(20.0, 2.0)}
+    # 3 rows running at rows 0, 1 and 5: every step covers 6
+    holed = Timeline(costs, {"a": Load((100, 100, 100), (float("inf"),) * 3, holes=3)}, 11)
+    packed = Timeline(costs, {"a": Load.rows(3, 100)}, 11)
+    assert holed.duration_ms[0] == pytest.approx(20 + 5 * 2)
+    assert packed.duration_ms[0] == pytest.approx(20 + 2 * 2)
+    # joining fills a hole: the width does not grow, only the row's share of the step
+    p = holed.price("a", 0, 11)
+    assert p.marginal_joules == pytest.approx(20 / 1000 * 10)  # its prefill alone
+    assert p.latency_ms == pytest.approx(20 + 10 * 30)
+
+
+def test_best_effort_makes_the_fewest_running_rows_late_first() -> None:
+    from routing.policy import Candidate
+
+    def cand(name: str, latency: float, joules: float, late: int) -> Candidate:
+        return Candidate(name, 1.0, latency, joules, joules, 0, late, False,
+                         "over_latency_budget")
+
+    cands = [cand("cheap-but-harmful", 100.0, 0.1, 3), cand("dearer", 110.0, 0.5, 1),
+             cand("dearest", 100.0, 0.9, 1)]
+    assert best_effort(cands).variant == "dearer"
