@@ -8,9 +8,11 @@ device's energy: a busy batch's extra row for as long as that batch runs, agains
 variant's whole steps plus the switches it adds to every turn. Ties go to the higher quality.
 
 Nothing feasible: reject, or best effort — among the variants meeting the floor (those that
-make the fewest running rows late), the ones within :data:`BEST_EFFORT_SLACK` of
-the fastest, and of those the cheapest in marginal joules: a budget that will be missed anyway
-is missed by about as much on a variant that costs far less. A paused speculative rung (the
+make the fewest running rows late), the ones whose time lost by everyone (own latency plus the
+delay added to the running rows) is within :data:`BEST_EFFORT_SLACK` of the least, and of
+those the cheapest in marginal joules: under overload a new row of a busy batch delays everyone
+far less than starting another variant's steps, and a budget that will be missed anyway is
+missed by about as much on a variant that costs far less. A paused speculative rung (the
 device is busy) is never chosen, not even as best effort. A floor of 1.0 asks for the
 reference model itself: an approximation's measured quality above 1.0 is measurement noise,
 not an improvement.
@@ -27,7 +29,7 @@ from routing.timeline import Load, Timeline
 
 OnInfeasible = Literal["best_effort", "reject"]
 Reason = Literal["cheapest_feasible", "best_effort", "pinned", "power_cap"]
-BEST_EFFORT_SLACK = 1.25  # best effort: within this factor of the fastest latency
+BEST_EFFORT_SLACK = 1.25  # best effort: within this factor of the least time lost
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Candidate:
     predicted_marginal_joules: float  # what it adds to the device's energy: what is minimised
     occupancy: int  # rows already in the batch it would join
     rows_made_late: int  # running rows whose own budget it would break
+    delay_ms: float  # what it adds to the running rows' runs, summed
     eligible: bool
     why: str  # "ok" or the first rule it failed
 
@@ -116,8 +119,8 @@ def evaluate(variants: Sequence[VariantState], budget: Budget, prompt_tokens: in
         else:
             why = "ok"
         out.append(Candidate(v.name, v.quality, p.latency_ms, p.attributed_joules,
-                             p.marginal_joules, lo.occupancy, p.rows_made_late, why == "ok",
-                             why))
+                             p.marginal_joules, lo.occupancy, p.rows_made_late, p.delay_ms,
+                             why == "ok", why))
     return out
 
 
@@ -126,12 +129,17 @@ def _cheapest(cands: Sequence[Candidate]) -> Candidate:
 
 
 def best_effort(cands: Sequence[Candidate]) -> Candidate:
-    """Among ``cands`` (all meeting the floor): make the fewest running rows late, stay near
-    the fastest, and then spend the least."""
+    """Among ``cands`` (all meeting the floor): make the fewest running rows late; keep the
+    time lost by everyone (its own latency plus the delay it adds to the running rows) near
+    the least; and then spend the least."""
     fewest = min(c.rows_made_late for c in cands)
     least_harm = [c for c in cands if c.rows_made_late == fewest]
-    fastest = min(c.predicted_latency_ms for c in least_harm)
-    near = [c for c in least_harm if c.predicted_latency_ms <= BEST_EFFORT_SLACK * fastest]
+
+    def lost(c: Candidate) -> float:
+        return c.predicted_latency_ms + c.delay_ms
+
+    least = min(lost(c) for c in least_harm)
+    near = [c for c in least_harm if lost(c) <= BEST_EFFORT_SLACK * least]
     return _cheapest(near)
 
 

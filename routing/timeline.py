@@ -21,7 +21,8 @@ every running row by as much) and then holds a row of ``v`` for ``n − 1`` turn
 * its attributed joules (the ledger's share, what ``max_joules`` caps): its share of each of
   its variant's steps;
 * the rows it would make late: rows whose budget the current plan meets and the new one does
-  not (``slack`` ≥ their remaining time now, < with the request).
+  not (``slack`` ≥ their remaining time now, < with the request), and the delay it adds to
+  all running rows together (what best effort keeps small when no budget can be kept).
 
 A batched step runs over the prefix of rows up to the highest one in use, so free rows below it
 (``holes``) cost as much as used ones; a new request fills the lowest free row, so it takes a
@@ -74,6 +75,7 @@ class Pricing:
     marginal_joules: float
     attributed_joules: float
     rows_made_late: int  # running rows whose budget this request would break
+    delay_ms: float = 0.0  # the time it adds to the running rows' remaining runs, summed
 
 
 def _rows_left(remaining: np.ndarray, turns: np.ndarray) -> np.ndarray:
@@ -141,16 +143,19 @@ class Timeline:
                          if u != variant)
             step = step + cost.switch_ms * (np.asarray(others) > 0)
         attributed = (prefill_ms + float((step / mine).sum())) * cost.watts / 1000
-        return Pricing(latency, max(0.0, marginal), attributed,
-                       self._made_late(np.cumsum(duration) + prefill_ms))
+        late, delay = self._effect(np.cumsum(duration) + prefill_ms)
+        return Pricing(latency, max(0.0, marginal), attributed, late, delay)
 
-    def _made_late(self, elapsed_with: np.ndarray) -> int:
-        """Running rows whose budget the plan meets now and would miss with the request."""
-        late = 0
+    def _effect(self, elapsed_with: np.ndarray) -> tuple[int, float]:
+        """On the running rows: how many the plan gets within budget now and would not with
+        the request, and the ms it adds to their runs, summed."""
+        late, delay = 0, 0.0
         for lo in self.load.values():
             for left, slack in zip(lo.remaining, lo.slack_ms, strict=False):
-                if not math.isfinite(slack) or left < 1:
+                if left < 1:
                     continue
                 i = min(left, self.horizon) - 1
-                late += bool(self._elapsed[i] <= slack < elapsed_with[i])
-        return late
+                delay += float(elapsed_with[i] - self._elapsed[i])
+                if math.isfinite(slack):
+                    late += bool(self._elapsed[i] <= slack < elapsed_with[i])
+        return late, delay

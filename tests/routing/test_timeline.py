@@ -136,9 +136,25 @@ def test_best_effort_makes_the_fewest_running_rows_late_first() -> None:
     from routing.policy import Candidate
 
     def cand(name: str, latency: float, joules: float, late: int) -> Candidate:
-        return Candidate(name, 1.0, latency, joules, joules, 0, late, False,
+        return Candidate(name, 1.0, latency, joules, joules, 0, late, 0.0, False,
                          "over_latency_budget")
 
     cands = [cand("cheap-but-harmful", 100.0, 0.1, 3), cand("dearer", 110.0, 0.5, 1),
              cand("dearest", 100.0, 0.9, 1)]
     assert best_effort(cands).variant == "dearer"
+
+
+def test_under_overload_best_effort_joins_the_busy_batch_rather_than_slow_everyone() -> None:
+    """Every budget is already lost; starting the idle cheap variant would add its whole step
+    to every turn of twelve running rows, joining full adds a row's increment."""
+    costs = {"full": CostModel(0.0, 30.0, 20.0, step_ms_per_row=1.0),
+             "small": CostModel(0.0, 10.0, 10.0, step_ms_per_row=1.0)}
+    load = {"full": Load.rows(12, 100, slack_ms=-1.0)}
+    from routing.policy import VariantState
+
+    states = [VariantState("full", 1.0, costs["full"], reference=True),
+              VariantState("small", 0.9, costs["small"])]
+    d = decide(states, Budget(1.0, 0.5), 4, 50, load=load)
+    by = {c.variant: c for c in d.candidates}
+    assert by["small"].delay_ms > 5 * by["full"].delay_ms
+    assert (d.variant, d.reason) == ("full", "best_effort")
