@@ -26,6 +26,7 @@ from routing.policy import Budget as PolicyBudget
 from routing.policy import InfeasibleError
 from routing.router import Router
 from serving.errors import (
+    LaneFailedError,
     QueueFullError,
     ShuttingDownError,
     UnknownVariantError,
@@ -120,6 +121,11 @@ class GenerationService:
         self.device = device
         self._busy_counted = 0.0  # ledger busy joules already added to the counter
 
+    @property
+    def lane_failed(self) -> LaneFailedError | None:
+        """Set when the device lane died (the process must be restarted)."""
+        return self.executor.lane.failed
+
     def refresh_energy_metrics(self) -> None:
         """Bring the device energy counters up to now: the meter's total (idle included) and
         the ledger's busy joules (what requests are charged from)."""
@@ -153,9 +159,10 @@ class GenerationService:
         except InfeasibleError as err:
             self.metrics.route_decisions.labels("none", "rejected").inc()
             raise ApiError(422, "budget_unsatisfiable", str(err), "budget") from err
-        if d.reason == "power_cap" and self.executor.depth > 0:
-            # already on the cheapest variant the floor allows and still over the cap:
-            # refuse queued work instead of adding to it
+        capped = d.reason == "power_cap" or (d.reason == "pinned" and self.power_capped())
+        if capped and self.executor.depth > 0:
+            # already on the cheapest variant the floor allows (or pinned, which cannot shed)
+            # and still over the cap: refuse queued work instead of adding to it
             retry = max(1, math.ceil(self.settings.power_window_s))
             self.metrics.requests.labels(call.endpoint, d.variant, "rejected").inc()
             raise ApiError(429, "power_cap", f"device power {self.power.watts():.1f} W is over "
@@ -188,6 +195,8 @@ class GenerationService:
                            {"Retry-After": str(err.retry_after_s)}) from err
         except ShuttingDownError as err:
             raise ApiError(503, "shutting_down", str(err)) from err
+        except LaneFailedError as err:
+            raise ApiError(503, "lane_failed", str(err)) from err
         self.metrics.inflight.inc()
         return Run(self, call, route, len(prompt_ids), handle)
 
@@ -253,6 +262,9 @@ class Run:
                 elif kind == "skipped":
                     status = "cancelled"
                     return
+                elif kind == "error" and isinstance(payload, LaneFailedError):
+                    status = "error"
+                    raise ApiError(503, "lane_failed", str(payload)) from payload
                 elif kind == "error":  # the engine failed: logged here, never shown
                     log.error("request %s failed on variant %s", call.id, route.variant,
                               exc_info=payload)

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     max_messages: int = Field(256, ge=1, description="most messages in one chat request")
     max_content_parts: int = Field(64, ge=1, description="most content parts in one message")
     max_stop_sequences: int = Field(4, ge=0)
+    max_stop_chars: int = Field(256, ge=1, description="longest stop sequence (characters)")
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     default_min_quality: float = Field(0.0, ge=0.0, le=1.0)
     default_latency_ms: float = Field(30_000.0, gt=0)

@@ -34,3 +34,14 @@ class ShuttingDownError(ServingError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down")
+
+
+class LaneFailedError(ServingError):
+    """The device lane died of an error outside any one request (a meter read, its own
+    bookkeeping): what it held is failed with this, and it takes nothing new. The process is
+    unhealthy (``/health`` says so) and is to be restarted."""
+
+    def __init__(self, device: str, cause: BaseException | None = None) -> None:
+        super().__init__(f"the {device} lane failed; the service must be restarted")
+        self.device = device
+        self.cause = cause

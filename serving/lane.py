@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from models.engine.slots import Slots
 from routing.router import Load, Router
-from serving.errors import QueueFullError, ShuttingDownError
+from serving.errors import LaneFailedError, QueueFullError, ShuttingDownError
 from serving.sequence import Finished, Sequence
 from telemetry.base import EnergyMeter, EnergyReading
 from telemetry.ledger import EnergyLedger
@@ -82,6 +82,7 @@ class Lane:
         self._inbox: list[Sequence] = []
         self._waiting = 0  # submitted, not yet in a row (inbox + batches' waiting)
         self._stopping = False
+        self.failed: LaneFailedError | None = None  # set when the lane thread died
         self._order = list(batches)  # round-robin order (fixed)
         self._stepped: str | None = None  # the variant whose step ran last
         self._ran: str | None = None  # the variant whose forward (step or prefill) ran last
@@ -137,6 +138,8 @@ class Lane:
         """Queue ``seq`` for a row of its variant, or raise :class:`QueueFullError` at once."""
         b = self.batches[seq.request.variant]
         with self._cv:
+            if self.failed is not None:
+                raise self.failed
             if self._stopping:
                 raise ShuttingDownError()
             mine = len(b.waiting) + sum(1 for s in self._inbox
@@ -163,6 +166,36 @@ class Lane:
         return bool(self._inbox) or any(b.running or b.waiting for b in self.batches.values())
 
     def _loop(self) -> None:
+        """The lane thread: the loop, supervised. An error inside one step fails that step's
+        rows (below); one anywhere else (the meter, the ledger, the lane's own bookkeeping)
+        kills the lane: everything it holds is failed with :class:`LaneFailedError`, it takes
+        nothing new, and ``failed`` tells the health check."""
+        try:
+            self._run()
+        except BaseException as err:  # noqa: BLE001 (the lane's last word, whatever it was)
+            log.exception("lane %s died", self.device)
+            self._die(err)
+
+    def _die(self, err: BaseException) -> None:
+        failure = LaneFailedError(self.device, err)
+        with self._cv:
+            self.failed = failure
+            held = list(self._inbox)
+            self._inbox.clear()
+            self._waiting = 0
+        for b in self.batches.values():
+            held += list(b.waiting) + list(b.running.values())
+            b.waiting.clear()
+            b.running.clear()
+        for seq in held:
+            try:
+                seq.flush(time.perf_counter())
+                seq.emit("error", failure)
+            except Exception:  # noqa: BLE001 (one consumer's failure must not keep others)
+                log.exception("could not fail request %s", seq.id)
+        self._on_depth(0)
+
+    def _run(self) -> None:
         while True:
             with self._cv:
                 while not self._busy():

@@ -30,11 +30,29 @@ def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: 
                        "stop sequences are allowed", "stop")
     if any(not s for s in stop):
         raise ApiError(422, "invalid_request_error", "stop sequences must not be empty", "stop")
+    if any(len(s) > settings.max_stop_chars for s in stop):
+        raise ApiError(422, "invalid_request_error", "a stop sequence is at most "
+                       f"{settings.max_stop_chars} characters", "stop")
+    for s in stop:
+        check_text(s, "stop")
     return GenerationParams(max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=tuple(stop), ignore_eos=ignore_eos)
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, field: str) -> str:
+    """Text that is valid Unicode: JSON's ``\\ud800`` escapes can carry a lone UTF-16
+    surrogate, which no tokenizer (and no UTF-8 encoder) accepts."""
+    if SURROGATE.search(text):
+        raise ApiError(422, "invalid_request_error", f"{field} contains a lone UTF-16 surrogate "
+                       "(U+D800-U+DFFF escape without its pair): not valid text", field)
+    return text
+
+
 def check_length(settings: Settings, text: str, field: str) -> str:
+    check_text(text, field)
     if len(text) > settings.max_prompt_chars:
         raise ApiError(422, "invalid_request_error", f"{field} is {len(text)} characters; "
                        f"the limit is {settings.max_prompt_chars}", field)

@@ -21,9 +21,13 @@ EXPOSITION = {"text/plain": {"schema": {"type": "string"}},
               "application/openmetrics-text": {"schema": {"type": "string"}}}
 
 
-@router.get("/health", response_model=Health, responses=answers(Health))
-async def health() -> Any:
-    """The process is up (whether or not the ladder has loaded)."""
+@router.get("/health", response_model=Health, responses=answers(Health, 503))
+async def health(request: Request) -> Any:
+    """The process is up (whether or not the ladder has loaded) and its device lane alive;
+    503 once the lane has died (a liveness probe then restarts the process)."""
+    service = getattr(request.app.state, "service", None)
+    if service is not None and service.lane_failed is not None:
+        return JSONResponse(envelope("lane_failed", str(service.lane_failed)), status_code=503)
     return Health()
 
 

@@ -27,6 +27,7 @@ CONTRACT_FAMILIES = {
     "request_energy_joules": "histogram", "request_power_watts": "histogram",
     "energy_joules": "counter", "prompt_tokens": "counter", "generated_tokens": "counter",
     "device_power_watts": "gauge", "device_energy_joules": "counter",
+    "device_busy_energy_joules": "counter",
     "route_decisions": "counter", "queue_depth": "gauge", "inflight_requests": "gauge",
     "batch_size": "gauge", "spec_draft_tokens": "counter", "spec_accepted_tokens": "counter",
     "variant_quality": "gauge",

@@ -339,3 +339,30 @@ def test_each_variant_runs_on_its_own_thread_count(
     # a one-core rung still serves
     resp = c.post("/v1/generate", json={"prompt": "def", "max_new_tokens": 4, "variant": "int8"})
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), [
+    ("/v1/generate", '{"prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/generate", '{"prompt": "x", "stop": ["\\udfff"]}', "stop"),
+    ("/v1/completions", '{"model": "auto", "prompt": "\\ud83d"}', "prompt"),
+    ("/v1/chat/completions",
+     '{"model": "auto", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+     "messages.0.content"),
+], ids=["native prompt", "native stop", "completions prompt", "chat content"])
+def test_a_lone_surrogate_is_a_422_not_a_500(strict: TestClient, path: str, raw: str,
+                                             param: str) -> None:
+    resp = strict.post(path, content=raw, headers={"content-type": "application/json"})
+    assert_error(resp, 422, param=param)
+    message = resp.json()["error"]["message"]
+    assert "surrogate" in message or "unicode" in message
+    # a surrogate pair (a real character) is fine
+    ok = strict.post("/v1/generate", content='{"prompt": "\\ud83d\\ude00", "max_new_tokens": 2}',
+                     headers={"content-type": "application/json"})
+    assert ok.status_code == 200
+
+
+def test_an_oversized_stop_sequence_is_refused(strict: TestClient) -> None:
+    assert_error(strict.post("/v1/generate", json={"prompt": "x", "stop": ["s" * 257]}), 422,
+                 param="stop")
+    assert strict.post("/v1/generate", json={"prompt": "x", "stop": ["s" * 256],
+                                             "max_new_tokens": 2}).status_code == 200

@@ -322,3 +322,44 @@ def test_requests_joules_lie_between_the_busy_and_the_device_energy(tiny_ladder:
     assert all(fin is not None for _, fin, _ in results)
     assert joules <= device
     assert joules >= 0.97 * busy
+
+
+class BrokenMeter(PowerMeter):
+    """The hardware boundary: a counter that fails once ``broken`` is set."""
+
+    broken = False
+
+    def total_joules(self) -> float:
+        if self.broken:
+            raise OSError("energy counter read failed")
+        return super().total_joules()
+
+
+def test_a_lane_that_dies_fails_what_it_holds_and_takes_nothing_new(
+        builder_engine: OrtEngine) -> None:
+    """A fault outside any one step (here the meter, read when the lane opens its busy period)
+    kills the lane: every held request gets LaneFailedError at once (none hangs until its
+    timeout), new submissions are refused, and ``failed`` tells the health check."""
+    from serving.errors import LaneFailedError
+
+    meter = BrokenMeter()
+    router = Router({"full": 1.0}, {"full": CostModel(0.1, 1.0, 10.0)})
+    ex = Executor({"full": builder_engine}, ["full"], router, meter, "cpu",
+                  ExecutorConfig(max_batch=2, max_seq_tokens=96, queue_size=8))
+    meter.broken = True
+
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        handles = [ex.submit(request(builder_engine, p, 20)) for p in PROMPTS[:4]]
+        return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 30)
+
+    async def again() -> None:
+        ex.submit(request(builder_engine, PROMPTS[0], 4))
+
+    try:
+        results = asyncio.run(main())
+        assert [kind for _, _, kind in results] == ["error"] * 4
+        assert isinstance(ex.lane.failed, LaneFailedError)
+        with pytest.raises(LaneFailedError):
+            asyncio.run(again())
+    finally:
+        ex.stop(5)
