@@ -296,15 +296,28 @@ class Lane:
                 self._fail(b, row, err)
             return
         now = time.perf_counter()
+        width = rows[-1] + 1 if b.slots.batched else len(rows)  # what the forward covered
+        if b.slots.failed:  # rows with bad logits fail alone; the others go on
+            for i, row in enumerate(rows):
+                if row in b.slots.failed:
+                    self.ledger.record(seqs[i].id, b.slots.work[i])  # its share of the step
+                    self._fail(b, row, b.slots.failed[row])
+            kept = [i for i, r in enumerate(rows) if r not in b.slots.failed]
+            work = [b.slots.work[i] for i in kept]
+            rows, seqs, tokens = ([rows[i] for i in kept], [seqs[i] for i in kept],
+                                  [tokens[i] for i in kept])
+            if not rows:
+                return
+        else:
+            work = b.slots.work
         # per token: a speculative step gives a row several; the width is what the forward
         # covered (a batched step runs over the prefix of rows up to the highest one)
         per_row = sum(len(t) for t in tokens) / len(rows)
-        width = rows[-1] + 1 if b.slots.batched else len(rows)
         self.router.observe_step(b.name, width, 1000 * (now - t0) / per_row,
                                  switched=self._ran not in (None, b.name))
         self._ran = self._stepped = b.name
-        for seq, work in zip(seqs, b.slots.work, strict=True):
-            self.ledger.record(seq.id, work)
+        for seq, done in zip(seqs, work, strict=True):
+            self.ledger.record(seq.id, done)
         drafted = getattr(b.slots, "drafted", None)
         if drafted is not None:  # a speculative rung: report its new counts
             accepted = b.slots.accepted  # type: ignore[attr-defined]

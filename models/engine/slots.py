@@ -44,7 +44,17 @@ class Sampler:
         self.rng = make_rng(params.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
-        return select_token(logits, self.params, self.rng)
+        token = select_token(logits, self.params, self.rng)
+        # a NaN anywhere wins argmax and poisons every sampled distribution: checked on the
+        # chosen logit (greedy) and the maximum (sampled), not over the whole vocabulary
+        if not np.isfinite(logits[token]) or (
+                not self.params.greedy and not np.isfinite(logits.max())):
+            raise BadLogitsError(f"non-finite logits (token {token}: {logits[token]})")
+        return token
+
+
+class BadLogitsError(ValueError):
+    """A row's logits hold NaN or infinity: that row cannot continue (the others can)."""
 
 
 class Slots(ABC):
@@ -60,6 +70,7 @@ class Slots(ABC):
         self.max_batch = max_batch
         self.max_len = max_len
         self.work: list[int] = []  # tokens each row of the last step pushed through the device
+        self.failed: dict[int, Exception] = {}  # rows whose sampling failed in the last step
 
     @abstractmethod
     def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
@@ -217,8 +228,22 @@ class KVSlots(Slots):
         # one forward over the smallest prefix of rows holding them all: free rows inside it
         # decode a dummy token (their mask keeps one position), and nothing is copied
         self.session.run_with_iobinding(self._step_binding(max(rows) + 1))
+        return self._sample_rows(rows, samplers)
+
+    def _sample_rows(self, rows: Sequence[int], samplers: Sequence[Sampler]) -> list[int]:
+        """Each row's next token from the step's logits. A row whose sampling fails (bad
+        logits) fails alone: it is listed in :attr:`failed` with a placeholder token, and the
+        other rows go on."""
         logits = self._logits
-        return [sampler(logits[row, 0]) for row, sampler in zip(rows, samplers, strict=True)]
+        self.failed = {}
+        out = []
+        for row, sampler in zip(rows, samplers, strict=True):
+            try:
+                out.append(sampler(logits[row, 0]))
+            except Exception as err:  # noqa: BLE001 (the row's own fault, reported per row)
+                self.failed[row] = err
+                out.append(0)
+        return out
 
     def release(self, row: int) -> None:
         self.mask[row] = 0

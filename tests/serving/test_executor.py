@@ -363,3 +363,44 @@ def test_a_lane_that_dies_fails_what_it_holds_and_takes_nothing_new(
             asyncio.run(again())
     finally:
         ex.stop(5)
+
+
+class PoisonedSession:
+    """Fault injection around the real session: after a real step, one row's logits turn NaN
+    (as a numerical fault in that row alone would)."""
+
+    def __init__(self, slots: Any, row: int) -> None:
+        self.real = slots.session
+        self.slots = slots
+        self.row = row
+
+    def run_with_iobinding(self, binding: Any, *args: Any) -> None:
+        self.real.run_with_iobinding(binding, *args)
+        self.slots._logits[self.row] = float("nan")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_row_with_bad_logits_fails_alone(builder_engine: OrtEngine) -> None:
+    ex = make_executor({"full": builder_engine})
+    slots = ex.lane.batches["full"].slots
+    slots.session = PoisonedSession(slots, row=1)  # type: ignore[attr-defined]
+    prompts = PROMPTS[:3]
+
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        handles = [ex.submit(request(builder_engine, p, 12)) for p in prompts]
+        return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 30)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        ex.stop(10)
+    kinds = [kind for _, _, kind in results]
+    assert kinds.count("error") == 1 and kinds.count("finished") == 2
+    for p, (chunks, fin, kind) in zip(prompts, results, strict=True):
+        if kind == "finished":  # the healthy rows kept going, with their alone tokens
+            assert fin is not None and fin.completion_tokens == 12
+            assert_same_but_near_ties([c.token_id for c in chunks],
+                                      *alone(builder_engine, builder_engine.encode(p), 12))
+    assert ex.lane.failed is None
