@@ -184,7 +184,8 @@ class GenerationService:
         route = self.route(call, len(prompt_ids))
         request = Request(prompt_ids, call.params, route.variant, call.budget.max_joules,
                           call.stream, call.cancel, call.arrived, call.id,
-                          call.budget.latency_ms)
+                          call.budget.latency_ms,
+                          call.arrived + self.settings.request_timeout_s)
         try:
             handle = self.executor.submit(request)
         except ContextOverflowError as err:
@@ -235,11 +236,27 @@ class Run:
         self.route = route
         self.prompt_tokens = prompt_tokens
         self._handle = handle
+        self._started = False  # events() began: its finally settles the call
+
+    def abandon(self) -> None:
+        """The response ended without :meth:`events` ever starting (a stream's client left
+        before the first byte): stop the generation and settle the call's gauges. Runs as the
+        streaming response's background task; a no-op when events() ran."""
+        if self._started:
+            return
+        self._started = True
+        self.call.cancel.set()
+        metrics = self.service.metrics
+        metrics.inflight.dec()
+        metrics.requests.labels(self.call.endpoint, self.route.variant, "cancelled").inc()
 
     async def events(self) -> AsyncIterator[Chunk | Outcome]:
         """Chunks as produced, then one :class:`Outcome`. Raises :class:`ApiError`: 504 on
         timeout, 500 when the engine fails (after the chunks it produced; counted ``error``);
         closing the iterator early cancels the generation between steps."""
+        if self._started:
+            raise RuntimeError("a run's events are read once")
+        self._started = True
         call, route, metrics = self.call, self.route, self.service.metrics
         timeout_s = self.service.settings.request_timeout_s
         status = "error"

@@ -224,12 +224,13 @@ class Lane:
         """Drop cancelled waiters; admit waiting requests into free rows (prefills)."""
         budget = self.prefill_token_budget
         admitted_any = False
+        now = time.perf_counter()
         for b in self.batches.values():
-            while b.waiting and b.waiting[0].request.cancel.is_set():
+            while b.waiting and b.waiting[0].request.expired(now):
                 self._dequeue(b).emit("skipped", None)
             while b.waiting and b.free:
                 seq = b.waiting[0]
-                if seq.request.cancel.is_set():
+                if seq.request.expired(now):
                     self._dequeue(b).emit("skipped", None)
                     continue
                 prompt = len(seq.request.prompt_ids)
@@ -279,9 +280,10 @@ class Lane:
 
     def _execute(self, b: Batch) -> None:
         """One step of ``b``'s running rows, then update."""
-        for row, seq in list(b.running.items()):  # cancelled since the last step: retire
-            if seq.request.cancel.is_set():
-                seq.end("cancelled", time.perf_counter())
+        now = time.perf_counter()
+        for row, seq in list(b.running.items()):  # cancelled or timed out: retire
+            if seq.request.expired(now):
+                seq.end("cancelled", now)
                 self._retire(b, row)
         if not b.running:
             return

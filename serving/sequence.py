@@ -30,6 +30,11 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     latency_ms: float = math.inf  # its latency budget (a routing target, from ``arrived``)
+    timeout_at: float = math.inf  # perf_counter time after which the lane stops it
+
+    def expired(self, now: float) -> bool:
+        """Cancelled by its caller, or past its request timeout."""
+        return self.cancel.is_set() or now > self.timeout_at
 
     def slack_ms(self, now: float) -> float:
         """Milliseconds left to its latency budget at ``now`` (``inf``: none)."""

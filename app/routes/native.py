@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from app.deps import RecentDep, ServiceDep, SettingsDep, require_api_key
 from app.errors import sse_error, stream_error
@@ -81,6 +82,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
     run = service.open(call)
     if body.stream:
         return StreamingResponse(_events(run, recent), media_type="text/event-stream",
+                                 background=BackgroundTask(run.abandon),
                                  headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
     outcome = await finish(run, request)
     recent.add(call, outcome)

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from app.deps import RecentDep, ServiceDep, SettingsDep, require_api_key
 from app.errors import ApiError, sse_error, stream_error
@@ -157,6 +158,7 @@ async def _answer(stream: bool, run: Run, request: Request, chunk: ChunkFn,
     """SSE chunks when streaming, else one JSON body (``whole``) with usage and energy."""
     if stream:
         return StreamingResponse(_stream(run, chunk, recent), media_type="text/event-stream",
+                                 background=BackgroundTask(run.abandon),
                                  headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
     o = await finish(run, request)
     recent.add(run.call, o)

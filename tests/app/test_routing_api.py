@@ -194,3 +194,31 @@ def test_a_dead_lane_answers_503_and_fails_the_health_check(
     assert after.status_code == 503 and after.json()["error"]["type"] == "lane_failed"
     health = c.get("/health")
     assert health.status_code == 503 and health.json()["error"]["type"] == "lane_failed"
+
+
+def test_a_stream_abandoned_before_its_first_byte_stops_and_settles(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """The streaming response's background task (run when the client left before the body
+    started) cancels the generation and brings the in-flight gauge back to zero."""
+    from app.service import Budget, Call
+    from models.engine.base import GenerationParams
+
+    c = make_client()
+    service = c.app.state.service  # type: ignore[attr-defined]
+    params = GenerationParams(max_new_tokens=100, ignore_eos=True)
+
+    async def abandon() -> str:
+        run = service.open(Call("The json", params, Budget(60_000, 0.0), "/v1/generate",
+                                stream=True))
+        run.abandon()  # what StreamingResponse's background runs after an early disconnect
+        kind, payload = await run._handle.next()
+        while kind == "chunks":
+            kind, payload = await run._handle.next()
+        return kind if kind != "finished" else payload.finish_reason
+
+    outcome = c.portal.call(abandon)  # type: ignore[union-attr]
+    assert outcome in ("skipped", "cancelled")
+    text = c.get("/metrics").text
+    assert "greenroute_inflight_requests 0.0" in text
+    assert 'status="cancelled"' in text

@@ -404,3 +404,28 @@ def test_a_row_with_bad_logits_fails_alone(builder_engine: OrtEngine) -> None:
             assert_same_but_near_ties([c.token_id for c in chunks],
                                       *alone(builder_engine, builder_engine.encode(p), 12))
     assert ex.lane.failed is None
+
+
+def test_the_lane_enforces_the_request_timeout_itself(builder_engine: OrtEngine) -> None:
+    """Without anyone reading its events: a request past its timeout before it gets a row is
+    skipped, and a running one is stopped at the next step (its row freed)."""
+    ex = make_executor({"full": builder_engine})
+
+    async def main() -> tuple[str, str, int]:
+        late = request(builder_engine, PROMPTS[0], 40, timeout_at=time.perf_counter() - 1)
+        skipped = await collect(ex.submit(late))
+        running = ex.submit(request(builder_engine, PROMPTS[1], 80, stream=True))
+        kind, _ = await running.next()  # its first token: it holds a row
+        assert kind == "chunks"
+        running.request.timeout_at = time.perf_counter()  # now past due
+        chunks, fin, _ = await collect(running)
+        assert fin is not None
+        return skipped[2], fin.finish_reason, fin.completion_tokens
+
+    try:
+        skipped, reason, produced = asyncio.run(main())
+    finally:
+        ex.stop(10)
+    assert skipped == "skipped"
+    assert reason == "cancelled" and produced < 80
+    assert not ex.lane.batches["full"].running
