@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,6 +37,16 @@ from telemetry.metrics import Metrics
 from telemetry.sampler import DeviceSampler
 
 log = logging.getLogger("greenroute")
+
+
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\][^\s/\\:'\"]+)+[/\\]?")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with every absolute path cut to its last part (``…/ladder``): the reason
+    stays actionable and a caller of ``/ready`` learns nothing of the file system."""
+    return _PATH.sub(lambda m: "…/" + re.split(r"[/\\]", m.group().rstrip("/\\"))[-1],
+                     message)
 
 
 def resolve_device(requested: str) -> str:
@@ -155,8 +166,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.service = await asyncio.to_thread(build_service, state.settings,
                                                     state.registry)
         except Exception as err:  # reported by /ready; the process stays up to say so
-            state.load_error = str(err).splitlines()[0]
-            log.error("ladder failed to load: %s", state.load_error)
+            first = str(err).splitlines()[0]
+            log.error("ladder failed to load: %s", first)  # the whole reason, for operators
+            state.load_error = redact_paths(first)  # /ready is public: no file-system layout
 
     loader = asyncio.create_task(load())
     try:

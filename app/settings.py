@@ -127,3 +127,19 @@ class Settings(BaseSettings):
         if short:
             raise ValueError("every API key must be at least 16 characters long")
         return keys
+
+
+def open_binding_warning(host: str, settings: Settings) -> str | None:
+    """A warning when the service would listen beyond this machine with no API key (anyone
+    who reaches the address could use it); ``None`` on loopback or with keys set."""
+    import ipaddress
+
+    if settings.api_keys or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (f"listening on {host} with no API key: anyone who can reach this address can "
+            "generate (and spend energy); set GREENROUTE_API_KEYS, or bind 127.0.0.1")

@@ -34,7 +34,12 @@ def run(args: argparse.Namespace) -> int:
             return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
+    from app.settings import open_binding_warning
     from models.engine.ort import share_pool_if_uniform
+
+    warning = open_binding_warning(args.host, settings)
+    if warning:
+        logging.getLogger("greenroute").warning(warning)
 
     share_pool_if_uniform(settings.threads, settings.variant_threads.values())
     # uvicorn drains in-flight requests on SIGTERM, restores this handler and re-raises the

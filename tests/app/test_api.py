@@ -366,3 +366,35 @@ def test_an_oversized_stop_sequence_is_refused(strict: TestClient) -> None:
                  param="stop")
     assert strict.post("/v1/generate", json={"prompt": "x", "stop": ["s" * 256],
                                              "max_new_tokens": 2}).status_code == 200
+
+
+def test_ready_reports_a_load_failure_without_file_system_paths(tmp_path: Any) -> None:
+    from app.main import create_app
+
+    hidden = tmp_path / "secret-layout" / "ladder"
+    hidden.mkdir(parents=True)
+    with TestClient(create_app(Settings(ladder_dir=hidden))) as c:
+        import time
+
+        for _ in range(50):
+            resp = c.get("/ready")
+            if "build the ladder first" in resp.text:
+                break
+            time.sleep(0.05)
+        assert_error(resp, 503, "not_ready")
+        assert "secret-layout" not in resp.text and str(tmp_path) not in resp.text
+
+
+@pytest.mark.parametrize(("host", "keys", "warned"), [
+    ("127.0.0.1", [], False), ("::1", [], False), ("localhost", [], False),
+    ("0.0.0.0", [], True), ("10.1.2.3", [], True), ("example.internal", [], True),
+    ("0.0.0.0", ["a-key-of-sixteen-chars"], False),
+])
+def test_listening_beyond_loopback_without_keys_is_warned(host: str, keys: list[str],
+                                                          warned: bool) -> None:
+    from app.settings import open_binding_warning
+
+    warning = open_binding_warning(host, Settings(api_keys=keys))
+    assert (warning is not None) == warned
+    if warning:
+        assert "GREENROUTE_API_KEYS" in warning
