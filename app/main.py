@@ -89,6 +89,12 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
                         on_occupancy=lambda v, n: metrics.batch_size.labels(v).set(n),
                         on_speculation=metrics.speculated,
                         on_depth=metrics.queue_depth.labels(device).set)
+    try:
+        check_memory(executor, ladder, settings)
+    except RuntimeError:
+        executor.stop(0)
+        ladder.close()
+        raise
     log.info("ladder loaded from %s: %s (failed: %s) on %s; %s chat template",
              settings.ladder_dir, sorted(ladder.engines), ladder.failed or "none", device,
              chat_template.source)
@@ -101,6 +107,44 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
                                 chat_template, sampler)
     hooks["account"] = service.account
     return service
+
+
+CGROUP_MEMORY_MAX = Path("/sys/fs/cgroup/memory.max")
+WEIGHTS_RESIDENT = 1.5  # resident memory per byte of ONNX weights (arenas, prepacked copies:
+# the SmolLM2 ladder's 1.3 GB of graphs take ~1.8 GiB resident in the image)
+
+
+def memory_limit(settings: Settings, cgroup: Path = CGROUP_MEMORY_MAX) -> tuple[int, str]:
+    """The memory the service must fit in, and where that number came from."""
+    if settings.memory_limit_bytes:
+        return settings.memory_limit_bytes, "GREENROUTE_MEMORY_LIMIT_BYTES"
+    try:
+        text = cgroup.read_text().strip()
+        if text.isdigit():
+            return int(text), "the container's cgroup limit"
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
+
+
+def check_memory(executor: Executor, ladder: LoadedLadder, settings: Settings) -> None:
+    """Refuse to start when the worst case cannot fit: every variant's KV rows full (the
+    speculative rung's own rows included) plus the weights. KV pages are touched only as rows
+    fill, so without this a service starts fine and is OOM-killed under long requests."""
+    kv = {name: b.slots.kv_bytes for name, b in executor.lane.batches.items()}
+    weights = sum(v.bytes for v in ladder.manifest.variants.values()
+                  if v.name in ladder.engines and not v.speculative)
+    need = sum(kv.values()) + WEIGHTS_RESIDENT * weights
+    limit, source = memory_limit(settings)
+    if need > limit:
+        gib = 2**30
+        per = ", ".join(f"{n} {b / gib:.2f}" for n, b in kv.items() if b)
+        raise RuntimeError(
+            f"the worst case does not fit in memory: KV cache {sum(kv.values()) / gib:.1f} GiB "
+            f"({per}; {settings.max_batch} rows x {settings.max_seq_tokens} tokens each) + "
+            f"weights ~{WEIGHTS_RESIDENT * weights / gib:.1f} GiB > {limit / gib:.1f} GiB "
+            f"({source}); lower GREENROUTE_MAX_BATCH or GREENROUTE_MAX_SEQ_TOKENS, load fewer "
+            "variants (GREENROUTE_VARIANTS), or raise the limit")
 
 
 def load_chat_template(ladder_dir: Path) -> ChatTemplate:

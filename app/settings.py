@@ -59,6 +59,9 @@ class Settings(BaseSettings):
                                       "only while fewer rows than this run on the device "
                                       "(0: never); under load full's batch is cheaper")
     request_timeout_s: float = Field(120.0, gt=0)
+    memory_limit_bytes: int | None = Field(None, gt=0, description="memory the worst case "
+                                           "(every KV row full, plus the weights) must fit; "
+                                           "default: the cgroup's limit, else physical memory")
     shutdown_grace_s: float = Field(30.0, ge=0)
     recent_requests: int = Field(200, ge=1, le=10_000, description="finished requests kept "
                                  "in memory for GET /v1/requests/recent and the web page")

@@ -72,6 +72,11 @@ class Slots(ABC):
         self.work: list[int] = []  # tokens each row of the last step pushed through the device
         self.failed: dict[int, Exception] = {}  # rows whose sampling failed in the last step
 
+    @property
+    def kv_bytes(self) -> int:
+        """Memory its KV cache takes with every row full (0 where the engine keeps its own)."""
+        return 0
+
     @abstractmethod
     def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
         """Process a new sequence's prompt in ``row``; return its first generated token."""
@@ -128,6 +133,12 @@ class KVSlots(Slots):
         self._step_bindings: dict[int, ort.IOBinding] = {}
         self._row_bindings: dict[int, ort.IOBinding] = {}
         self._forward_bindings: dict[int, ort.IOBinding] = {}
+
+    @property
+    def kv_bytes(self) -> int:
+        """Every layer's K and V buffers with all rows at ``max_len`` (pages are touched only
+        as rows fill, so this is the worst case, not what is resident now)."""
+        return len(self._kv) * self.max_batch * self._row_bytes
 
     def _bind_kv(self, binding: ort.IOBinding, first_row: int, rows: int) -> None:
         shape = [rows, *self._row_shape]

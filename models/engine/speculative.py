@@ -66,6 +66,11 @@ class SpecSlots(Slots):
         self.drafted = 0  # counters since start: drafted tokens, and those the target kept
         self.accepted = 0
 
+    @property
+    def kv_bytes(self) -> int:
+        """Its own rows of both models (the sessions are shared; the KV is not)."""
+        return self.target.kv_bytes + self.draft.kv_bytes
+
     def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
         first = sampler(self.target.forward(row, prompt_ids)[-1])
         self.draft.forward(row, prompt_ids)

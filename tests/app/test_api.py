@@ -398,3 +398,24 @@ def test_listening_beyond_loopback_without_keys_is_warned(host: str, keys: list[
     assert (warning is not None) == warned
     if warning:
         assert "GREENROUTE_API_KEYS" in warning
+
+
+def test_a_worst_case_over_the_memory_limit_refuses_to_start(
+        make_client: Callable[..., TestClient], tiny_ladder: Any) -> None:
+    from app.main import create_app
+
+    fits = make_client(memory_limit_bytes=2**40)
+    kv = sum(b.slots.kv_bytes for b in fits.app.state.service.executor.lane.batches.values())  # type: ignore[attr-defined]
+    assert kv > 0
+    with TestClient(create_app(Settings(ladder_dir=tiny_ladder, threads=1,
+                                        memory_limit_bytes=kv // 2))) as c:
+        import time
+
+        for _ in range(200):
+            resp = c.get("/ready")
+            if "memory" in resp.text:
+                break
+            time.sleep(0.05)
+        err = assert_error(resp, 503, "not_ready")
+        assert "does not fit in memory" in err["message"]
+        assert "GREENROUTE_MAX_BATCH" in err["message"]

@@ -193,3 +193,13 @@ def test_generate_many_checks_every_prompt_before_decoding(engine: OrtEngine) ->
     too_long = list(range(1, engine.context_length))
     with pytest.raises(ContextOverflowError):
         generate_many(engine, [engine.encode("x"), too_long], params)
+
+
+def test_kv_bytes_is_the_worst_case_of_every_layers_k_and_v(tiny_ladder: Path) -> None:
+    from models.ladder import load_ladder
+
+    engine = load_ladder(tiny_ladder, threads=1, only=["full"], warmup=False).engines["full"]
+    slots = slots_for(engine, 3, 40)
+    e = engine
+    per_token = len(e._past_names) * e._kv_heads * e._head_dim * np.dtype(e._kv_dtype).itemsize  # type: ignore[attr-defined]
+    assert slots.kv_bytes == 3 * slots.max_len * per_token
