@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from models.engine.base import Engine, VariantLoadError
 from models.engine.ort import shares_kv_buffer
-from models.manifest import Manifest, VariantInfo
+from models.manifest import Manifest, VariantInfo, onnx_bytes
 
 # A rung decoding on one core spends about a third less CPU time per token than on two, for
 # 1.3-1.8x its latency (SmolLM2's ladder on a 2-core host: `greenroute bench threads`). The
@@ -94,6 +94,16 @@ def load_ladder(
             continue
         if variant.speculative is not None:
             _add_speculative(ladder, variant, device, threads, warmup, variant_threads or {})
+            continue
+        try:  # files changed since the build (a half-finished copy, another build's graph)
+            on_disk = onnx_bytes(ladder_dir / variant.dir, variant.file)
+        except OSError:
+            on_disk = -1
+        if on_disk != variant.bytes:
+            ladder.failed[variant.name] = (
+                f"{variant.dir}/{variant.file} holds {on_disk} bytes where the manifest says "
+                f"{variant.bytes}: rebuild the ladder (greenroute build --force)")
+            log.error("variant %s not loaded: %s", variant.name, ladder.failed[variant.name])
             continue
         chosen = runtime
         if runtime == "auto":

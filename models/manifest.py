@@ -138,3 +138,13 @@ class Manifest(BaseModel):
         """Variants in ladder order (full first), unknown names last."""
         rank = {n: i for i, n in enumerate(VARIANT_ORDER)}
         return sorted(self.variants.values(), key=lambda v: (rank.get(v.name, 99), v.name))
+
+
+def onnx_bytes(variant_dir: Path, onnx_file: str = "model.onnx") -> int:
+    """Bytes of the graph plus its external-data file, if any (what ``VariantInfo.bytes``
+    records at build time and a load checks)."""
+    total = (variant_dir / onnx_file).stat().st_size
+    data = variant_dir / f"{onnx_file}.data"
+    if data.exists():
+        total += data.stat().st_size
+    return total

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from models.manifest import onnx_bytes  # noqa: F401 (re-exported for the pipeline)
 from models.pipeline.source import BuildError
 
 ONNX_FILE = "model.onnx"
@@ -94,15 +95,6 @@ def exporters_for(checkpoint: Path, builder_python: str | None) -> list[str]:
                          "onnxruntime-genai's builder: pass --genai-builder PYTHON (make creates "
                          ".venv-builder)")
     return order
-
-
-def onnx_bytes(variant_dir: Path, onnx_file: str = ONNX_FILE) -> int:
-    """Bytes of the graph plus its external-data file, if any."""
-    total = (variant_dir / onnx_file).stat().st_size
-    data = variant_dir / f"{onnx_file}.data"
-    if data.exists():
-        total += data.stat().st_size
-    return total
 
 
 def export_decoder(checkpoint: Path, out_dir: Path, opset: int = 18) -> Path:

@@ -97,14 +97,19 @@ def _build_key(sources: dict[str, Any], config: dict[str, Any]) -> str:
 
 
 def is_up_to_date(out: Path, key: str) -> bool:
-    """True when ``out`` holds a manifest with ``key`` and every variant file is present."""
+    """True when ``out`` holds a manifest with ``key`` and every variant's files, at the sizes
+    it recorded."""
     try:
         manifest = Manifest.load(out)
     except (FileNotFoundError, ValueError):
         return False
     if manifest.build_key != key:
         return False
-    return all((out / v.dir / v.file).is_file() for v in manifest.variants.values())
+    try:  # every file there, at the size the build recorded
+        return all(onnx_bytes(out / v.dir, v.file) == v.bytes
+                   for v in manifest.variants.values() if v.speculative is None)
+    except OSError:
+        return False
 
 
 def _count_parameters(checkpoint: Path) -> int:
@@ -228,7 +233,11 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         log(f"ladder in {out} is up to date (build key {key[:12]}); nothing to do")
         return manifest, False
 
-    out.mkdir(parents=True, exist_ok=True)
+    # built beside its final place and renamed into it at the end: an interrupted build (or
+    # one for another model) never leaves a manifest beside files it does not describe
+    final, out = out, staging_dir(out)
+    shutil.rmtree(out, ignore_errors=True)  # what a killed build left
+    out.mkdir(parents=True)
     work = out / ".work"
     work.mkdir(exist_ok=True)
     if student_blocks:  # the student's own blocks + the teacher's shared embedding / head
@@ -428,9 +437,26 @@ def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
         manifest.speculative_choice = choose_speculative(out, manifest, opts.threads, log=log)
     manifest.save(out)
     shutil.rmtree(work, ignore_errors=True)
-    log(f"ladder written to {out} ({len(manifest.variants)} variants, runtime "
+    replace_dir(out, final)
+    log(f"ladder written to {final} ({len(manifest.variants)} variants, runtime "
         f"{manifest.runtime})")
     return manifest, True
+
+
+def staging_dir(out: Path) -> Path:
+    """Where a ladder for ``out`` is built: beside it (same file system, so a rename)."""
+    return out.parent / f".{out.name}.building"
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put ``new`` in ``final``'s place with renames: a reader sees the old ladder or the new
+    one, never a mix (for the instant between the two renames, none)."""
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _choose_runtime(out: Path, tokenizer: Tokenizer, context: int, eos: list[int],

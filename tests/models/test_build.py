@@ -258,3 +258,55 @@ def test_the_speculative_rung_is_full_with_the_races_costs(manifest: Manifest) -
     add_rung(m, "full", 4, 0.8, 1.5, 0.004, threads=2, candidates={})
     assert m.variants[SPECULATIVE].calibration.threads == 2  # type: ignore[union-attr]
 
+
+
+def test_a_variant_whose_size_changed_makes_the_ladder_stale_and_fails_to_load(
+        tiny_ladder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from models.ladder import load_ladder
+
+    copy = tmp_path / "ladder"
+    shutil.copytree(tiny_ladder, copy)
+    key = Manifest.load(copy).build_key
+    graph = copy / "int8" / "model.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")  # e.g. another build's graph half-copied
+    assert not is_up_to_date(copy, key)
+    loaded = load_ladder(copy, threads=1, only=["full", "int8"], warmup=False)
+    assert "full" in loaded.engines and "int8" not in loaded.engines
+    assert "rebuild the ladder" in loaded.failed["int8"]
+
+
+class InterruptedBuildError(Exception):
+    pass
+
+
+def test_an_interrupted_build_leaves_the_old_ladder_whole(
+        tiny_ladder: Path, random_llama: tuple[Path, Path], tiny_texts: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    """A build for another model killed after its export never mixes its files with the ladder
+    already there (no new graph beside the old manifest); the next build clears what it
+    left."""
+    import hashlib
+    import shutil
+
+    from models.pipeline.ladder import staging_dir
+
+    def files(root: Path) -> dict[Path, str]:
+        return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in root.rglob("*") if p.is_file()}
+
+    ladder = tmp_path / "ladder"
+    shutil.copytree(tiny_ladder, ladder)
+    before = files(ladder)
+    opts = tiny_build_options(random_llama[0], None, ladder, tiny_texts[1])
+
+    def killed(message: str) -> None:
+        if "exporters" in message:  # every graph of the new model has been written
+            raise InterruptedBuildError(message)
+
+    with pytest.raises(InterruptedBuildError):
+        build_ladder(opts, log=killed)
+    assert files(ladder) == before
+    assert is_up_to_date(ladder, Manifest.load(ladder).build_key)
+    assert (staging_dir(ladder) / "full").exists()  # its leftovers sit beside it, not in it
