@@ -95,15 +95,17 @@ def load_ladder(
         if variant.speculative is not None:
             _add_speculative(ladder, variant, device, threads, warmup, variant_threads or {})
             continue
+        where = f"{variant.dir}/{variant.file}"
         try:  # files changed since the build (a half-finished copy, another build's graph)
             on_disk = onnx_bytes(ladder_dir / variant.dir, variant.file)
-        except OSError:
-            on_disk = -1
-        if on_disk != variant.bytes:
-            ladder.failed[variant.name] = (
-                f"{variant.dir}/{variant.file} holds {on_disk} bytes where the manifest says "
-                f"{variant.bytes}: rebuild the ladder (greenroute build --force)")
-            log.error("variant %s not loaded: %s", variant.name, ladder.failed[variant.name])
+            changed = None if on_disk == variant.bytes else (
+                f"cannot load {where}: it holds {on_disk} bytes where the manifest says "
+                f"{variant.bytes}; rebuild the ladder (greenroute build --force)")
+        except FileNotFoundError:
+            changed = f"{where} not found; rebuild the ladder (greenroute build --force)"
+        if changed:
+            ladder.failed[variant.name] = changed
+            log.error("variant %s not loaded: %s", variant.name, changed)
             continue
         chosen = runtime
         if runtime == "auto":

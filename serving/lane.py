@@ -221,25 +221,40 @@ class Lane:
                         self._fail(b, row, RuntimeError("the lane failed"))
 
     def _schedule(self) -> None:
-        """Drop cancelled waiters; admit waiting requests into free rows (prefills)."""
+        """Drop cancelled or expired waiters; go on with prompts being prefilled, then admit
+        waiting requests into free rows. At most ``prefill_token_budget`` prompt tokens a turn
+        (a long prompt is prefilled in parts over several turns, where the variant's graph
+        allows, so running rows never wait for more than one part), at least one part."""
         budget = self.prefill_token_budget
-        admitted_any = False
+        first = True
         now = time.perf_counter()
         for b in self.batches.values():
+            for row, seq in list(b.running.items()):  # prompts part-way in, oldest first
+                if seq.ready:
+                    continue
+                if seq.request.expired(now):
+                    seq.end("cancelled", now)
+                    self._retire(b, row)
+                elif first or budget > 0:
+                    budget = self._prefill(b, seq, budget, first)
+                    first = False
             while b.waiting and b.waiting[0].request.expired(now):
                 self._dequeue(b).emit("skipped", None)
-            while b.waiting and b.free:
+            while b.waiting and b.free and (first or budget > 0):
                 seq = b.waiting[0]
                 if seq.request.expired(now):
                     self._dequeue(b).emit("skipped", None)
                     continue
-                prompt = len(seq.request.prompt_ids)
-                if admitted_any and prompt > budget:
-                    break
+                if not b.slots.chunked and not first and len(seq.request.prompt_ids) > budget:
+                    break  # a one-piece prefill waits for a turn of its own
                 self._dequeue(b)
-                self._prefill(b, seq)
-                admitted_any = True
-                budget -= prompt
+                row = b.take_row()
+                seq.row = row
+                b.running[row] = seq
+                self._on_occupancy(b.name, len(b.running))
+                seq.admitted = time.perf_counter()
+                budget = self._prefill(b, seq, budget, first)
+                first = False
 
     def _dequeue(self, b: Batch) -> Sequence:
         seq = b.waiting.popleft()
@@ -248,24 +263,36 @@ class Lane:
         self._on_depth(self._waiting)
         return seq
 
-    def _prefill(self, b: Batch, seq: Sequence) -> None:
-        row = b.take_row()
-        seq.row = row
-        b.running[row] = seq
-        self._on_occupancy(b.name, len(b.running))
+    def _prefill(self, b: Batch, seq: Sequence, budget: int, first: bool) -> int:
+        """Put the next part of ``seq``'s prompt in its row (the whole prompt where the slots
+        cannot take parts); the last part gives its first token. Returns the budget left."""
         prompt = seq.request.prompt_ids
-        seq.admitted = t0 = time.perf_counter()
+        start = seq.prefilled
+        if b.slots.chunked:
+            end = min(len(prompt), start + max(budget, 1 if first else 0))
+        else:
+            end = len(prompt)
+        t0 = time.perf_counter()
         try:
-            token = b.slots.prefill(row, prompt, seq.sampler)
+            if b.slots.chunked:
+                token = b.slots.prefill_part(seq.row, prompt[start:end], seq.sampler,
+                                             final=end == len(prompt))
+            else:
+                token = b.slots.prefill(seq.row, prompt, seq.sampler)
         except Exception as err:
-            self._fail(b, row, err)
-            return
+            self._fail(b, seq.row, err)
+            return budget - (end - start)
         now = time.perf_counter()
+        seq.prefilled = end
         self._ran = b.name
-        self.router.observe_prefill(b.name, len(prompt), 1000 * (now - t0))
-        self.ledger.record(seq.id, len(prompt))
+        self.router.observe_prefill(b.name, end - start, 1000 * (now - t0))
+        self.ledger.record(seq.id, end - start)
         self._variant_in_interval.add(b.name)
-        self._update(b, [seq], [[token]], now)
+        if token is not None:
+            self._update(b, [seq], [[token]], now)
+        else:
+            self._settle()
+        return budget - (end - start)
 
     def _next_batch(self) -> Batch | None:
         """Exact round-robin: the first busy variant after the one stepped last, in a fixed
@@ -274,7 +301,7 @@ class Lane:
         start = self._order.index(self._stepped) + 1 if self._stepped in self.batches else 0
         for i in range(n):
             b = self.batches[self._order[(start + i) % n]]
-            if b.running:
+            if any(seq.ready for seq in b.running.values()):  # not only prompts part-way in
                 return b
         return None
 
@@ -287,7 +314,9 @@ class Lane:
                 self._retire(b, row)
         if not b.running:
             return
-        rows = sorted(b.running)
+        rows = sorted(r for r, seq in b.running.items() if seq.ready)
+        if not rows:  # only prompts part-way in
+            return
         seqs = [b.running[r] for r in rows]
         t0 = time.perf_counter()
         try:

@@ -69,6 +69,7 @@ class Sequence:
         self.out = out
         self.emit = emit
         self.row = -1
+        self.prefilled = 0  # prompt tokens in its row so far (prefills may come in parts)
         self.last_token = -1
         self.admitted = 0.0
         self.first_token = 0.0
@@ -79,6 +80,11 @@ class Sequence:
     @property
     def id(self) -> str:
         return self.request.id
+
+    @property
+    def ready(self) -> bool:
+        """Its whole prompt is in its row: it takes part in steps."""
+        return self.prefilled >= len(self.request.prompt_ids)
 
     @property
     def remaining(self) -> int:

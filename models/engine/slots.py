@@ -62,6 +62,7 @@ class Slots(ABC):
 
     batched: bool  # whether one step runs its rows in one forward pass
     kind: str  # for /v1/variants and logs
+    chunked = False  # whether a prompt can be prefilled in parts (prefill_part)
 
     def __init__(self, engine: Engine, max_batch: int, max_len: int) -> None:
         if max_batch < 1 or max_len < 2:
@@ -80,6 +81,12 @@ class Slots(ABC):
     @abstractmethod
     def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
         """Process a new sequence's prompt in ``row``; return its first generated token."""
+
+    def prefill_part(self, row: int, token_ids: Sequence[int], sampler: Sampler,
+                     final: bool) -> int | None:
+        """Append the next part of a prompt to ``row``; on the ``final`` part return the first
+        generated token (only where :attr:`chunked`)."""
+        raise NotImplementedError(f"{type(self).__name__} prefills a prompt in one piece")
 
     @abstractmethod
     def step(self, rows: Sequence[int], tokens: Sequence[int],
@@ -103,6 +110,7 @@ class KVSlots(Slots):
 
     batched = True
     kind = "shared-kv-batch"
+    chunked = True
 
     def __init__(self, engine: OrtEngine, max_batch: int, max_len: int) -> None:
         if not engine.shared_kv:
@@ -226,6 +234,13 @@ class KVSlots(Slots):
         if self.lengths[row]:
             raise ValueError(f"row {row} is in use")
         return sampler(self.forward(row, prompt_ids)[-1])
+
+    def prefill_part(self, row: int, token_ids: Sequence[int], sampler: Sampler,
+                     final: bool) -> int | None:
+        # a step over a prefix that covers this row meanwhile writes one dummy position at
+        # its length, which this part's forward then overwrites
+        logits = self.forward(row, token_ids)
+        return sampler(logits[-1]) if final else None
 
     def step(self, rows: Sequence[int], tokens: Sequence[int],
              samplers: Sequence[Sampler]) -> list[int]:

@@ -429,3 +429,52 @@ def test_the_lane_enforces_the_request_timeout_itself(builder_engine: OrtEngine)
     assert skipped == "skipped"
     assert reason == "cancelled" and produced < 80
     assert not ex.lane.batches["full"].running
+
+
+class EventRouter(Router):
+    """The real router, keeping the order of the prefills and steps the lane reports."""
+
+    def __init__(self) -> None:
+        super().__init__({"full": 1.0}, {"full": CostModel(0.1, 1.0, 10.0)})
+        self.events: list[tuple[str, int]] = []
+
+    def observe_prefill(self, variant: str, prompt_tokens: int, ms: float) -> None:
+        self.events.append(("prefill", prompt_tokens))
+        super().observe_prefill(variant, prompt_tokens, ms)
+
+    def observe_step(self, variant: str, width: int, ms: float, switched: bool = False) -> None:
+        self.events.append(("step", width))
+        super().observe_step(variant, width, ms, switched)
+
+
+def test_a_long_prompt_is_prefilled_in_parts_between_the_running_rows_steps(
+        builder_engine: OrtEngine) -> None:
+    """With a budget of 8 prompt tokens a turn, a 60-token prompt goes in over 8 turns while
+    the running row keeps stepping in between, and its answer is what it is alone."""
+    router = EventRouter()
+    ex = Executor({"full": builder_engine}, ["full"], router, PowerMeter(), "cpu",
+                  ExecutorConfig(max_batch=4, max_seq_tokens=96, prefill_token_budget=8))
+    long_ids = (builder_engine.encode(" ".join(PROMPTS)) * 4)[:60]
+    params = GenerationParams(max_new_tokens=10, ignore_eos=True)
+
+    async def main() -> tuple[list[Chunk], Finished | None, str]:
+        running = ex.submit(request(builder_engine, PROMPTS[0], 80, stream=True))
+        await running.next()  # it holds a row and steps
+        router.events.clear()
+        result = await collect(ex.submit(Request(long_ids, params, "full")))
+        running.request.cancel.set()
+        await collect(running)
+        return result
+
+    try:
+        chunks, fin, _ = asyncio.run(main())
+    finally:
+        ex.stop(10)
+    parts = [n for kind, n in router.events if kind == "prefill"]
+    assert parts == [8] * 7 + [4]
+    parts_at = [i for i, (kind, _) in enumerate(router.events) if kind == "prefill"]
+    between = router.events[parts_at[0] : parts_at[-1]]
+    assert sum(kind == "step" for kind, _ in between) >= len(parts_at) - 1  # one a turn
+    assert fin is not None and fin.completion_tokens == 10
+    assert_same_but_near_ties([c.token_id for c in chunks],
+                              *alone(builder_engine, long_ids, 10))  # type: ignore[arg-type]
