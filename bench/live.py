@@ -21,14 +21,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_service(ladder: Path, env: dict[str, str],
-                 ready_timeout_s: float = 120.0) -> Iterator[httpx.Client]:
-    """A client bound to a freshly started service on a free loopback port."""
+def live_service(ladder: Path, env: dict[str, str], ready_timeout_s: float = 120.0,
+                 pids: list[int] | None = None) -> Iterator[httpx.Client]:
+    """A client bound to a freshly started service on a free loopback port (its process id
+    appended to ``pids`` when given)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
                              "--ladder", str(ladder), "--log-level", "warning"],
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    if pids is not None:
+        pids.append(proc.pid)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
     try:
         deadline = time.monotonic() + ready_timeout_s

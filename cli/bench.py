@@ -57,6 +57,13 @@ def _route(args: argparse.Namespace) -> int:
     return _emit(figures, report, args.json)
 
 
+def _soak(args: argparse.Namespace) -> int:
+    from bench.soak import report, run_soak
+
+    return _emit(run_soak(ladder_path(args), duration_s=args.duration, clients=args.clients,
+                          threads=args.threads), report, args.json)
+
+
 def _spec(args: argparse.Namespace) -> int:
     from bench.spec import report, run_bench
 
@@ -82,6 +89,7 @@ def _energy(args: argparse.Namespace) -> int:
 
 SUITES: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _models, "serve": _serve, "route": _route, "spec": _spec, "energy": _energy,
+    "soak": _soak,
     "threads": _threads}
 
 

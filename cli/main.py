@@ -86,6 +86,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--workload", default=None, help="JSON lines (default bench/workloads)")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", default=None)
+    b = bench.add_parser("soak", help="16 clients of mixed requests (streams, early "
+                                      "disconnects, bad bodies) for 10 minutes: errors, RSS, "
+                                      "in-flight gauge")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--duration", type=float, default=600.0, help="seconds")
+    b.add_argument("--clients", type=int, default=16)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--json", default=None)
     b = bench.add_parser("spec", help="the speculative rung vs full, side by side (batch 1)")
     b.add_argument("--ladder", default=None)
     b.add_argument("--draft", default=None, help="draft variant (default: the manifest's)")

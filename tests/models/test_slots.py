@@ -203,3 +203,30 @@ def test_kv_bytes_is_the_worst_case_of_every_layers_k_and_v(tiny_ladder: Path) -
     e = engine
     per_token = len(e._past_names) * e._kv_heads * e._head_dim * np.dtype(e._kv_dtype).itemsize  # type: ignore[attr-defined]
     assert slots.kv_bytes == 3 * slots.max_len * per_token
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_kv_sized_buffers_cost_memory_only_as_rows_fill() -> None:
+    """A KV buffer is sized for every row at full length; only what rows write may be
+    resident. After a large free, glibc serves callocs below 32 MB from its heap and zeroes
+    them (all resident): 25 MB per layer on SmolLM2 made the default ladder 9.5 GB at start."""
+    from models.engine.ort import aligned_zeros
+
+    big = np.ones(30 << 20, np.uint8)  # freed: glibc raises its mmap threshold to 30 MB
+    del big
+    used = [np.ones(20 << 20, np.uint8) for _ in range(10)]  # now from the heap
+    pin = np.ones(1 << 20, np.uint8)  # above them: their space is not trimmed when freed
+    del used  # free heap chunks, which a calloc of that size reuses (and must zero)
+    before = _rss_mb()
+    buffers = [aligned_zeros((5, 1 << 20), np.float32) for _ in range(10)]  # 20 MB each
+    assert _rss_mb() - before < 40  # 200 MB asked for
+    assert all(int(b.ctypes.data) % 64 == 0 and not b[-1].any() for b in buffers)
+    buffers[0][:] = 1.0
+    assert _rss_mb() - before >= 15  # written pages are real
+    del pin

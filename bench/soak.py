@@ -1,0 +1,115 @@
+"""``greenroute bench soak``: the service under sustained mixed load, to find leaks and faults.
+
+``clients`` closed-loop clients (default 16) for ``duration_s`` (default 10 minutes) against a
+live service on the ladder, each taking the chat workload's requests in a seeded random order
+and, per request: a JSON answer (60 %), a stream read to the end (20 %), a stream whose client
+leaves after the first event (15 %), or a malformed body (5 %, which must get a 4xx). Every
+10 s: the server process's resident memory and the in-flight gauge. Printed: answers by
+status (the target is no 5xx), RSS at warm-up (after the first minute) and at the end (target
+≤ 5 % growth), and the in-flight gauge once the clients have stopped (target 0).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import random
+import re
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.live import live_service
+from bench.route import WORKLOAD
+
+_INFLIGHT = re.compile(r"^greenroute_inflight_requests (\S+)$", re.M)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def inflight(c: httpx.Client) -> float:
+    m = _INFLIGHT.search(c.get("/metrics").text)
+    return float(m.group(1)) if m else -1.0
+
+
+def _one(c: httpx.Client, r: dict[str, Any], kind: str) -> int:
+    body = {"model": "auto", "messages": [{"role": "user", "content": r["prompt"]}],
+            "max_tokens": r["max_tokens"], "latency_budget_ms": r["latency_ms"],
+            "min_quality": r["min_quality"]}
+    if kind == "bad":
+        resp = c.post("/v1/chat/completions", content=b'{"model": "auto", "messages": [',
+                      headers={"content-type": "application/json"})
+        return resp.status_code
+    if kind == "json":
+        return c.post("/v1/chat/completions", json=body).status_code
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
+        for _ in resp.iter_lines():
+            if kind == "leave":
+                break  # closing the response drops the connection
+        return resp.status_code
+
+
+def run_soak(ladder: Path, duration_s: float = 600.0, clients: int = 16,
+             threads: int = 2) -> dict[str, Any]:
+    reqs = [json.loads(line) for line in WORKLOAD.read_text().splitlines() if line.strip()]
+    kinds = ["json"] * 12 + ["stream"] * 4 + ["leave"] * 3 + ["bad"]
+    pids: list[int] = []
+    statuses: Counter[str] = Counter()
+    lock = threading.Lock()
+    samples: list[dict[str, float]] = []
+    env = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "16"}
+    with live_service(ladder, env, pids=pids) as c:
+        pid, t0 = pids[0], time.monotonic()
+        stop = t0 + duration_s
+
+        def client(k: int) -> None:
+            rng = random.Random(k)
+            with httpx.Client(base_url=str(c.base_url), timeout=600) as mine:
+                while time.monotonic() < stop:
+                    kind = rng.choice(kinds)
+                    try:
+                        status = str(_one(mine, rng.choice(reqs), kind))
+                    except httpx.HTTPError as err:
+                        status = type(err).__name__
+                    with lock:
+                        statuses[f"{kind} {status}"] += 1
+
+        with cf.ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(client, k) for k in range(clients)]
+            while not all(f.done() for f in futures):
+                samples.append({"t_s": round(time.monotonic() - t0, 1),
+                                "rss_mb": rss_bytes(pid) / 2**20, "inflight": inflight(c)})
+                time.sleep(10)
+            for f in futures:
+                f.result()
+        time.sleep(2)  # the last abandoned streams' rows notice their cancellation
+        end_inflight = inflight(c)
+        end_rss = rss_bytes(pid) / 2**20
+    warm = next((s for s in samples if s["t_s"] >= 60), samples[0])
+    fivexx = sum(n for k, n in statuses.items() if k.split()[1].startswith("5"))
+    bad_ok = all(k.split()[1].startswith("4") for k in statuses if k.startswith("bad"))
+    return {"duration_s": duration_s, "clients": clients,
+            "statuses": dict(sorted(statuses.items())),
+            "5xx": fivexx, "malformed_all_4xx": bad_ok, "samples": samples,
+            "rss_warm_mb": warm["rss_mb"], "rss_end_mb": end_rss,
+            "rss_growth": end_rss / warm["rss_mb"] - 1, "inflight_end": end_inflight}
+
+
+def report(f: dict[str, Any]) -> str:
+    lines = [f"soak: {f['clients']} clients for {f['duration_s']:.0f} s",
+             f"  answers: {f['statuses']}",
+             f"  5xx: {f['5xx']} (target 0); malformed bodies all 4xx: {f['malformed_all_4xx']}",
+             f"  RSS: {f['rss_warm_mb']:.0f} MB after warm-up, {f['rss_end_mb']:.0f} MB at the end"
+             f" ({100 * f['rss_growth']:+.1f} %, target <= +5 %)",
+             f"  in-flight gauge after the clients stopped: {f['inflight_end']:g} (target 0)",
+             "  RSS MB over time: " + " ".join(f"{s['rss_mb']:.0f}" for s in f["samples"])]
+    return "\n".join(lines)
