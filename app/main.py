@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -200,6 +201,22 @@ def seed_costs(ladder: LoadedLadder, meter: EnergyMeter,
     return costs
 
 
+LANE_WATCH_S = 1.0  # how often the app looks at its lane
+
+
+async def watch_lane(service: GenerationService) -> None:
+    """When the device lane dies, end the process (a graceful SIGTERM: uvicorn drains and
+    exits) so that its supervisor starts a fresh one: compose's ``restart: unless-stopped``,
+    Kubernetes' restart policy. /health already answers 503 by then."""
+    lane = service.executor.lane
+    while lane.alive:
+        await asyncio.sleep(LANE_WATCH_S)
+    if lane.failed is not None:
+        log.critical("the %s lane died (%s): stopping the process for a restart",
+                     lane.device, lane.failed.cause)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
@@ -213,6 +230,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             first = str(err).splitlines()[0]
             log.error("ladder failed to load: %s", first)  # the whole reason, for operators
             state.load_error = redact_paths(first)  # /ready is public: no file-system layout
+            return
+        if state.settings.exit_on_lane_failure:
+            await watch_lane(state.service)
 
     loader = asyncio.create_task(load())
     try:

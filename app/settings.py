@@ -59,6 +59,9 @@ class Settings(BaseSettings):
                                       "only while fewer rows than this run on the device "
                                       "(0: never); under load full's batch is cheaper")
     request_timeout_s: float = Field(120.0, gt=0)
+    exit_on_lane_failure: bool = Field(True, description="end the process (SIGTERM to itself) "
+                                       "when the device lane dies, for its supervisor to "
+                                       "restart it")
     memory_limit_bytes: int | None = Field(None, gt=0, description="memory the worst case "
                                            "(every KV row full, plus the weights) must fit; "
                                            "default: the cgroup's limit, else physical memory")

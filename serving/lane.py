@@ -153,6 +153,11 @@ class Lane:
             self._cv.notify()
         self._on_depth(self._waiting)
 
+    @property
+    def alive(self) -> bool:
+        """The lane thread runs (false once stopped, or dead: see :attr:`failed`)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout_s: float) -> bool:
         """Take nothing new; let running and waiting requests finish (up to ``timeout_s``)."""
         with self._cv:

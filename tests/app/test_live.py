@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import openai
@@ -157,3 +158,20 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(
     assert result["r"].status_code == 200
     assert result["r"].json()["finish_reason"] in ("length", "stop")  # ran to its end
     assert server.proc.wait(30) == 0
+
+
+def test_a_dead_lane_ends_the_process_for_its_supervisor_to_restart(
+        live_server: Callable[..., LiveServer], tmp_path: Path) -> None:
+    """The hardware boundary fails under a running service (its RAPL counter turns
+    unreadable): the request in flight gets 503 ``lane_failed``, and the process stops itself
+    cleanly (exit 0 after draining) so that compose or Kubernetes starts a fresh one."""
+    from tests.telemetry.fakes import make_powercap
+
+    root = make_powercap(tmp_path / "powercap", {0: 1_000_000})
+    server = live_server(energy_meter="rapl", rapl_root=str(root))
+    assert server.http.get("/health").status_code == 200
+    (root / "intel-rapl:0" / "energy_uj").write_text("not a number\n")
+    resp = server.http.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 4})
+    assert resp.status_code == 503 and resp.json()["error"]["type"] == "lane_failed"
+    assert server.proc.wait(60) == 0
+    assert "lane died" in server.output()

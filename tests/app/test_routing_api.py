@@ -185,7 +185,7 @@ class BrokenMeter(EnergyMeter):
 def test_a_dead_lane_answers_503_and_fails_the_health_check(
     make_client: Callable[..., TestClient],
 ) -> None:
-    c = make_client()
+    c = make_client(exit_on_lane_failure=False)  # (this process is pytest: no SIGTERM)
     assert c.get("/health").status_code == 200
     c.app.state.service.executor.lane.ledger.meter = BrokenMeter()  # type: ignore[attr-defined]
     first = c.post("/v1/generate", json={"prompt": "x", "max_new_tokens": 4})
