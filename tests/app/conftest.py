@@ -32,6 +32,17 @@ def wait_ready(get: Callable[[str], Any], timeout_s: float = 60.0) -> None:
     raise TimeoutError("service did not become ready")
 
 
+def wait_ready_says(get: Callable[[str], Any], text: str, timeout_s: float = 60.0) -> Any:
+    """Poll ``/ready`` until its answer mentions ``text`` (a load that fails in the background);
+    the last answer either way."""
+    deadline = time.monotonic() + timeout_s
+    resp = get("/ready")
+    while text not in resp.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+        resp = get("/ready")
+    return resp
+
+
 @pytest.fixture(scope="module")
 def make_client(tiny_ladder: Path) -> Iterator[Callable[..., TestClient]]:
     """``make_client(**settings)`` → a started TestClient on the tiny ladder (or the

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.settings import Settings
 from models.manifest import Manifest
+from tests.app.conftest import wait_ready_says
 
 VARIANTS = {"full", "int8", "distilled", "distilled-int8"}  # always built; int4 when it earns it
 
@@ -304,13 +305,7 @@ def test_not_ready_until_the_ladder_loads(tmp_path: Any) -> None:
     from app.main import create_app
 
     with TestClient(create_app(Settings(ladder_dir=tmp_path))) as c:
-        import time
-
-        for _ in range(50):
-            resp = c.get("/ready")
-            if "build the ladder first" in resp.text:
-                break
-            time.sleep(0.05)
+        resp = wait_ready_says(c.get, "build the ladder first")
         assert_error(resp, 503, "not_ready")
         assert "build the ladder first" in resp.json()["error"]["message"]
         assert c.get("/health").status_code == 200
@@ -374,13 +369,7 @@ def test_ready_reports_a_load_failure_without_file_system_paths(tmp_path: Any) -
     hidden = tmp_path / "secret-layout" / "ladder"
     hidden.mkdir(parents=True)
     with TestClient(create_app(Settings(ladder_dir=hidden))) as c:
-        import time
-
-        for _ in range(50):
-            resp = c.get("/ready")
-            if "build the ladder first" in resp.text:
-                break
-            time.sleep(0.05)
+        resp = wait_ready_says(c.get, "build the ladder first")
         assert_error(resp, 503, "not_ready")
         assert "secret-layout" not in resp.text and str(tmp_path) not in resp.text
 
@@ -409,13 +398,7 @@ def test_a_worst_case_over_the_memory_limit_refuses_to_start(
     assert kv > 0
     with TestClient(create_app(Settings(ladder_dir=tiny_ladder, threads=1,
                                         memory_limit_bytes=kv // 2))) as c:
-        import time
-
-        for _ in range(200):
-            resp = c.get("/ready")
-            if "memory" in resp.text:
-                break
-            time.sleep(0.05)
+        resp = wait_ready_says(c.get, "memory")
         err = assert_error(resp, 503, "not_ready")
         assert "does not fit in memory" in err["message"]
         assert "GREENROUTE_MAX_BATCH" in err["message"]

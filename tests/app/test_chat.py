@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, processors
 
 from app.settings import Settings
+from tests.app.conftest import wait_ready_says
 from tests.app.test_api import assert_error
 
 BOS = "<|endoftext|>"  # the tiny tokenizer's only special token (id 0)
@@ -149,12 +150,6 @@ def test_broken_template_fails_start_up_with_a_clear_reason(tmp_path: Path) -> N
 
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}", encoding="utf-8")
     with TestClient(create_app(Settings(ladder_dir=tmp_path))) as c:
-        import time
-
-        for _ in range(50):
-            resp = c.get("/ready")
-            if "chat template" in resp.text:
-                break
-            time.sleep(0.05)
+        resp = wait_ready_says(c.get, "chat template")
         err = assert_error(resp, 503, "not_ready")
         assert "checkpoint chat template" in err["message"]
