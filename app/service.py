@@ -245,10 +245,16 @@ class Run:
         if self._started:
             return
         self._started = True
-        self.call.cancel.set()
+        self._settle("cancelled")
+
+    def _settle(self, status: str) -> None:
+        """The call is over: stop decoding unless it finished, count it, drop it from the
+        in-flight gauge."""
+        if status != "ok":
+            self.call.cancel.set()  # stop decoding: nobody will read further tokens
         metrics = self.service.metrics
         metrics.inflight.dec()
-        metrics.requests.labels(self.call.endpoint, self.route.variant, "cancelled").inc()
+        metrics.requests.labels(self.call.endpoint, self.route.variant, status).inc()
 
     async def events(self) -> AsyncIterator[Chunk | Outcome]:
         """Chunks as produced, then one :class:`Outcome`. Raises :class:`ApiError`: 504 on
@@ -303,10 +309,7 @@ class Run:
             status = "cancelled"
             raise
         finally:
-            if status != "ok":
-                call.cancel.set()  # stop decoding: nobody will read further tokens
-            metrics.inflight.dec()
-            metrics.requests.labels(call.endpoint, route.variant, status).inc()
+            self._settle(status)
 
     async def outcome(self) -> Outcome | None:
         """Run to the end; ``None`` if the call was cancelled before it started."""

@@ -273,17 +273,12 @@ class Lane:
         cannot take parts); the last part gives its first token. Returns the budget left."""
         prompt = seq.request.prompt_ids
         start = seq.prefilled
-        if b.slots.chunked:
-            end = min(len(prompt), start + max(budget, 1 if first else 0))
-        else:
-            end = len(prompt)
+        end = (min(len(prompt), start + max(budget, 1 if first else 0)) if b.slots.chunked
+               else len(prompt))
         t0 = time.perf_counter()
         try:
-            if b.slots.chunked:
-                token = b.slots.prefill_part(seq.row, prompt[start:end], seq.sampler,
-                                             final=end == len(prompt))
-            else:
-                token = b.slots.prefill(seq.row, prompt, seq.sampler)
+            token = b.slots.prefill_part(seq.row, prompt[start:end], seq.sampler,
+                                         final=end == len(prompt))
         except Exception as err:
             self._fail(b, seq.row, err)
             return budget - (end - start)

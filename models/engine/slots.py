@@ -85,8 +85,11 @@ class Slots(ABC):
     def prefill_part(self, row: int, token_ids: Sequence[int], sampler: Sampler,
                      final: bool) -> int | None:
         """Append the next part of a prompt to ``row``; on the ``final`` part return the first
-        generated token (only where :attr:`chunked`)."""
-        raise NotImplementedError(f"{type(self).__name__} prefills a prompt in one piece")
+        generated token. Slots that are not :attr:`chunked` take the whole prompt as one final
+        part."""
+        if not final:
+            raise NotImplementedError(f"{type(self).__name__} prefills a prompt in one piece")
+        return self.prefill(row, token_ids, sampler)
 
     @abstractmethod
     def step(self, rows: Sequence[int], tokens: Sequence[int],
