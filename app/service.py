@@ -138,6 +138,12 @@ class GenerationService:
                 busy - counted)
             self._busy_counted = busy
 
+    def refresh_memory_metrics(self) -> None:
+        """Each variant's KV cache: what it may take and what its rows have written."""
+        for name, b in self.executor.lane.batches.items():
+            self.metrics.kv_capacity.labels(name).set(b.slots.kv_bytes)
+            self.metrics.kv_written.labels(name).set(b.slots.kv_written_bytes)
+
     # -- routing ----------------------------------------------------------------------------
     def known(self, name: str) -> bool:
         return name in self.ladder.manifest.variants

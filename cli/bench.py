@@ -61,7 +61,7 @@ def _soak(args: argparse.Namespace) -> int:
     from bench.soak import report, run_soak
 
     return _emit(run_soak(ladder_path(args), duration_s=args.duration, clients=args.clients,
-                          threads=args.threads), report, args.json)
+                          threads=args.threads, warmup_s=args.warmup), report, args.json)
 
 
 def _spec(args: argparse.Namespace) -> int:

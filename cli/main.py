@@ -90,7 +90,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                       "disconnects, bad bodies) for 10 minutes: errors, RSS, "
                                       "in-flight gauge")
     b.add_argument("--ladder", default=None)
-    b.add_argument("--duration", type=float, default=600.0, help="seconds")
+    b.add_argument("--duration", type=float, default=600.0, help="measured seconds")
+    b.add_argument("--warmup", type=float, default=180.0,
+                   help="seconds of the same load before the measured period")
     b.add_argument("--clients", type=int, default=16)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", default=None)

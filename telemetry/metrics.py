@@ -82,6 +82,13 @@ class Metrics:
                                      "model kept", ["variant"], registry=registry)
         self.inflight = Gauge(f"{p}inflight_requests", "Requests being served",
                               registry=registry)
+        self.kv_capacity = Gauge(f"{p}kv_capacity_bytes", "KV cache memory each variant's rows "
+                                 "may take, every row full (checked at start-up)", ["variant"],
+                                 registry=registry)
+        self.kv_written = Gauge(f"{p}kv_written_bytes", "KV cache memory each variant's rows "
+                                "have written since start (resident: grows while rows reach new "
+                                "lengths, bounded by kv_capacity_bytes)", ["variant"],
+                                registry=registry)
         self.quality = Gauge(f"{p}variant_quality", "Measured quality (ppl_full / ppl_variant)",
                              ["variant"], registry=registry)
         variants = list(variants)

@@ -53,8 +53,9 @@ async def metrics(request: Request) -> Response:
     """The service's metrics (names and labels: ARCHITECTURE.md, "Metrics")."""
     registry = request.app.state.registry
     service = getattr(request.app.state, "service", None)
-    if service is not None:  # energy counters current at the scrape, not a period ago
+    if service is not None:  # counters current at the scrape, not a period ago
         service.refresh_energy_metrics()
+        service.refresh_memory_metrics()
     if "application/openmetrics-text" in request.headers.get("accept", ""):
         return Response(generate_openmetrics(registry), media_type=OPENMETRICS_CONTENT_TYPE)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -30,7 +30,7 @@ CONTRACT_FAMILIES = {
     "device_busy_energy_joules": "counter",
     "route_decisions": "counter", "queue_depth": "gauge", "inflight_requests": "gauge",
     "batch_size": "gauge", "spec_draft_tokens": "counter", "spec_accepted_tokens": "counter",
-    "variant_quality": "gauge",
+    "variant_quality": "gauge", "kv_capacity_bytes": "gauge", "kv_written_bytes": "gauge",
 }
 # In the contract but not registered by this version of the service (telemetry/metrics.py):
 # reported, not failed, while they are missing.

@@ -78,6 +78,12 @@ class Slots(ABC):
         """Memory its KV cache takes with every row full (0 where the engine keeps its own)."""
         return 0
 
+    @property
+    def kv_written_bytes(self) -> int:
+        """KV memory rows have written since start: with lazily-backed buffers, about what is
+        resident (0 where the engine keeps its own)."""
+        return 0
+
     @abstractmethod
     def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
         """Process a new sequence's prompt in ``row``; return its first generated token."""
@@ -139,6 +145,7 @@ class KVSlots(Slots):
         self.mask = aligned_zeros((b, length), np.int64)
         self.mask[:, 0] = 1
         self.lengths = np.zeros(b, dtype=np.int64)  # tokens whose K/V a row holds
+        self._high = np.zeros(b, dtype=np.int64)  # the most each row held before a release
         self._ids = aligned_zeros((b, 1), np.int64)
         self._logits = aligned_zeros((b, 1, e._vocab), e._logits_dtype)
         self._step_bindings: dict[int, ort.IOBinding] = {}
@@ -150,6 +157,15 @@ class KVSlots(Slots):
         """Every layer's K and V buffers with all rows at ``max_len`` (pages are touched only
         as rows fill, so this is the worst case, not what is resident now)."""
         return len(self._kv) * self.max_batch * self._row_bytes
+
+    @property
+    def kv_written_bytes(self) -> int:
+        """Positions each row has ever held, in bytes over every layer: the pages of the
+        lazily-backed buffers that are resident (to a page per head). It grows while rows
+        first reach new lengths and is bounded by ``kv_bytes``. Read at scrape time, off the
+        hot path (a release or truncation records its row's length)."""
+        positions = int(np.maximum(self._high, self.lengths).sum())
+        return len(self._kv) * positions * (self._row_bytes // self.max_len)
 
     def _bind_kv(self, binding: ort.IOBinding, first_row: int, rows: int) -> None:
         shape = [rows, *self._row_shape]
@@ -230,6 +246,7 @@ class KVSlots(Slots):
         """Roll ``row`` back to its first ``length`` tokens (later K/V is overwritten later)."""
         if not 1 <= length <= self.lengths[row]:
             raise ValueError(f"cannot truncate row {row} of {self.lengths[row]} to {length}")
+        self._high[row] = max(self._high[row], self.lengths[row])
         self.mask[row, length:] = 0
         self.lengths[row] = length
 
@@ -275,6 +292,7 @@ class KVSlots(Slots):
         return out
 
     def release(self, row: int) -> None:
+        self._high[row] = max(self._high[row], self.lengths[row])
         self.mask[row] = 0
         self.mask[row, 0] = 1
         self.lengths[row] = 0

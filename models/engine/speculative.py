@@ -71,6 +71,10 @@ class SpecSlots(Slots):
         """Its own rows of both models (the sessions are shared; the KV is not)."""
         return self.target.kv_bytes + self.draft.kv_bytes
 
+    @property
+    def kv_written_bytes(self) -> int:
+        return self.target.kv_written_bytes + self.draft.kv_written_bytes
+
     def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
         first = sampler(self.target.forward(row, prompt_ids)[-1])
         self.draft.forward(row, prompt_ids)

@@ -248,6 +248,9 @@ def test_metrics_count_requests_and_energy(make_client: Callable[..., TestClient
     for name in ("greenroute_time_to_first_token_seconds_count",
                  "greenroute_time_per_output_token_seconds_count"):
         assert sample(text, name, variant="int8") == 0
+    assert sample(text, "greenroute_kv_written_bytes", variant="int8") == 0
+    capacity = sample(text, "greenroute_kv_capacity_bytes", variant="int8")
+    assert capacity > 0
     assert sample(text, "greenroute_route_decisions_total", variant="int8", reason="pinned") == 0
     assert sample(text, "greenroute_route_decisions_total", variant="none",
                   reason="rejected") == 0
@@ -255,6 +258,8 @@ def test_metrics_count_requests_and_energy(make_client: Callable[..., TestClient
     c.post("/v1/generate", json={"prompt": "x", "variant": "nope"})
     text = c.get("/metrics").text
     assert sample(text, "greenroute_route_decisions_total", variant="int8", reason="pinned") == 1
+    # the request's prompt and its tokens were written to a row, and stay resident
+    assert 0 < sample(text, "greenroute_kv_written_bytes", variant="int8") < capacity
     for name in ("greenroute_time_to_first_token_seconds",
                  "greenroute_time_per_output_token_seconds"):
         assert sample(text, f"{name}_count", variant="int8") == 1

@@ -205,6 +205,30 @@ def test_kv_bytes_is_the_worst_case_of_every_layers_k_and_v(tiny_ladder: Path) -
     assert slots.kv_bytes == 3 * slots.max_len * per_token
 
 
+def test_kv_written_bytes_keep_each_rows_longest_reach(tiny_ladder: Path) -> None:
+    """The resident part of the KV buffers is every row's longest length so far: a release
+    or a rollback does not give pages back, and a row reused for a shorter prompt adds none."""
+    from models.ladder import load_ladder
+
+    engine = load_ladder(tiny_ladder, threads=1, only=["full"], warmup=False).engines["full"]
+    slots = slots_for(engine, 3, 40)
+    per_token = slots.kv_bytes // (3 * slots.max_len)
+    greedy = Sampler(GenerationParams(max_new_tokens=8, temperature=0.0))
+    assert slots.kv_written_bytes == 0
+    t0 = slots.prefill(0, [5, 6, 7, 8], greedy)
+    t1 = slots.prefill(1, [9], greedy)
+    slots.step([0, 1], [t0, t1], [greedy, greedy])
+    assert slots.kv_written_bytes == (5 + 2) * per_token
+    slots.release(0)  # row 0 reached 5
+    assert slots.kv_written_bytes == (5 + 2) * per_token
+    slots.prefill(0, [9], greedy)  # shorter than before: no new pages
+    assert slots.kv_written_bytes == (5 + 2) * per_token
+    slots.forward(1, [t1, t1, t1, t1, t1])  # row 1 reaches 7, then rolls back to 3
+    slots.truncate(1, 3)
+    assert slots.kv_written_bytes == (5 + 7) * per_token
+    assert slots.kv_written_bytes <= slots.kv_bytes
+
+
 def _rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
