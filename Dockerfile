@@ -30,7 +30,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore \
     TOKENIZERS_PARALLELISM=false
 
-# ---- the greenroute wheel (without the student's training weights, models/default, 28 MB) and
+# ---- the greenroute wheel (serving code only: no build side, models/build, no student weights,
+# models/default, 28 MB, no benchmarks, bench/; `greenroute build` and `bench` say so) and
 # the runtime requirements; requirements first, so that a source change keeps their layer ----
 FROM base AS wheel
 WORKDIR /src
@@ -53,7 +54,7 @@ COPY telemetry/ telemetry/
 # The optional secret `ca`: a CA bundle for pip where TLS is intercepted (never in a layer).
 RUN --mount=type=secret,id=ca \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
-    && rm -rf models/default \
+    && rm -rf models/default models/build bench \
     && pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- build: install the build extra (torch's CPU wheel) and build the default ladder --------
@@ -75,7 +76,7 @@ RUN --mount=type=secret,id=ca \
     && pip install -r /tmp/requirements-build.txt
 # onnxruntime-genai's model builder (fused Llama graphs) needs transformers 5.x while optimum
 # needs < 4.58: its own environment, called by `greenroute build --genai-builder`.
-COPY models/pipeline/genai-builder-requirements.txt /tmp/genai-builder-requirements.txt
+COPY models/build/pipeline/genai-builder-requirements.txt /tmp/genai-builder-requirements.txt
 RUN --mount=type=secret,id=ca \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
     && if [ -n "${TORCH_FIND_LINKS}" ]; then export PIP_FIND_LINKS="${TORCH_FIND_LINKS}"; fi \

@@ -25,7 +25,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 # onnxruntime-genai's model builder (fused Llama graphs) needs transformers 5.x, optimum-onnx
 # needs < 4.58: the builder gets its own environment, used by `greenroute build` as a subprocess.
 BUILDER_VENV ?= .venv-builder
-BUILDER_REQ := models/pipeline/genai-builder-requirements.txt
+BUILDER_REQ := models/build/pipeline/genai-builder-requirements.txt
 export GREENROUTE_GENAI_BUILDER ?= $(abspath $(BUILDER_VENV))/bin/python
 
 $(BUILDER_VENV)/.installed: $(BUILDER_REQ)

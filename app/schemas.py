@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from models.engine.base import FinishReason
+from models.runtime.engine.base import FinishReason
 
 
 def _integral(value: Any) -> Any:

@@ -19,11 +19,10 @@ from typing import Any
 
 from app.errors import ApiError
 from app.settings import Settings
-from models.chat import ChatTemplate
-from models.engine.base import Chunk, ContextOverflowError, FinishReason, GenerationParams
-from models.ladder import LoadedLadder
-from routing.policy import Budget as PolicyBudget
-from routing.policy import InfeasibleError
+from models.runtime.chat import ChatTemplate
+from models.runtime.engine.base import Chunk, ContextOverflowError, FinishReason, GenerationParams
+from models.runtime.ladder import LoadedLadder
+from routing.policy import Budget, InfeasibleError
 from routing.router import Router
 from serving.errors import (
     LaneFailedError,
@@ -32,8 +31,9 @@ from serving.errors import (
     UnknownVariantError,
     VariantUnavailableError,
 )
+from serving.events import Chunks, Failed, Finished, Skipped
 from serving.executor import Executor, Handle
-from serving.sequence import Finished, Request, Sequence
+from serving.sequence import Request
 from telemetry.base import EnergyMeter, EnergyReading
 from telemetry.carbon import grams_co2e
 from telemetry.metrics import Metrics
@@ -42,28 +42,27 @@ from telemetry.sampler import DeviceSampler
 
 log = logging.getLogger("greenroute.requests")
 
-@dataclass(frozen=True)
-class Budget:
-    """A request's budget, server defaults filled in."""
-
-    latency_ms: float
-    min_quality: float
-    max_joules: float | None = None
-
-
 @dataclass
 class Call:
-    """One validated generation request."""
+    """One validated generation request, as the HTTP layer hands it over; :meth:`request` is
+    the one place it becomes the executor's :class:`Request`."""
 
     prompt: str
     params: GenerationParams
-    budget: Budget
+    budget: Budget  # server defaults filled in
     endpoint: str
     variant: str | None = None  # pinned variant; None means auto
     stream: bool = False  # deliver chunks as produced (else all at once: no per-token wake-ups)
     cancel: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def request(self, prompt_ids: list[int], variant: str, timeout_s: float) -> Request:
+        """What the executor runs: its tokens on the routed ``variant``, sharing this call's
+        id, arrival time and cancellation event."""
+        return Request(prompt_ids, self.params, variant, self.budget.max_joules, self.stream,
+                       self.cancel, self.arrived, self.id, self.budget.latency_ms,
+                       self.arrived + timeout_s)
 
 
 @dataclass(frozen=True)
@@ -108,10 +107,11 @@ class GenerationService:
 
     def __init__(self, ladder: LoadedLadder, executor: Executor, meter: EnergyMeter,
                  metrics: Metrics, settings: Settings, device: str, router: Router,
-                 chat_template: ChatTemplate, sampler: DeviceSampler | None = None) -> None:
+                 chat_template: ChatTemplate, power: PowerWindow,
+                 sampler: DeviceSampler | None = None) -> None:
         self.router = router
         self.sampler = sampler  # keeps the device power/energy series current
-        self.power = PowerWindow(settings.power_window_s)
+        self.power = power  # recent measured power (the observer adds each request's joules)
         self.ladder = ladder
         self.chat_template = chat_template  # renders /v1/chat/completions messages
         self.executor = executor
@@ -153,10 +153,8 @@ class GenerationService:
         return cap is not None and self.power.watts() > cap
 
     def route(self, call: Call, prompt_tokens: int) -> Route:
-        budget = PolicyBudget(call.budget.latency_ms, call.budget.min_quality,
-                              call.budget.max_joules)
         try:
-            d = self.executor.route(budget, prompt_tokens, call.params.max_new_tokens,
+            d = self.executor.route(call.budget, prompt_tokens, call.params.max_new_tokens,
                                     call.variant, self.power_capped())
         except UnknownVariantError as err:
             raise ApiError(404, "model_not_found", str(err), "variant") from err
@@ -188,10 +186,7 @@ class GenerationService:
         if not prompt_ids:
             raise ApiError(422, "invalid_request_error", "prompt encodes to no tokens", "prompt")
         route = self.route(call, len(prompt_ids))
-        request = Request(prompt_ids, call.params, route.variant, call.budget.max_joules,
-                          call.stream, call.cancel, call.arrived, call.id,
-                          call.budget.latency_ms,
-                          call.arrived + self.settings.request_timeout_s)
+        request = call.request(prompt_ids, route.variant, self.settings.request_timeout_s)
         try:
             handle = self.executor.submit(request)
         except ContextOverflowError as err:
@@ -206,30 +201,6 @@ class GenerationService:
             raise ApiError(503, "lane_failed", str(err)) from err
         self.metrics.inflight.inc()
         return Run(self, call, route, len(prompt_ids), handle)
-
-    def account(self, seq: Sequence, f: Finished) -> None:
-        """Per-request cost metrics, the router's power window and the log line, recorded in
-        the lane thread when a request ends (even when its caller has gone away or the engine
-        failed). The request id rides on the histograms as an exemplar (never as a label)."""
-        m = self.metrics
-        variant, request_id, reading = seq.request.variant, seq.id, f.energy
-        exemplar = {"request_id": request_id}
-        if f.steps:
-            m.ttft.labels(variant).observe(f.first_token - seq.request.arrived, exemplar)
-        if f.steps > 1:
-            m.tpot.labels(variant).observe((f.last_token - f.first_token) / (f.steps - 1),
-                                           exemplar)
-        m.energy.labels(variant).observe(reading.joules, exemplar)
-        m.power.labels(variant).observe(reading.avg_watts, exemplar)
-        m.energy_total.labels(variant).inc(reading.joules)
-        m.prompt_tokens.labels(variant).inc(f.prompt_tokens)
-        m.generated_tokens.labels(variant).inc(f.completion_tokens)
-        self.power.add(reading.joules)
-        log.info("request %s variant=%s prompt_tokens=%d generated=%d finish=%s joules=%.4f "
-                 "watts=%.2f seconds=%.3f source=%s device=%s%s", request_id, variant,
-                 f.prompt_tokens, f.completion_tokens, f.finish_reason, reading.joules,
-                 reading.avg_watts, reading.seconds, reading.source, reading.device,
-                 f" ({reading.note})" if reading.note else "")
 
 
 class Run:
@@ -279,28 +250,28 @@ class Run:
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        kind, payload = await self._handle.next()
+                        event = await self._handle.next()
                 except TimeoutError:
                     status = "timeout"
                     raise ApiError(504, "timeout", "generation ran past the request timeout "
                                    f"of {timeout_s:g} s") from None
-                if kind == "chunks":
-                    for chunk in payload:
+                if isinstance(event, Chunks):
+                    for chunk in event.chunks:
                         parts.append(chunk.text)
                         yield chunk
-                elif kind == "skipped":
+                elif isinstance(event, Skipped):
                     status = "cancelled"
                     return
-                elif kind == "error" and isinstance(payload, LaneFailedError):
+                elif isinstance(event, Failed) and isinstance(event.error, LaneFailedError):
                     status = "error"
-                    raise ApiError(503, "lane_failed", str(payload)) from payload
-                elif kind == "error":  # the engine failed: logged here, never shown
+                    raise ApiError(503, "lane_failed", str(event.error)) from event.error
+                elif isinstance(event, Failed):  # the engine failed: logged, never shown
                     log.error("request %s failed on variant %s", call.id, route.variant,
-                              exc_info=payload)
+                              exc_info=event.error)
                     raise ApiError(500, "internal_error", "generation failed; see the server "
-                                   f"log (request {call.id})") from payload
-                else:  # "finished"
-                    f: Finished = payload
+                                   f"log (request {call.id})") from event.error
+                else:
+                    f: Finished = event
                     status = "cancelled" if f.finish_reason == "cancelled" else "ok"
                     now = time.perf_counter()
                     metrics.duration.labels(route.variant).observe(

@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.ladder import CHEAP_RUNGS_ON_ONE_CORE
-from models.manifest import default_ladder_dir
+from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE
+from models.runtime.manifest import default_ladder_dir
 
 
 class Settings(BaseSettings):

@@ -57,8 +57,8 @@ def window_cost_us(meter: EnergyMeter, windows: int = 2000, batches: int = 9) ->
 
 
 def _request_ms(ladder: Path, variant: str, threads: int, runs: int = 9) -> float | None:
-    from models.engine.base import GenerationParams
-    from models.ladder import load_ladder
+    from models.runtime.engine.base import GenerationParams
+    from models.runtime.ladder import load_ladder
 
     try:
         engine = load_ladder(ladder, threads=threads, only=[variant]).engines[variant]
@@ -76,8 +76,8 @@ def _request_ms(ladder: Path, variant: str, threads: int, runs: int = 9) -> floa
 
 def agreement(ladder: Path, runs: int, threads: int) -> dict[str, Any]:
     """Counter vs integrated samples over the same generations (needs a counter GPU)."""
-    from models.engine.base import GenerationParams
-    from models.ladder import load_ladder
+    from models.runtime.engine.base import GenerationParams
+    from models.runtime.ladder import load_ladder
 
     try:
         counter = NvmlMeter(mode="counter", counter_period_s=0.0)

@@ -12,7 +12,7 @@ alternates their runs, so that each pair of runs shares the host's spell of nois
 shared 2-core machine this was written on, separate subprocesses minutes apart moved the ratio
 between 0.72 and 1.2 on one graph). The figure is the median of the per-pair ratios. Both get
 a pool of ``threads`` of their own; ours with the service's policy for such a pool (see
-:func:`models.engine.ort.session_options`).
+:func:`models.runtime.engine.ort.session_options`).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ SETTLE_S = 0.05
 def _prompt_ids(ladder: Path, prompt_tokens: int) -> list[int]:
     from tokenizers import Tokenizer
 
-    from models.manifest import Manifest
-    from models.pipeline.ladder import DEFAULT_HELDOUT
+    from models.build.pipeline.options import DEFAULT_HELDOUT
+    from models.runtime.manifest import Manifest
 
     tok = Tokenizer.from_file(str(ladder / Manifest.load(ladder).tokenizer))
     ids = tok.encode(DEFAULT_HELDOUT.read_text(encoding="utf-8")[:4000],
@@ -87,7 +87,7 @@ def _paired_timing(engines: dict[str, Any], prompt: list[int], runs: int,
                    new_tokens: int) -> dict[str, Any]:
     """Batch-1 timing of two engines taking turns run by run (the order alternates); per
     engine the medians, plus each run's decode-rate ratio of the first engine to the second."""
-    from models.engine.base import GenerationParams
+    from models.runtime.engine.base import GenerationParams
 
     one = GenerationParams(max_new_tokens=1, ignore_eos=True)
     full = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -123,22 +123,22 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     n, batch, runs = args.new_tokens, args.batch, args.runs
     prompts = [prompt] * batch
     if kind == "peer":  # ours and onnxruntime-genai's Generator on one graph, paired
-        from models.ladder import load_ladder
+        from models.runtime.ladder import load_ladder
 
         pair = {runtime: load_ladder(ladder, threads=args.threads, runtime=runtime,
                                      only=[variant]).engines[variant]
                 for runtime in ("onnxruntime", "onnxruntime-genai")}
         return _paired_timing(pair, prompt, runs, n)
     if kind in ("ours", "ours-optimum-graph", "genai"):  # our engines, one timing path
-        from models.engine.base import GenerationParams
-        from models.ladder import load_ladder
+        from models.runtime.engine.base import GenerationParams
+        from models.runtime.ladder import load_ladder
 
         eng: Any
         if kind == "ours-optimum-graph":  # our loop on optimum's export of the same weights
             from tokenizers import Tokenizer
 
-            from models.engine.ort import OrtEngine
-            from models.manifest import Manifest
+            from models.runtime.engine.ort import OrtEngine
+            from models.runtime.manifest import Manifest
 
             m = Manifest.load(ladder)
             eng = OrtEngine(Path(args.optimum_dir) / "model.onnx",
@@ -186,7 +186,7 @@ def run_bench(ladder: Path, teacher: Path | None, runs: int = 5, new_tokens: int
               threads: int = 2, baselines: bool = True, rounds: int = 3,
               long_prompt: int = 256) -> dict[str, Any]:
     """Run every engine × batch size in turn (one subprocess each); return all figures."""
-    from models.manifest import Manifest
+    from models.runtime.manifest import Manifest
 
     manifest = Manifest.load(ladder)
     jobs: list[tuple[str, int]] = []
@@ -206,7 +206,7 @@ def run_bench(ladder: Path, teacher: Path | None, runs: int = 5, new_tokens: int
         # optimum's baseline needs optimum's own export of the same weights
         if teacher is None:
             raise ValueError("the optimum baseline needs the teacher checkpoint")
-        from models.pipeline.export import export_decoder
+        from models.build.pipeline.export import export_decoder
 
         optimum_dir = ladder / ".bench" / "optimum-full"
         if not (optimum_dir / "model.onnx").is_file():

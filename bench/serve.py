@@ -111,9 +111,9 @@ def sampling_cost(url: str, variants: list[str], new_tokens: int,
 def run_bench(ladder: Path, variant: str = "full", new_tokens: int = 64, repeats: int = 3,
               threads: int = 2, concurrency: tuple[int, ...] = (1, 4, 8, 16),
               requests_per_client: int = 4, sampling_rounds: int = 5) -> dict[str, Any]:
-    from models.engine.base import GenerationParams
-    from models.ladder import load_ladder
-    from models.manifest import Manifest
+    from models.runtime.engine.base import GenerationParams
+    from models.runtime.ladder import load_ladder
+    from models.runtime.manifest import Manifest
 
     env = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64",
            "GREENROUTE_VARIANTS": variant}

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.chat import ChatTemplate
-from models.engine.base import Engine, GenerationParams
-from models.engine.ort import OrtEngine, share_pool_if_uniform
-from models.engine.speculative import SpeculativeEngine
-from models.ladder import CHEAP_RUNGS_ON_ONE_CORE, load_ladder
-from models.manifest import SPECULATIVE, Manifest
-from models.pipeline.speculative import QUESTIONS
+from models.build.pipeline.speculative import QUESTIONS
+from models.runtime.chat import ChatTemplate
+from models.runtime.engine.base import Engine, GenerationParams
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.session import share_pool_if_uniform
+from models.runtime.engine.speculative import SpeculativeEngine
+from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE, load_ladder
+from models.runtime.manifest import SPECULATIVE, Manifest
 from telemetry.factory import MeterConfig, create_meter
 
 EXTRA_QUESTIONS = ("What is the capital of France? Answer in one sentence.",)

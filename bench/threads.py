@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.engine.base import GenerationParams
-from models.engine.ort import OrtEngine
-from models.engine.slots import KVSlots, Sampler
-from models.ladder import load_ladder
-from models.manifest import Manifest
+from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.slots import KVSlots, Sampler
+from models.runtime.ladder import load_ladder
+from models.runtime.manifest import Manifest
 from telemetry.factory import MeterConfig, create_meter
 
 

@@ -23,8 +23,8 @@ def _emit(figures: dict[str, Any], report: Callable[[dict[str, Any]], str],
 
 def _models(args: argparse.Namespace) -> int:
     from bench.models import report, run_bench
-    from models.pipeline.ladder import DEFAULT_TEACHER
-    from models.pipeline.source import resolve_checkpoint
+    from models.build.pipeline.options import DEFAULT_TEACHER
+    from models.build.pipeline.source import resolve_checkpoint
 
     teacher = resolve_checkpoint(args.teacher or DEFAULT_TEACHER)
     figures = run_bench(ladder_path(args), teacher,

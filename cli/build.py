@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from models.manifest import default_ladder_dir
-from models.pipeline.export import default_genai_builder
-from models.pipeline.ladder import BuildOptions, build_ladder
-from models.pipeline.source import BuildError
+from models.build.errors import BuildError
+from models.build.pipeline.export import default_genai_builder
+from models.build.pipeline.ladder import BuildOptions, build_ladder
+from models.runtime.manifest import default_ladder_dir
 
 
 def options(args: argparse.Namespace) -> BuildOptions:

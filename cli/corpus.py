@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.train.corpus import write_corpus
+from models.build.train.corpus import write_corpus
 
 
 def run(args: argparse.Namespace) -> int:

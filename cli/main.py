@@ -15,13 +15,13 @@ from pathlib import Path
 
 def ladder_path(args: argparse.Namespace) -> Path:
     """``--ladder``, else the default ladder directory (``GREENROUTE_LADDER_DIR`` or cache)."""
-    from models.manifest import default_ladder_dir
+    from models.runtime.manifest import default_ladder_dir
 
     return Path(args.ladder) if args.ladder else default_ladder_dir()
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
-    # Defaults that live in the build pipeline (models.pipeline) are resolved by cli.build, so
+    # Defaults that live in the build pipeline (models.build.pipeline) are resolved by cli.build, so
     # that building this parser does not import it.
     p = sub.add_parser("build", help="build the ladder (full, int8, distilled, distilled-int8)")
     p.add_argument("--model", default=None,
@@ -157,10 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BUILD_SIDE = ("models.build", "bench")  # left out of the runtime image's wheel (Dockerfile)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = importlib.import_module(args.module)
-    return int(command.run(args))
+    try:  # a subcommand imports what it needs when it runs
+        return int(importlib.import_module(args.module).run(args))
+    except ModuleNotFoundError as err:
+        if not any((err.name or "").startswith(side) for side in BUILD_SIDE):
+            raise
+        print(f"greenroute {args.command}: this installation has no build or benchmark code "
+              f"({err.name}): the runtime image carries what serving needs; run it from a "
+              "checkout (`make run`) or the full package", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
     from app.settings import open_binding_warning
-    from models.engine.ort import share_pool_if_uniform
+    from models.runtime.engine.session import share_pool_if_uniform
 
     warning = open_binding_warning(args.host, settings)
     if warning:

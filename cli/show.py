@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from cli.main import ladder_path
-from models.manifest import Manifest
+from models.runtime.manifest import Manifest
 
 
 def run(args: argparse.Namespace) -> int:

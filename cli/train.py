@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from models.train.train import train
+from models.build.train.train import train
 
 
 def run(args: argparse.Namespace) -> int:

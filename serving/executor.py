@@ -8,17 +8,20 @@ domain errors of :mod:`serving.errors` (and the router's and engine's) for ``app
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from models.engine.base import ContextOverflowError, Engine, OutputStream
-from models.engine.slots import slots_for
+from models.runtime.engine.base import ContextOverflowError, Engine, OutputStream
+from models.runtime.engine.slots import slots_for
 from routing.policy import Budget, Decision
 from routing.router import Load, Router
+from serving.batch import Batch
 from serving.errors import UnknownVariantError, VariantUnavailableError
-from serving.lane import Batch, Lane
-from serving.sequence import Finished, Request, Sequence
+from serving.events import Chunks, Event
+from serving.lane import Lane
+from serving.observer import LaneObserver
+from serving.sequence import Request, Sequence
 from telemetry.base import EnergyMeter
 
 
@@ -32,26 +35,26 @@ class ExecutorConfig:
 
 
 class Handle:
-    """A submitted request's event stream (see :mod:`serving.sequence` for the events)."""
+    """A submitted request's event stream (the events: :mod:`serving.events`)."""
 
     def __init__(self, request: Request) -> None:
         self.request = request
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
 
-    def emit(self, kind: str, payload: Any) -> None:
+    def emit(self, event: Event) -> None:
         """Deliver an event from the lane thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, payload))
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
-    async def next(self) -> tuple[str, Any]:
+    async def next(self) -> Event:
         return await self._queue.get()
 
-    async def events(self) -> AsyncIterator[tuple[str, Any]]:
-        """Until ``finished``, ``skipped`` or ``error`` (inclusive)."""
+    async def events(self) -> AsyncIterator[Event]:
+        """Until its last event (anything but :class:`Chunks`), inclusive."""
         while True:
-            kind, payload = await self._queue.get()
-            yield kind, payload
-            if kind != "chunks":
+            event = await self._queue.get()
+            yield event
+            if not isinstance(event, Chunks):
                 return
 
 
@@ -60,10 +63,7 @@ class Executor:
 
     def __init__(self, engines: Mapping[str, Engine], known: list[str], router: Router,
                  meter: EnergyMeter, device: str, config: ExecutorConfig | None = None,
-                 on_finished: Callable[[Sequence, Finished], None] | None = None,
-                 on_occupancy: Callable[[str, int], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None,
-                 on_speculation: Callable[[str, int, int], None] | None = None) -> None:
+                 observer: LaneObserver | None = None) -> None:
         self.config = config = config or ExecutorConfig()
         self.engines = dict(engines)
         self.known = list(known)
@@ -74,8 +74,7 @@ class Executor:
         self.lane = Lane(device, batches, meter, router, config.queue_size,
                          ledger_interval_s=config.ledger_interval_s,
                          prefill_token_budget=config.prefill_token_budget,
-                         on_finished=on_finished, on_occupancy=on_occupancy, on_depth=on_depth,
-                         on_speculation=on_speculation)
+                         observer=observer)
 
     # -- before submitting --------------------------------------------------------------------
     def batching(self) -> dict[str, str]:
@@ -90,12 +89,11 @@ class Executor:
         for name, b in self.lane.batches.items():
             s: dict[str, Any] = {"batching": b.slots.kind, "max_batch": b.slots.max_batch,
                                  "running": len(b.running), "waiting": len(b.waiting)}
-            threads = getattr(self.engines[name], "threads", None)
+            threads = self.engines[name].threads
             if threads is not None:  # its sessions' intra-op threads (0: draft and target differ)
                 s["threads"] = threads
-            drafted = getattr(b.slots, "drafted", None)
-            if drafted is not None:
-                accepted = b.slots.accepted  # type: ignore[attr-defined]
+            if b.slots.speculation is not None:
+                drafted, accepted = b.slots.speculation
                 s.update(drafted=drafted, accepted=accepted,
                          acceptance_rate=accepted / drafted if drafted else None)
             out[name] = s

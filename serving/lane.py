@@ -1,20 +1,14 @@
 """A device lane: one thread that runs every variant's continuous batch on one device.
 
-The loop keeps three verbs apart (as vLLM's scheduler, TGI's batching task and llama.cpp's
-server slots do):
-
-* **schedule** — drop cancelled waiters; admit waiting requests into free rows of their
-  variant's batch (each admission is one prefill; at most ``prefill_token_budget`` prompt
-  tokens per turn, at least one request, so running rows are not stalled for long); pick the
-  next variant to step, round-robin over the variants with running rows;
-* **execute** — one forward over that variant's rows (``Slots.step``);
-* **update** — hand each row its token, settle energy in the ledger, retire finished, cancelled
-  and over-cap rows (freeing their rows at once), and feed step times to the router.
-
-Fairness between variants: round-robin by step, so each busy variant gets one step per turn
-and a request's time per token is its own step plus one step of every other busy variant
-(the router predicts exactly that). Within a variant, waiting requests are admitted first come
-first served.
+The loop keeps three verbs apart, as vLLM's scheduler, TGI's batching task and llama.cpp's
+server slots do: **schedule** (drop cancelled or expired waiters; prefill waiting requests into
+free rows, at most ``prefill_token_budget`` prompt tokens a turn, a long prompt in parts where
+the slots allow, so running rows are never stalled for long), **execute** (one forward over the
+next variant's rows, in exact round-robin: each busy variant gets one step per turn, which the
+router's timeline predicts), **update** (hand each row its token, settle energy in the ledger,
+retire finished, cancelled and over-cap rows at once, feed step times to the router). Within a
+variant, waiting requests are admitted first come, first served. Each request hears of itself
+through its events (:mod:`serving.events`); the app through one :class:`LaneObserver`.
 """
 
 from __future__ import annotations
@@ -23,37 +17,19 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from models.engine.slots import Slots
 from routing.router import Load, Router
+from serving.batch import Batch
 from serving.errors import LaneFailedError, QueueFullError, ShuttingDownError
-from serving.sequence import Finished, Sequence
-from telemetry.base import EnergyMeter, EnergyReading
+from serving.events import Failed, Finished, Skipped
+from serving.load import cycle_ms, predict_load, wait_ms
+from serving.observer import LaneObserver
+from serving.sequence import Sequence
+from telemetry.base import EnergyMeter
 from telemetry.ledger import EnergyLedger
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """One variant's continuous batch: its slots, running rows and waiting requests."""
-
-    name: str
-    slots: Slots
-    running: dict[int, Sequence] = field(default_factory=dict)  # row → sequence
-    waiting: deque[Sequence] = field(default_factory=deque)
-    free: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.free = list(range(self.slots.max_batch - 1, -1, -1))  # pop() gives the lowest
-
-    def take_row(self) -> int:
-        # lowest free row first: the step's prefix of rows stays short
-        self.free.sort(reverse=True)
-        return self.free.pop()
 
 
 class Lane:
@@ -61,11 +37,7 @@ class Lane:
 
     def __init__(self, device: str, batches: dict[str, Batch], meter: EnergyMeter,
                  router: Router, queue_size: int, *, ledger_interval_s: float = 0.0,
-                 prefill_token_budget: int = 512,
-                 on_finished: Callable[[Sequence, Finished], None] | None = None,
-                 on_occupancy: Callable[[str, int], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None,
-                 on_speculation: Callable[[str, int, int], None] | None = None) -> None:
+                 prefill_token_budget: int = 512, observer: LaneObserver | None = None) -> None:
         self.device = device
         self.batches = batches
         self.meter = meter
@@ -73,10 +45,7 @@ class Lane:
         self.queue_size = queue_size
         self.ledger = EnergyLedger(meter, ledger_interval_s)
         self.prefill_token_budget = prefill_token_budget
-        self._on_finished = on_finished or (lambda _s, _f: None)
-        self._on_occupancy = on_occupancy or (lambda _v, _n: None)
-        self._on_depth = on_depth or (lambda _d: None)
-        self._on_speculation = on_speculation or (lambda _v, _d, _a: None)
+        self.observer = observer or LaneObserver()
         self._speculated: dict[str, tuple[int, int]] = {}  # reported (drafted, accepted)
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -90,49 +59,14 @@ class Lane:
         self._thread = threading.Thread(target=self._loop, name=f"lane-{device}", daemon=True)
         self._thread.start()
 
-    # -- called from the event loop ------------------------------------------------------------
     @property
     def depth(self) -> int:
         """Requests waiting for a row."""
         return self._waiting
 
     def load(self) -> dict[str, Load]:
-        """Each variant's rows for the router: running ones and those submitted (they will be
-        in the batch by the time a new request joins it), each with its tokens left and the
-        ms left to its latency budget, plus the predicted wait for a free row (approximate:
-        read without stopping the loop)."""
-        now = time.perf_counter()
-        pending: dict[str, list[Sequence]] = {}
-        for s in list(self._inbox):
-            pending.setdefault(s.request.variant, []).append(s)
-        out = {}
-        for name, b in self.batches.items():
-            running = list(b.running.values())
-            waiting = list(b.waiting) + pending.get(name, [])
-            if not running and not waiting:
-                continue
-            seqs = running + waiting
-            rows = list(b.running)
-            holes = max(rows) + 1 - len(rows) if rows else 0
-            out[name] = Load(tuple(max(0, s.remaining) for s in seqs),
-                             tuple(s.request.slack_ms(now) for s in seqs),
-                             self._wait_ms(b, len(waiting)),
-                             max(0, holes - len(waiting)) if b.slots.batched else 0)
-        return out
-
-    def _cycle_ms(self) -> float:
-        """One round-robin turn: a step of every busy variant."""
-        return sum(self.router.step_ms(n, len(b.running)) for n, b in self.batches.items()
-                   if b.running)
-
-    def _wait_ms(self, b: Batch, waiting: int) -> float:
-        """Predicted wait for a row of ``b`` behind ``waiting`` others."""
-        free = b.slots.max_batch - len(b.running)
-        if waiting < free:
-            return 0.0
-        remaining = sorted(s.remaining for s in list(b.running.values())) or [0]
-        ahead = waiting - free
-        return remaining[min(ahead, len(remaining) - 1)] * self._cycle_ms()
+        """Each variant's rows for the router (see :func:`serving.load.predict_load`)."""
+        return predict_load(self.batches, list(self._inbox), self.router, time.perf_counter())
 
     def submit(self, seq: Sequence) -> None:
         """Queue ``seq`` for a row of its variant, or raise :class:`QueueFullError` at once."""
@@ -146,12 +80,12 @@ class Lane:
                                         if s.request.variant == b.name)
             has_row = mine < b.slots.max_batch - len(b.running)
             if not has_row and self._waiting >= self.queue_size:
-                wait_s = self._wait_ms(b, mine) / 1000.0
+                wait_s = wait_ms(b, mine, cycle_ms(self.batches, self.router)) / 1000.0
                 raise QueueFullError(self.device, max(1, math.ceil(wait_s)))
             self._inbox.append(seq)
             self._waiting += 1
             self._cv.notify()
-        self._on_depth(self._waiting)
+        self._report(self.observer.queue_depth, self._waiting)
 
     @property
     def alive(self) -> bool:
@@ -195,10 +129,10 @@ class Lane:
         for seq in held:
             try:
                 seq.flush(time.perf_counter())
-                seq.emit("error", failure)
+                seq.emit(Failed(failure))
             except Exception:  # noqa: BLE001 (one consumer's failure must not keep others)
                 log.exception("could not fail request %s", seq.id)
-        self._on_depth(0)
+        self._report(self.observer.queue_depth, 0)
 
     def _run(self) -> None:
         while True:
@@ -244,11 +178,11 @@ class Lane:
                     budget = self._prefill(b, seq, budget, first)
                     first = False
             while b.waiting and b.waiting[0].request.expired(now):
-                self._dequeue(b).emit("skipped", None)
+                self._dequeue(b).emit(Skipped())
             while b.waiting and b.free and (first or budget > 0):
                 seq = b.waiting[0]
                 if seq.request.expired(now):
-                    self._dequeue(b).emit("skipped", None)
+                    self._dequeue(b).emit(Skipped())
                     continue
                 if not b.slots.chunked and not first and len(seq.request.prompt_ids) > budget:
                     break  # a one-piece prefill waits for a turn of its own
@@ -256,7 +190,7 @@ class Lane:
                 row = b.take_row()
                 seq.row = row
                 b.running[row] = seq
-                self._on_occupancy(b.name, len(b.running))
+                self._report(self.observer.batch_size, b.name, len(b.running))
                 seq.admitted = time.perf_counter()
                 budget = self._prefill(b, seq, budget, first)
                 first = False
@@ -265,7 +199,7 @@ class Lane:
         seq = b.waiting.popleft()
         with self._cv:
             self._waiting -= 1
-        self._on_depth(self._waiting)
+        self._report(self.observer.queue_depth, self._waiting)
         return seq
 
     def _prefill(self, b: Batch, seq: Sequence, budget: int, first: bool) -> int:
@@ -349,11 +283,10 @@ class Lane:
         self._ran = self._stepped = b.name
         for seq, done in zip(seqs, work, strict=True):
             self.ledger.record(seq.id, done)
-        drafted = getattr(b.slots, "drafted", None)
-        if drafted is not None:  # a speculative rung: report its new counts
-            accepted = b.slots.accepted  # type: ignore[attr-defined]
+        if b.slots.speculation is not None:  # a speculative rung: report its new counts
+            drafted, accepted = b.slots.speculation
             d0, a0 = self._speculated.get(b.name, (0, 0))
-            self._on_speculation(b.name, drafted - d0, accepted - a0)
+            self._report(self.observer.speculated, b.name, drafted - d0, accepted - a0)
             self._speculated[b.name] = (drafted, accepted)
         self._variant_in_interval.add(b.name)
         self._update(b, seqs, tokens, now)
@@ -388,39 +321,30 @@ class Lane:
     def _retire(self, b: Batch, row: int) -> None:
         """Free the row at once; report the sequence's energy and timing."""
         seq, finished = self._release(b, row)
-        seq.emit("finished", finished)
+        seq.emit(finished)
 
     def _fail(self, b: Batch, row: int, err: Exception) -> None:
         """The runtime failed on this row: its tokens so far, then the error (its cost is
         still accounted)."""
         seq, _ = self._release(b, row)
         seq.flush(time.perf_counter())
-        seq.emit("error", err)
+        seq.emit(Failed(err))
 
     def _release(self, b: Batch, row: int) -> tuple[Sequence, Finished]:
         seq = b.running.pop(row)
         b.slots.release(row)
         b.free.append(row)
-        self._on_occupancy(b.name, len(b.running))
-        now = time.perf_counter()
-        seconds = now - seq.admitted
-        joules = self.ledger.take(seq.id)
-        m = self.meter
-        reading = EnergyReading(joules, seconds, m.source, m.device, m.estimated,
-                                _note(m, joules, seconds))
-        out = seq.out
-        finished = Finished(out.finish_reason or "length", len(seq.request.prompt_ids),
-                            out.produced, out.index + 1, reading, seq.admitted, seq.first_token,
-                            seq.last_time)
-        try:
-            self._on_finished(seq, finished)
-        except Exception:  # metrics must not break serving
-            log.exception("finish hook failed for request %s", seq.id)
+        self._report(self.observer.batch_size, b.name, len(b.running))
+        seconds = time.perf_counter() - seq.admitted
+        finished = seq.finished(self.ledger.reading(seq.id, seconds))
+        self._report(self.observer.request_finished, seq.request, finished)
         return seq, finished
 
+    @staticmethod
+    def _report(method: Callable[..., None], *args: object) -> None:
+        """Tell the observer; its failure is logged, never allowed to stop serving."""
+        try:
+            method(*args)
+        except Exception:  # noqa: BLE001 (metrics must not break serving)
+            log.exception("lane observer failed in %s", method.__name__)
 
-def _note(meter: EnergyMeter, joules: float, seconds: float) -> str:
-    """How a request's number came about: the ledger share, and the meter's own note."""
-    own = meter.note(joules, seconds)
-    share = "ledger share of the device's energy, split by tokens among the rows of each step"
-    return f"{share}; {own}" if own else share

@@ -6,12 +6,11 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from models.engine.base import Chunk, FinishReason, GenerationParams, OutputStream
-from models.engine.slots import Sampler
+from models.runtime.engine.base import Chunk, FinishReason, GenerationParams, OutputStream
+from models.runtime.engine.slots import Sampler
+from serving.events import Chunks, Emit, Finished
 from telemetry.base import EnergyReading
 
 STREAM_FLUSH_S = 0.005  # streamed tokens are delivered in batches at most this often (seconds)
@@ -39,25 +38,6 @@ class Request:
     def slack_ms(self, now: float) -> float:
         """Milliseconds left to its latency budget at ``now`` (``inf``: none)."""
         return self.latency_ms - 1000 * (now - self.arrived)
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The end of a request that ran: its cost and timing (``perf_counter`` seconds)."""
-
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int  # generated tokens other than EOS
-    steps: int  # generated tokens, EOS included: the denominator of time per token
-    energy: EnergyReading  # its ledger share: joules over its seconds in the lane
-    admitted: float  # when it got a row (its prefill started)
-    first_token: float  # 0.0 when none
-    last_token: float
-
-
-# What a request's consumer receives, in order: ("chunks", list[Chunk])*, then one of
-# ("finished", Finished), ("skipped", None) (cancelled while waiting) or ("error", Exception)
-Emit = Callable[[str, Any], None]
 
 
 class Sequence:
@@ -114,5 +94,12 @@ class Sequence:
 
     def flush(self, now: float) -> None:
         if self._held:
-            self.emit("chunks", self._held)
+            self.emit(Chunks(self._held))
             self._held, self._flushed = [], now
+
+    def finished(self, energy: EnergyReading) -> Finished:
+        """Its end as the lane reports it, with its ledger share ``energy``."""
+        out = self.out
+        return Finished(out.finish_reason or "length", len(self.request.prompt_ids),
+                        out.produced, out.index + 1, energy, self.admitted, self.first_token,
+                        self.last_time)

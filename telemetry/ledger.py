@@ -23,7 +23,9 @@ import time
 from collections.abc import Hashable
 
 from telemetry.attribution import split_by_tokens
-from telemetry.base import EnergyMeter
+from telemetry.base import EnergyMeter, EnergyReading
+
+SHARE_NOTE = "ledger share of the device's energy, split by tokens among the rows of each step"
 
 
 class EnergyLedger:
@@ -105,3 +107,12 @@ class EnergyLedger:
         credit = self._pending.pop(key, 0) * self.j_per_token
         self._credited += credit
         return self._joules.pop(key, 0.0) + credit
+
+    def reading(self, key: Hashable, seconds: float) -> EnergyReading:
+        """:meth:`take` ``key``'s joules as a reading over its ``seconds`` on the device,
+        labelled with the meter's source and a note of how the number came about."""
+        joules = self.take(key)
+        m = self.meter
+        own = m.note(joules, seconds)
+        return EnergyReading(joules, seconds, m.source, m.device, m.estimated,
+                             f"{SHARE_NOTE}; {own}" if own else SHARE_NOTE)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from models.pipeline.ladder import DEFAULT_HELDOUT
+from models.build.pipeline.options import DEFAULT_HELDOUT
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -56,8 +56,8 @@ def tiny_corpus(tiny_texts: tuple[Path, Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Path:
     """A 2-layer Llama checkpoint directory with a 512-token BPE tokenizer."""
-    from models.train.tokenizer import save_hf_tokenizer, train_tokenizer
-    from models.train.train import TrainConfig, run
+    from models.build.train.tokenizer import save_hf_tokenizer, train_tokenizer
+    from models.build.train.train import TrainConfig, run
 
     root = tmp_path_factory.mktemp("tiny")
     out = root / "teacher"
@@ -77,7 +77,7 @@ TINY_STUDENT = {**TINY_MODEL, "hidden_size": 32, "intermediate_size": 86,
 @pytest.fixture(scope="session")
 def tiny_student(tiny_teacher: Path, tiny_corpus: Path) -> Path:
     """A narrower 1-layer student distilled (KL + CE) from ``tiny_teacher``, random init."""
-    from models.train.train import TrainConfig, run
+    from models.build.train.train import TrainConfig, run
 
     out = tiny_teacher.parent / "student"
     cfg = TrainConfig(seed=7, out_dir=out, corpus=tiny_corpus, model=dict(TINY_STUDENT),
@@ -90,7 +90,7 @@ def tiny_student(tiny_teacher: Path, tiny_corpus: Path) -> Path:
 def genai_builder_python() -> str | None:
     """Python of the onnxruntime-genai builder environment (``make`` creates ``.venv-builder``);
     ``None`` when absent, an error under CI."""
-    from models.pipeline.export import default_genai_builder
+    from models.build.pipeline.export import default_genai_builder
 
     found = default_genai_builder()
     if found is not None and Path(found).is_file():
@@ -101,7 +101,7 @@ def genai_builder_python() -> str | None:
 
 
 def tiny_build_options(teacher: Path, student: Path | None, out: Path, heldout: Path):  # type: ignore[no-untyped-def]
-    from models.pipeline.ladder import BuildOptions
+    from models.build.pipeline.ladder import BuildOptions
 
     return BuildOptions(model=str(teacher), student=str(student) if student else None, out=out,
                         heldout=heldout, eval_tokens=2048, eval_window=64,
@@ -115,7 +115,7 @@ def tiny_build_options(teacher: Path, student: Path | None, out: Path, heldout: 
 @pytest.fixture(scope="session")
 def tiny_ladder(tiny_teacher: Path, tiny_student: Path, tiny_texts: tuple[Path, Path]) -> Path:
     """A full ladder built from the tiny teacher and student through ``build_ladder``."""
-    from models.pipeline.ladder import build_ladder
+    from models.build.pipeline.ladder import build_ladder
 
     out = tiny_teacher.parent / "ladder"
     build_ladder(tiny_build_options(tiny_teacher, tiny_student, out, tiny_texts[1]),
@@ -132,7 +132,7 @@ def random_llama(tiny_teacher: Path) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.pipeline.export import export_decoder
+    from models.build.pipeline.export import export_decoder
 
     torch.manual_seed(3)
     root = tiny_teacher.parent / "random"
@@ -147,7 +147,7 @@ def random_llama(tiny_teacher: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def random_llama_builder(random_llama: tuple[Path, Path]) -> tuple[Path, Path]:
     """(checkpoint dir, ONNX dir) of the same untrained Llama through the genai builder."""
-    from models.pipeline.export import export_with_genai_builder
+    from models.build.pipeline.export import export_with_genai_builder
 
     builder = genai_builder_python()
     if builder is None:

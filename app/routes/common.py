@@ -14,7 +14,7 @@ from app.errors import ApiError
 from app.schemas import NON_BLANK, EnergyOut, RouteOut
 from app.service import Budget, Outcome, Run
 from app.settings import Settings
-from models.engine.base import GenerationParams
+from models.runtime.engine.base import GenerationParams
 
 
 def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: float,

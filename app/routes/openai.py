@@ -3,7 +3,7 @@
 ``model`` is ``auto`` (routed) or a variant name; budgets come as extra body fields
 ``latency_budget_ms``, ``min_quality`` (and ``max_joules``); ``usage`` adds ``energy_joules``,
 ``avg_watts`` and ``energy_source``. Streaming sends chunks and ends with ``data: [DONE]``.
-Chat messages are rendered with the ladder's chat template (:mod:`models.chat`); completions
+Chat messages are rendered with the ladder's chat template (:mod:`models.runtime.chat`); completions
 take the prompt as raw text.
 """
 
@@ -51,7 +51,7 @@ from app.routes.common import (
 )
 from app.service import Call, GenerationService, Outcome, Run
 from app.settings import Settings
-from models.chat import ChatTemplate
+from models.runtime.chat import ChatTemplate
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (capped by the server limit)

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.settings import Settings
-from models.manifest import Manifest
+from models.runtime.manifest import Manifest
 from tests.app.conftest import wait_ready_says
 
 VARIANTS = {"full", "int8", "distilled", "distilled-int8"}  # always built; int4 when it earns it

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from app.recent import RecentRequests
 from app.routes.ui import STATIC
 from app.service import Budget, Call, Outcome, Route
-from models.engine.base import GenerationParams
+from models.runtime.engine.base import GenerationParams
 from telemetry.base import EnergyReading
 from tests.app.test_api import assert_error
 

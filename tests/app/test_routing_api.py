@@ -202,7 +202,7 @@ def test_a_stream_abandoned_before_its_first_byte_stops_and_settles(
     """The streaming response's background task (run when the client left before the body
     started) cancels the generation and brings the in-flight gauge back to zero."""
     from app.service import Budget, Call
-    from models.engine.base import GenerationParams
+    from models.runtime.engine.base import GenerationParams
 
     c = make_client()
     service = c.app.state.service  # type: ignore[attr-defined]

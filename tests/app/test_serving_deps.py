@@ -1,5 +1,5 @@
 """The serving path needs no torch, transformers or optimum (they are build-time only), and
-imports no build code (``models.pipeline``, ``models.train``) and no benchmarks."""
+imports no build code (``models.build``) and no benchmarks."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ with TestClient(create_app(Settings(ladder_dir={str(tiny_ladder)!r}, threads=1))
             break
         time.sleep(0.05)
     assert c.post("/v1/generate", json={{"prompt": "x", "max_new_tokens": 2}}).status_code == 200
-banned = ("torch", "transformers", "optimum", "models.pipeline", "models.train", "bench")
+banned = ("torch", "transformers", "optimum", "models.build", "bench")
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in banned or m.startswith(banned))
 print(",".join(heavy) or "none")
 """

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from models.engine.base import GenerationParams
-from models.engine.slots import Sampler, Slots
+from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.slots import Sampler, Slots
 from tests.app.test_api import assert_error
 
 FAIL_AFTER = 5  # tokens produced before the engine fails

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("cli", "app", "models", "routing", "telemetry", "bench")
 # who may import whom (top-level packages); tests import anything
 ALLOWED_IMPORTERS = {"cli": {"cli"}, "app": {"cli", "app"}, "bench": {"cli", "bench"}}
-HEAVY = ("bench", "models.pipeline", "models.train", "torch", "transformers", "optimum")
+HEAVY = ("bench", "models.build.pipeline", "models.build.train", "torch", "transformers", "optimum")
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -65,13 +65,13 @@ def test_parser_imports_no_pipeline_and_serve_imports_no_build_or_bench_code() -
     # the probe can fail: the build subcommand's module does import the pipeline
     build = parsed.format(argv=["build"]) + (
         "import importlib\nimportlib.import_module(args.module)\n")
-    assert "models.pipeline" in loaded_after(build)
+    assert "models.build.pipeline" in loaded_after(build)
 
 
 def test_build_options_keep_the_pipeline_defaults() -> None:
     from cli import build
     from cli.main import build_parser
-    from models.pipeline.ladder import BuildOptions
+    from models.build.pipeline.ladder import BuildOptions
 
     def opts(*argv: str) -> BuildOptions:
         return build.options(build_parser().parse_args(["build", "--out", "x", *argv]))
@@ -90,3 +90,24 @@ def test_show_reports_a_missing_ladder(tmp_path: Path, capsys: pytest.CaptureFix
 
     assert main(["show", "--ladder", str(tmp_path)]) == 2
     assert "no ladder in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["build"], ["bench", "route"]])
+def test_build_and_bench_say_when_the_installation_has_no_build_code(argv: list[str]) -> None:
+    """The runtime image's wheel leaves out ``models/build`` and ``bench/``: their subcommands
+    exit 2 with one line instead of a traceback."""
+    code = f"""
+import sys
+class NoBuildSide:
+    def find_spec(self, name, path=None, target=None):
+        if name == "models.build" or name == "bench":
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, NoBuildSide())
+from cli.main import main
+sys.exit(main({argv!r}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert "has no build or benchmark code" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -81,7 +81,7 @@ def test_build_stage_ladder_layer_depends_on_the_build_code_only() -> None:
     build = {s.name: s for s in stages()}["build"]
     sources = {src for copy in build.args("COPY") for src in copy.split()[:-1]}
     assert sources == {"pyproject.toml", "deploy/docker/requirements.py",
-                       "models/pipeline/genai-builder-requirements.txt", "cli/", "models/"}
+                       "models/build/pipeline/genai-builder-requirements.txt", "cli/", "models/"}
     assert "README.md" not in " ".join(build.args("COPY"))  # README edits keep every layer
 
 

@@ -22,9 +22,9 @@ from tokenizers import Tokenizer
 from app.main import create_app
 from app.settings import Settings
 from cli.main import main as cli_main
-from models.manifest import Manifest
-from models.pipeline.export import GENAI_BUILDER, OPTIMUM
-from models.pipeline.ladder import DEFAULT_HELDOUT
+from models.build.pipeline.export import GENAI_BUILDER, OPTIMUM
+from models.build.pipeline.options import DEFAULT_HELDOUT
+from models.runtime.manifest import Manifest
 from tests.app.conftest import wait_ready
 from tests.conftest import genai_builder_python
 from tests.models.byo import ARCHS, UNSUPPORTED, Arch, greedy_tokens, make_checkpoint
@@ -36,7 +36,7 @@ EXPORTER = {"llama": GENAI_BUILDER, "mistral": GENAI_BUILDER, "qwen2": GENAI_BUI
             # which our loop's prefill from an empty cache does not have (export.builder_not_used)
             "gemma2": OPTIMUM, "gemma3": OPTIMUM,
             # the builder's OLMo graph does not reproduce PyTorch's logits: caught at build time
-            # (models.pipeline.verify), re-exported with optimum
+            # (models.build.pipeline.verify), re-exported with optimum
             "olmo": OPTIMUM}
 PROMPTS = ["The json module", "How do I read a file?"]
 NEW_TOKENS = 12
@@ -147,8 +147,8 @@ def test_distil_layers_makes_a_student_of_every_architecture(arch: Arch, root: P
     import torch
     from transformers import AutoModelForCausalLM
 
-    from models.genai_config import normalized
-    from models.train.distil import distil_on_corpus
+    from models.build.pipeline.genai_config import normalized
+    from models.build.train.distil import distil_on_corpus
 
     teacher_dir = checkpoint(root, arch)
     student_dir = distil_on_corpus(teacher_dir, 1, 2, small_corpus, root / "distil" / arch.name,

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from models.manifest import Manifest
-from models.pipeline.ladder import build_ladder, is_up_to_date
-from models.pipeline.source import BuildError, resolve_checkpoint
+from models.build.errors import BuildError
+from models.build.pipeline.ladder import build_ladder, is_up_to_date
+from models.build.pipeline.source import resolve_checkpoint
+from models.runtime.manifest import Manifest
 from tests.conftest import tiny_build_options
 
 
@@ -200,9 +201,9 @@ def test_speculative_stage_measures_a_ladder_whose_manifest_is_not_saved_yet(
     from the manifest it is given (it once read the missing file and recorded a failure)."""
     import shutil
 
-    from models.engine.ort import shares_kv_buffer
-    from models.manifest import SPECULATIVE
-    from models.pipeline.speculative import KS, choose_speculative
+    from models.build.pipeline.speculative import KS, choose_speculative
+    from models.runtime.engine.ort import shares_kv_buffer
+    from models.runtime.manifest import SPECULATIVE
 
     ladder = tmp_path / "ladder"
     shutil.copytree(tiny_ladder, ladder)
@@ -235,9 +236,9 @@ def test_speculative_stage_measures_a_ladder_whose_manifest_is_not_saved_yet(
 
 
 def test_the_speculative_rung_is_full_with_the_races_costs(manifest: Manifest) -> None:
-    from models.ladder import CHEAP_RUNGS_ON_ONE_CORE
-    from models.manifest import SPECULATIVE
-    from models.pipeline.speculative import add_rung
+    from models.build.pipeline.speculative import add_rung
+    from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE
+    from models.runtime.manifest import SPECULATIVE
 
     m = manifest.model_copy(deep=True)
     add_rung(m, "int8", 4, acceptance=0.8, speedup=1.5, seconds_per_token=0.004, threads=2,
@@ -264,7 +265,7 @@ def test_a_variant_whose_size_changed_makes_the_ladder_stale_and_fails_to_load(
         tiny_ladder: Path, tmp_path: Path) -> None:
     import shutil
 
-    from models.ladder import load_ladder
+    from models.runtime.ladder import load_ladder
 
     copy = tmp_path / "ladder"
     shutil.copytree(tiny_ladder, copy)
@@ -290,7 +291,7 @@ def test_an_interrupted_build_leaves_the_old_ladder_whole(
     import hashlib
     import shutil
 
-    from models.pipeline.ladder import staging_dir
+    from models.build.pipeline.ladder import staging_dir
 
     def files(root: Path) -> dict[Path, str]:
         return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()

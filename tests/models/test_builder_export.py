@@ -10,10 +10,10 @@ import onnx
 import pytest
 from tokenizers import Tokenizer
 
-from models.engine.base import GenerationParams
-from models.engine.ort import OrtEngine
-from models.manifest import Manifest
-from models.pipeline.export import GENAI_BUILDER, OPTIMUM, export_fp32
+from models.build.pipeline.export import GENAI_BUILDER, OPTIMUM, export_fp32
+from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.manifest import Manifest
 
 
 def op_counts(onnx_file: Path) -> Counter[str]:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer
 
-from models.calibrate import calibrate_many
-from models.engine.ort import OrtEngine
+from models.runtime.calibrate import calibrate_many
+from models.runtime.engine.ort import OrtEngine
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from models.engine.base import (
+from models.runtime.engine.base import (
     ContextOverflowError,
     GenerationParams,
     StopMatcher,
     VariantLoadError,
 )
-from models.engine.genai import GenaiEngine
-from models.engine.ort import OrtEngine
-from models.engine.sampling import select_token
-from models.ladder import load_ladder
-from models.manifest import Manifest
+from models.runtime.engine.genai import GenaiEngine
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.sampling import select_token
+from models.runtime.ladder import load_ladder
+from models.runtime.manifest import Manifest
 
 PROMPT = "The json module can"
 
@@ -266,7 +266,7 @@ def test_every_variant_generates(tiny_ladder: Path, runtime: str) -> None:
 
 def test_a_session_cannot_leave_the_process_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime refuses a per-session pool once the global one exists: say so plainly."""
-    import models.engine.ort as ort_engine
+    import models.runtime.engine.session as ort_engine
 
     monkeypatch.setattr(ort_engine, "_global_pool_threads", 2)
     assert ort_engine.session_options(2).use_per_session_threads is False
@@ -285,7 +285,7 @@ def test_a_session_cannot_leave_the_process_pool(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.parametrize(("shape", "dtype"), [((1, 3, 160, 64), np.float32), ((5,), np.int64),
                                               ((2, 1, 49152), np.float16), ((1, 1), np.int64)])
 def test_aligned_zeros_start_on_a_cache_line(shape: tuple[int, ...], dtype: type) -> None:
-    from models.engine.ort import aligned_zeros
+    from models.runtime.engine.session import aligned_zeros
 
     arrays = [aligned_zeros(shape, dtype) for _ in range(8)]  # numpy alone: 16-byte offsets
     for a in arrays:
@@ -298,7 +298,7 @@ def test_aligned_zeros_start_on_a_cache_line(shape: tuple[int, ...], dtype: type
 
 def test_batch_buffers_are_aligned(tiny_ladder: Path) -> None:
     """Every buffer a step binds from numpy starts on a cache line (see ``aligned_zeros``)."""
-    from models.engine.slots import KVSlots
+    from models.runtime.engine.slots import KVSlots
 
     engine = load_ladder(tiny_ladder, runtime="onnxruntime", only=["full"]).engines["full"]
     assert isinstance(engine, OrtEngine) and engine.shared_kv

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from cli.main import main as cli_main
-from models.chat import FALLBACK_TEMPLATE
-from models.manifest import Manifest
-from models.pipeline.export import GENAI_BUILDER, OPTIMUM
-from models.pipeline.source import resolve_checkpoint
+from models.build.pipeline.export import GENAI_BUILDER, OPTIMUM
+from models.build.pipeline.source import resolve_checkpoint
+from models.runtime.chat import FALLBACK_TEMPLATE
+from models.runtime.manifest import Manifest
 from tests.app.conftest import wait_ready
 from tests.conftest import genai_builder_python
 from tests.models.byo import greedy_tokens
@@ -112,7 +112,7 @@ def test_user_gguf_builds_serves_and_answers_the_dequantized_models_tokens(
         assert body["usage"]["completion_tokens"] == len(text_ids)
         assert body["text"] == tokenizer.decode(text_ids)
         # chats are rendered with the GGUF's template (or the fallback): the prompt's tokens
-        from models.chat import ChatTemplate
+        from models.runtime.chat import ChatTemplate
 
         rendered = ChatTemplate("checkpoint", template or FALLBACK_TEMPLATE).render(MESSAGES)
         assert rendered.startswith("<|im_start|>user\n" if template else "User: What is json?")

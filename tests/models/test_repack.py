@@ -1,4 +1,4 @@
-"""Exact repacking of Q4_1-grid fp32 weights into MatMulNBits (models.pipeline.repack).
+"""Exact repacking of Q4_1-grid fp32 weights into MatMulNBits (models.build.pipeline.repack).
 
 The tiny builder-exported Llama's MatMul weights are snapped to the grids the default model's
 GGUF has — Q4_1 (``w = d * q + m`` per block of 32 inputs, ``d`` and ``m`` fp16) for the layers,
@@ -19,21 +19,16 @@ import pytest
 from onnx import TensorProto, numpy_helper
 from tokenizers import Tokenizer
 
-from models.engine.base import GenerationParams
-from models.engine.ort import OrtEngine
-from models.pipeline.quantize import (
+from models.build.pipeline.blockfit import fit_q4, pack_nibbles
+from models.build.pipeline.quantize import (
     CANDIDATE_4BIT,
     CANDIDATE_Q4_REPACK,
     CANDIDATE_Q4_REPACK_OFFSET,
     quantize,
 )
-from models.pipeline.repack import (
-    REPORT_FILE,
-    fit_q4,
-    pack_nibbles,
-    repack_graph,
-    repack_q4_blocks,
-)
+from models.build.pipeline.repack import REPORT_FILE, repack_graph, repack_q4_blocks
+from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.ort import OrtEngine
 
 BLOCK = 32
 OFF_GRID = "model.layers.1.attn.o_proj.MatMul.weight"  # left as the checkpoint had it

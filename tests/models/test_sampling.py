@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.engine.base import GenerationParams
-from models.engine.sampling import _NUCLEUS_PREFIX, make_rng, select_token
+from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.sampling import _NUCLEUS_PREFIX, make_rng, select_token
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from models.engine.base import ContextOverflowError, GenerationParams
-from models.engine.ort import OrtEngine
-from models.engine.slots import KVSlots, Sampler, SerialSlots, generate_many, slots_for
+from models.runtime.engine.base import ContextOverflowError, GenerationParams
+from models.runtime.engine.batch import generate_many
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.slots import KVSlots, Sampler, SerialSlots, slots_for
 
 # Batched and single-row forwards add the same floats in a different order (different GEMM
 # shapes), so two continuations can differ where the alone run's best two logits are closer
@@ -196,19 +197,20 @@ def test_generate_many_checks_every_prompt_before_decoding(engine: OrtEngine) ->
 
 
 def test_kv_bytes_is_the_worst_case_of_every_layers_k_and_v(tiny_ladder: Path) -> None:
-    from models.ladder import load_ladder
+    from models.runtime.ladder import load_ladder
 
     engine = load_ladder(tiny_ladder, threads=1, only=["full"], warmup=False).engines["full"]
     slots = slots_for(engine, 3, 40)
-    e = engine
-    per_token = len(e._past_names) * e._kv_heads * e._head_dim * np.dtype(e._kv_dtype).itemsize  # type: ignore[attr-defined]
+    assert isinstance(engine, OrtEngine)
+    kv = engine.kv
+    per_token = len(kv.past_names) * kv.kv_heads * kv.head_dim * np.dtype(kv.kv_dtype).itemsize
     assert slots.kv_bytes == 3 * slots.max_len * per_token
 
 
 def test_kv_written_bytes_keep_each_rows_longest_reach(tiny_ladder: Path) -> None:
     """The resident part of the KV buffers is every row's longest length so far: a release
     or a rollback does not give pages back, and a row reused for a shorter prompt adds none."""
-    from models.ladder import load_ladder
+    from models.runtime.ladder import load_ladder
 
     engine = load_ladder(tiny_ladder, threads=1, only=["full"], warmup=False).engines["full"]
     slots = slots_for(engine, 3, 40)
@@ -240,7 +242,7 @@ def test_kv_sized_buffers_cost_memory_only_as_rows_fill() -> None:
     """A KV buffer is sized for every row at full length; only what rows write may be
     resident. After a large free, glibc serves callocs below 32 MB from its heap and zeroes
     them (all resident): 25 MB per layer on SmolLM2 made the default ladder 9.5 GB at start."""
-    from models.engine.ort import aligned_zeros
+    from models.runtime.engine.session import aligned_zeros
 
     big = np.ones(30 << 20, np.uint8)  # freed: glibc raises its mmap threshold to 30 MB
     del big

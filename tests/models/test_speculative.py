@@ -8,13 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.engine.base import GenerationParams
-from models.engine.ort import OrtEngine
-from models.engine.sampling import distribution
-from models.engine.slots import Sampler
-from models.engine.speculative import MAX_PAUSE_TOKENS, PAUSE_TOKENS, SpecSlots, SpeculativeEngine
-from models.ladder import load_ladder
-from models.manifest import SpeculativeInfo, break_even
+from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.sampling import distribution
+from models.runtime.engine.slots import Sampler
+from models.runtime.engine.speculative import (
+    MAX_PAUSE_TOKENS,
+    PAUSE_TOKENS,
+    SpecSlots,
+    SpeculativeEngine,
+)
+from models.runtime.ladder import load_ladder
+from models.runtime.manifest import SpeculativeInfo, break_even
 from tests.models.test_slots import alone, assert_same_but_near_ties
 
 PROMPTS = ["def main():", "import json\n\n", "The json module can", "x",

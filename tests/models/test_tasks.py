@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from models.chat import ChatTemplate
-from models.engine.base import GenerationParams
-from models.engine.ort import OrtEngine
-from models.pipeline.tasks import DEFAULT_TASKS, Task, load_tasks, matches, task_score
+from models.build.pipeline.tasks import DEFAULT_TASKS, Task, load_tasks, matches, task_score
+from models.runtime.chat import ChatTemplate
+from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.ort import OrtEngine
 
 
 def test_the_committed_set_has_at_least_fifty_answerable_questions() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from models.train.train import TrainConfig, run
+from models.build.train.train import TrainConfig, run
 from tests.conftest import TINY_MODEL, TINY_TRAIN
 
 
@@ -43,7 +43,7 @@ def test_student_is_initialised_from_evenly_spaced_teacher_layers(tiny_teacher: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from models.train.distil import student_from_teacher
+    from models.build.train.student import student_from_teacher
 
     teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher), dtype=torch.float32)
     student = student_from_teacher(teacher, 1)[0]

@@ -12,14 +12,16 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer
 
-from models.engine.base import Chunk, GenerationParams
-from models.engine.ort import OrtEngine
-from models.ladder import load_ladder
+from models.runtime.engine.base import Chunk, GenerationParams
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.ladder import load_ladder
 from routing.cost import CostModel
 from routing.router import Router
 from serving.errors import QueueFullError, UnknownVariantError
+from serving.events import Chunks, Finished, Skipped
 from serving.executor import Executor, ExecutorConfig, Handle
-from serving.sequence import Finished, Request
+from serving.observer import LaneObserver
+from serving.sequence import Request
 from telemetry.base import EnergyMeter
 from tests.models.test_slots import PROMPTS, alone, assert_same_but_near_ties
 
@@ -38,11 +40,59 @@ class PowerMeter(EnergyMeter):
         return self.watts * (time.perf_counter() - self.t0)
 
 
-def make_executor(engines: dict[str, Any], **config: Any) -> Executor:
+def make_executor(engines: dict[str, Any], observer: LaneObserver | None = None,
+                  **config: Any) -> Executor:
     router = Router({n: 1.0 for n in engines}, {n: CostModel(0.1, 1.0, 10.0) for n in engines},
                     reference=next(iter(engines)))
     return Executor(engines, list(engines), router, PowerMeter(), "cpu",
-                    ExecutorConfig(**{"max_batch": 4, "max_seq_tokens": 96, **config}))
+                    ExecutorConfig(**{"max_batch": 4, "max_seq_tokens": 96, **config}), observer)
+
+
+class Recorder(LaneObserver):
+    """Records every report; raises from each when ``broken`` (metrics must not stop serving)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.reports: list[tuple[str, tuple[Any, ...]]] = []
+        self.broken = broken
+
+    def _got(self, name: str, *args: Any) -> None:
+        self.reports.append((name, args))
+        if self.broken:
+            raise RuntimeError(f"{name} failed")
+
+    def request_finished(self, request: Request, finished: Finished) -> None:
+        self._got("finished", request.id, finished.completion_tokens)
+
+    def batch_size(self, variant: str, rows: int) -> None:
+        self._got("batch", variant, rows)
+
+    def queue_depth(self, waiting: int) -> None:
+        self._got("depth", waiting)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_observer_hears_each_request_and_cannot_stop_serving(
+        builder_engine: OrtEngine, broken: bool) -> None:
+    seen = Recorder(broken)
+    ex = make_executor({"full": builder_engine}, seen)
+
+    ids = []
+
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        handles = [ex.submit(request(builder_engine, p, 3)) for p in PROMPTS[:3]]
+        ids.extend(h.request.id for h in handles)
+        return [await collect(h) for h in handles]
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        ex.stop(10)
+    assert [kind for _, _, kind in results] == ["finished"] * 3
+    finished = [args for name, args in seen.reports if name == "finished"]
+    assert sorted(finished) == sorted((i, 3) for i in ids)
+    rows = [args[1] for name, args in seen.reports if name == "batch"]
+    assert max(rows) == 3 and rows[-1] == 0  # three rows taken, all freed
+    assert ("depth", (0,)) in seen.reports
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +111,13 @@ def executor(builder_engine: OrtEngine) -> Iterator[Executor]:
 
 async def collect(handle: Handle) -> tuple[list[Chunk], Finished | None, str]:
     chunks: list[Chunk] = []
-    async for kind, payload in handle.events():
-        if kind == "chunks":
-            chunks += payload
-        elif kind == "finished":
-            return chunks, payload, kind
+    async for event in handle.events():
+        if isinstance(event, Chunks):
+            chunks += event.chunks
+        elif isinstance(event, Finished):
+            return chunks, event, "finished"
         else:
-            return chunks, None, kind
+            return chunks, None, "skipped" if isinstance(event, Skipped) else "error"
     raise AssertionError("no final event")
 
 
@@ -104,8 +154,7 @@ def test_cancelling_a_running_request_frees_its_row_at_once(builder_engine: OrtE
     async def main() -> tuple[Any, Any]:
         long = ex.submit(request(builder_engine, PROMPTS[0], 80, stream=True))
         waiting = ex.submit(request(builder_engine, PROMPTS[1], 4))
-        kind, _ = await long.next()  # it is running
-        assert kind == "chunks"
+        assert isinstance(await long.next(), Chunks)  # it is running
         long.request.cancel.set()
         return await collect(long), await collect(waiting)
 
@@ -208,7 +257,7 @@ def test_two_variants_share_the_lane(tiny_ladder: Path) -> None:
 def test_speculative_rows_give_fulls_tokens_and_exact_lengths(tiny_ladder: Path) -> None:
     """The speculative rung in the executor: rows get several tokens a step, yet every request
     stops at its own max_new_tokens with full's tokens, and the ledger still adds up."""
-    from models.engine.speculative import SpeculativeEngine
+    from models.runtime.engine.speculative import SpeculativeEngine
 
     ladder = load_ladder(tiny_ladder, threads=1, runtime="onnxruntime", warmup=False,
                          only=["full", "int8"])
@@ -415,8 +464,7 @@ def test_the_lane_enforces_the_request_timeout_itself(builder_engine: OrtEngine)
         late = request(builder_engine, PROMPTS[0], 40, timeout_at=time.perf_counter() - 1)
         skipped = await collect(ex.submit(late))
         running = ex.submit(request(builder_engine, PROMPTS[1], 80, stream=True))
-        kind, _ = await running.next()  # its first token: it holds a row
-        assert kind == "chunks"
+        assert isinstance(await running.next(), Chunks)  # its first token: it holds a row
         running.request.timeout_at = time.perf_counter()  # now past due
         chunks, fin, _ = await collect(running)
         assert fin is not None

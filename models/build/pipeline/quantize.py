@@ -1,0 +1,89 @@
+"""8-bit (and 4-bit) quantization candidates for an exported fp32 decoder.
+
+Two families, chosen between by measurement in :mod:`models.build.pipeline.ladder`:
+``dynamic-int8`` (``MatMulInteger`` with activations quantized at run time) and weight-only
+``MatMulNBits`` (block-wise int8/int4 weights; compute in int8 with ``accuracy_level=4``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.build.pipeline.export import ONNX_FILE, copy_sidecars
+from models.build.pipeline.repack import repack_q4_blocks
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """One quantization recipe; ``name`` is what the manifest records."""
+
+    name: str
+    family: str  # "dynamic", "nbits", "q4repack" or "q4repack-offset"
+    bits: int
+    block_size: int = 32
+    accuracy_level: int | None = 4
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}"
+
+
+# Larger blocks carry fewer scales and quantize the activations in longer runs: on SmolLM2-135M
+# (2 threads, AVX-512 VNNI) block 32 / 64 / 128 / 256 decoded at 2.27 / 2.61 / 2.77 / 2.78x fp32
+# with quality 0.995 / 0.994 / 0.987 / 0.979; 256 buys nothing over 128 and is not raced.
+CANDIDATES_8BIT = (
+    QuantMethod("dynamic-int8-matmulinteger", "dynamic", 8),
+    QuantMethod("matmulnbits-int8-block32", "nbits", 8, 32),
+    QuantMethod("matmulnbits-int8-block64", "nbits", 8, 64),
+    QuantMethod("matmulnbits-int8-block128", "nbits", 8, 128),
+)
+CANDIDATE_4BIT = QuantMethod("matmulnbits-int4-block32", "nbits", 4, 32)
+# Exact repacking of weights that came from a Q4_1 GGUF (models.build.pipeline.repack), not a
+# re-quantization: float zero points (exact, but onnxruntime's CPU kernel dequantizes the
+# whole matrix on every call: ~0.2x fp32 measured, so not raced) or the default zero point plus
+# a per-block fp32 offset term (raced; weights exact, activations int8 at accuracy_level 4).
+CANDIDATE_Q4_REPACK = QuantMethod("matmulnbits-int4-q4repack-block32", "q4repack", 4, 32)
+CANDIDATE_Q4_REPACK_OFFSET = QuantMethod("matmulnbits-int4-q4repack-offset-block32",
+                                         "q4repack-offset", 4, 32)
+# block 128: less quality than block 32 (0.64 against 0.78 on SmolLM2), 1.2x its speed; raced
+# so that a 4-bit rung can still earn its place next to a faster int8 rung
+CANDIDATES_4BIT = (CANDIDATE_4BIT, QuantMethod("matmulnbits-int4-block128", "nbits", 4, 128),
+                   CANDIDATE_Q4_REPACK_OFFSET)
+
+
+def quantize(src_dir: Path, dst_dir: Path, method: QuantMethod) -> Path:
+    """Quantize ``src_dir/model.onnx`` into ``dst_dir/model.onnx`` with ``method``."""
+    if method.family in ("q4repack", "q4repack-offset"):
+        return repack_q4_blocks(src_dir, dst_dir, method.block_size, method.accuracy_level,
+                                zero_points="float" if method.family == "q4repack" else "offset")
+    import onnx
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    if dst_dir.exists():
+        shutil.rmtree(dst_dir)
+    dst_dir.mkdir(parents=True)
+    src, dst = src_dir / ONNX_FILE, dst_dir / ONNX_FILE
+    if method.family == "dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+    elif method.family == "nbits":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)),
+            bits=method.bits,
+            block_size=method.block_size,
+            is_symmetric=True,
+            accuracy_level=method.accuracy_level,
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    else:  # pragma: no cover - closed set above
+        raise ValueError(f"unknown quantization family {method.family}")
+    copy_sidecars(src_dir, dst_dir)
+    return dst

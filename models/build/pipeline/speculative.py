@@ -1,0 +1,173 @@
+"""Build stage: choose the speculative rung's draft and k by measurement (or leave it out).
+
+Every shared-KV rung of the ladder is tried as the draft at increasing k (until the speed-up
+falls: it rises with k while the longer draft pays, then only falls), each combination taking
+turns with ``full`` itself on the same chat prompts (greedy, ``new_tokens`` each): decode
+tokens/s of both, and the share of drafted tokens ``full`` kept. The fastest combination earns
+the rung when it beats ``full`` by ``MIN_SPEEDUP``; the manifest records every measurement
+either way. Runs at the end of a build, and on its own for a ladder built before this stage
+existed (the build key does not change: nothing else is rebuilt).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from models.runtime.chat import ChatTemplate
+from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.session import share_pool_if_uniform
+from models.runtime.engine.speculative import SpeculativeEngine, rung_threads
+from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE
+from models.runtime.manifest import SPECULATIVE, Calibration, Manifest, SpeculativeInfo
+
+KS = (3, 5, 8)
+MIN_SPEEDUP = 1.05  # decode tokens/s over full's that earns the rung
+QUESTIONS = ("Why is the sky blue?", "Write a Python function that reverses a string.",
+             "Explain what a hash table is in two sentences.")
+
+
+def choose_speculative(ladder: Path, manifest: Manifest, threads: int, new_tokens: int = 48,
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every draft x k in a fresh process whose sessions share one thread pool, as
+    the serving process's do (this one's sessions have their own pools, and two pools taking
+    turns on the same cores make any speculative pair look slow); add the rung to
+    ``manifest`` when one earns it; return the record (``manifest.speculative_choice``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # the manifest goes by file: a fresh build saves its own only after this stage
+        given, out = Path(tmp) / "manifest.json", Path(tmp) / "choice.json"
+        given.write_text(manifest.model_dump_json())
+        proc = subprocess.run(
+            [sys.executable, "-m", "models.build.pipeline.speculative", str(ladder), str(given),
+             str(threads), str(new_tokens), str(out)], capture_output=True, text=True,
+            check=False)
+        for line in proc.stdout.splitlines():
+            log(line)
+        if proc.returncode != 0 or not out.is_file():
+            err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"chosen": None, "why": f"measurement failed: {err}"}
+        measured = Manifest.model_validate_json(out.read_text())
+    record = measured.speculative_choice or {}
+    if SPECULATIVE in measured.variants:
+        manifest.variants[SPECULATIVE] = measured.variants[SPECULATIVE]
+    return record
+
+
+def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_tokens: int,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    """Every draft x k against full, taking turns; the rung added to ``manifest`` if earned."""
+    tokenizer = Tokenizer.from_file(str(ladder / manifest.tokenizer))
+    template = ChatTemplate.for_directory(ladder)
+
+    def load(name: str) -> OrtEngine:
+        info = manifest.variants[name]
+        return OrtEngine(ladder / info.dir / info.file, tokenizer, manifest.context_length,
+                         manifest.eos_token_ids, threads=CHEAP_RUNGS_ON_ONE_CORE.get(name, threads))
+
+    full = load("full")
+    record: dict[str, Any] = {"rule": f"fastest draft x k, if >= {MIN_SPEEDUP}x full's greedy "
+                              "decode tokens/s (taking turns on the same prompts)",
+                              "new_tokens": new_tokens, "candidates": {}}
+    if not full.shared_kv:
+        record["chosen"] = None
+        record["why"] = "full's graph has no shared KV buffer (not a GroupQueryAttention graph)"
+        return record
+    prompts = [full.encode(template.render([{"role": "user", "content": q}]))
+               for q in QUESTIONS]
+    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    full.generate(prompts[0], params)  # warm-up
+    drafts = [n for n, v in manifest.variants.items() if n != "full" and v.speculative is None]
+    best: tuple[float, str, int, float, float] | None = None
+    for name in drafts:
+        draft = load(name)
+        if not draft.shared_kv:
+            continue
+        previous = 0.0
+        for k in KS:
+            spec = SpeculativeEngine(full, draft, k)
+            spec.generate(prompts[0], GenerationParams(max_new_tokens=8))  # warm-up
+            spec.drafted = spec.accepted = 0
+            ratios, spec_s, identical = [], [], 0
+            for ids in prompts:
+                t = time.perf_counter()
+                want = full.generate(ids, params).token_ids
+                t_full = time.perf_counter() - t
+                t = time.perf_counter()
+                got = spec.generate(ids, params).token_ids
+                t_spec = time.perf_counter() - t
+                ratios.append(t_full / t_spec)
+                spec_s.append(t_spec)
+                identical += got == want
+            acceptance = spec.accepted / max(1, spec.drafted)
+            speedup = statistics.median(ratios)
+            record["candidates"][f"{name}:k{k}"] = {
+                "draft": name, "k": k, "acceptance_rate": round(acceptance, 4),
+                "speedup": round(speedup, 3), "identical_outputs": f"{identical}/{len(prompts)}",
+                "decode_ms_per_token": round(1000 * statistics.median(spec_s) / new_tokens, 2)}
+            log(f"  speculative {name} k={k}: acceptance {acceptance:.2f}, "
+                f"{speedup:.2f}x full, identical {identical}/{len(prompts)}")
+            if best is None or speedup > best[0]:
+                best = (speedup, name, k, acceptance, statistics.median(spec_s) / new_tokens)
+            if speedup < previous:  # past this draft's best k: longer drafts only waste more
+                break
+            previous = speedup
+    if best is None or best[0] < MIN_SPEEDUP:
+        record["chosen"] = None
+        record["why"] = "no draft x k beat full by the margin" if best else "no shared-KV draft"
+        return record
+    speedup, name, k, acceptance, seconds_per_token = best
+    record["chosen"] = f"{name}:k{k}"
+    add_rung(manifest, name, k, acceptance, speedup, seconds_per_token, threads,
+             record["candidates"])
+    return record
+
+
+def add_rung(manifest: Manifest, draft: str, k: int, acceptance: float, speedup: float,
+             seconds_per_token: float, threads: int, candidates: dict[str, Any]) -> None:
+    """``full-speculative`` into ``manifest``: ``full``'s weights and quality, ``draft``
+    proposing ``k`` tokens a round, with the costs the race measured."""
+    full_info, draft_info = manifest.variants["full"], manifest.variants[draft]
+    cal, draft_cal = full_info.calibration, draft_info.calibration
+    manifest.variants[SPECULATIVE] = full_info.model_copy(update={
+        "name": SPECULATIVE, "parameters": full_info.parameters + draft_info.parameters,
+        "bytes": full_info.bytes + draft_info.bytes,
+        "quantization": f"speculative: {draft} drafts {k}, full verifies",
+        "calibration": Calibration(
+            # a request's prompt goes through both models
+            prefill_ms_per_token=((cal.prefill_ms_per_token if cal else 0.0)
+                                  + (draft_cal.prefill_ms_per_token if draft_cal else 0.0)),
+            decode_ms_per_token=1000 * seconds_per_token,
+            decode_tokens_per_s=1 / seconds_per_token,
+            threads=rung_threads(CHEAP_RUNGS_ON_ONE_CORE.get("full", threads),
+                                 CHEAP_RUNGS_ON_ONE_CORE.get(draft, threads))),
+        "speculative": SpeculativeInfo(
+            target="full", draft=draft, k=k, acceptance_rate=round(acceptance, 4),
+            speedup=round(speedup, 3), candidates=candidates)})
+
+
+def main(argv: list[str]) -> int:
+    """``python -m models.build.pipeline.speculative LADDER MANIFEST THREADS NEW_TOKENS OUT``:
+    measure the variants of LADDER that the MANIFEST file lists, each on the threads the service
+    gives it by default (one shared pool when those are all THREADS), and write the manifest
+    (with the choice) to OUT."""
+    ladder, given, out = Path(argv[0]), Path(argv[1]), Path(argv[4])
+    threads, new_tokens = int(argv[2]), int(argv[3])
+    share_pool_if_uniform(threads, CHEAP_RUNGS_ON_ONE_CORE.values())
+    manifest = Manifest.model_validate_json(given.read_text())
+    manifest.speculative_choice = _measure_and_choose(ladder, manifest, threads, new_tokens,
+                                                      lambda m: print(m, flush=True))
+    out.write_text(manifest.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,272 @@
+"""The stages of a ladder build, in order, over one :class:`Build` that each stage extends:
+
+1. :func:`export_fp32` — `full` (and `distilled`) exported, verified, evaluated and timed;
+2. :func:`quantize_rungs` — every quantization candidate built, evaluated and raced; the
+   8-bit pick becomes `int8` (`distilled-int8`), a 4-bit one `int4` when it earns the rung;
+3. :func:`choose_runtime` — our loop against onnxruntime-genai on `full`;
+4. :func:`score_tasks` — each variant answers the committed questions;
+5. :func:`make_manifest` — everything measured, in the manifest.
+
+The speculative stage (``speculative.choose_speculative``) runs on the written ladder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from models.build.pipeline import quantize as q
+from models.build.pipeline.checkpoint import count_parameters
+from models.build.pipeline.export import GENAI_BUILDER, ONNX_FILE, onnx_bytes
+from models.build.pipeline.genai_config import adapt_builder_genai_config, write_genai_config
+from models.build.pipeline.options import BuildOptions, Log
+from models.build.pipeline.quality import QualityReport, agreement, evaluate
+from models.build.pipeline.tasks import MAX_NEW_TOKENS as TASK_TOKENS
+from models.build.pipeline.tasks import TaskReport, load_tasks, task_score
+from models.build.pipeline.verify import export_verified
+from models.runtime.calibrate import calibrate_many, cpu_name
+from models.runtime.chat import ChatTemplate
+from models.runtime.engine.base import Engine
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.manifest import Calibration, Manifest, VariantInfo
+
+EIGHT_BIT_RULE = ("of the 8-bit methods smaller than the source, the fastest within 0.02 "
+                  "quality of the best (speeds within 5 % of the fastest tie, the best quality "
+                  "wins)")
+FOUR_BIT_RULE = ("4-bit methods >= 1.1x int8 decode speed, smaller than int8, with quality "
+                 "above distilled earn the rung; of those, the best quality (to 0.01), then "
+                 "the fastest")
+
+
+@dataclass
+class Build:
+    """One build in progress: its inputs and what the stages have measured so far."""
+
+    opts: BuildOptions
+    out: Path  # the staging directory
+    work: Path  # scratch inside it
+    tokenizer: Tokenizer
+    tokenizer_file: Path
+    context: int
+    eos: list[int]
+    heldout: list[int]  # token ids of the held-out text
+    prompt: list[int]  # the calibration prompt
+    log: Log
+    sources: dict[str, tuple[str, Path]]  # variant → (role, checkpoint)
+    exporters: dict[str, str] = field(default_factory=dict)
+    reports: dict[str, QualityReport] = field(default_factory=dict)
+    measured: dict[str, Calibration] = field(default_factory=dict)
+    engines: dict[str, OrtEngine] = field(default_factory=dict)
+    methods: dict[str, q.QuantMethod] = field(default_factory=dict)
+    quant_choice: dict[str, Any] = field(default_factory=dict)
+    runtime_choice: dict[str, Any] = field(default_factory=dict)
+    task_reports: dict[str, TaskReport] = field(default_factory=dict)
+
+    def engine_for(self, vdir: Path) -> OrtEngine:
+        return OrtEngine(vdir / ONNX_FILE, self.tokenizer, self.context, self.eos,
+                         threads=self.opts.threads)
+
+    def measure(self, engines: Mapping[str, Engine]) -> dict[str, Calibration]:
+        """Engines that will be compared are measured together, taking turns."""
+        return calibrate_many(engines, self.prompt, new_tokens=self.opts.calibration_tokens,
+                              repeats=self.opts.calibration_repeats, threads=self.opts.threads)
+
+    def quality(self, name: str) -> float:
+        return self.reports["full"].perplexity / self.reports[name].perplexity
+
+
+def export_fp32(b: Build) -> None:
+    """Stage 1: each source checkpoint exported to fp32, verified against PyTorch, evaluated on
+    the held-out text, and timed (taking turns)."""
+    for name, (_, ckpt) in b.sources.items():
+        b.log(f"exporting {name} (fp32) from {ckpt}")
+        b.exporters[name], b.engines[name] = export_verified(
+            ckpt, b.out / name, b.engine_for, b.heldout, b.opts.opset, b.opts.genai_builder,
+            b.log)
+        b.reports[name] = evaluate(b.engines[name], b.heldout, b.opts.eval_window)
+    b.log(f"  exporters: {b.exporters}")
+    b.measured.update(b.measure(dict(b.engines)))
+    for name in b.sources:
+        b.log(f"  {name}: ppl {b.reports[name].perplexity:.2f}, "
+              f"{b.measured[name].decode_tokens_per_s:.0f} tok/s")
+
+
+def _race(b: Build, base: str, qname: str,
+          candidates: list[q.QuantMethod]) -> tuple[dict[str, Any], dict[str, OrtEngine]]:
+    """Every candidate built from ``base``, evaluated, then timed taking turns."""
+    engines: dict[str, OrtEngine] = {}
+    for method in candidates:
+        tdir = b.work / f"{qname}-{method.name}"
+        q.quantize(b.out / base, tdir, method)
+        engines[method.name] = b.engine_for(tdir)
+        b.reports[f"{qname}:{method.name}"] = evaluate(engines[method.name], b.heldout,
+                                                       b.opts.eval_window)
+    costs = b.measure(engines)
+    trials: dict[str, Any] = {}
+    for method in candidates:
+        key = f"{qname}:{method.name}"
+        rep, cost = b.reports[key], costs[method.name]
+        trials[method.name] = {
+            "bits": method.bits, "perplexity": rep.perplexity, "quality": b.quality(key),
+            "decode_tokens_per_s": cost.decode_tokens_per_s,
+            "bytes": onnx_bytes(b.work / f"{qname}-{method.name}")}
+        b.measured[key] = cost
+        b.log(f"  {qname} candidate {method.name}: ppl {rep.perplexity:.2f}, "
+              f"{cost.decode_tokens_per_s:.0f} tok/s")
+    return trials, engines
+
+
+def pick_8bit(trials: dict[str, Any], candidates: list[q.QuantMethod],
+              base_bytes: int) -> q.QuantMethod:
+    """The rule of :data:`EIGHT_BIT_RULE`. A copy no smaller than its source is no quantized
+    rung: blocks wider than a small model's matrices pad every row (a 32-wide tiny model at
+    block 128 grew 1.4x)."""
+    all_eight = [m for m in candidates if m.bits == 8]
+    eight = [m for m in all_eight if trials[m.name]["bytes"] < base_bytes] or all_eight
+    best_q = max(trials[m.name]["quality"] for m in eight)
+    ok = [m for m in eight if trials[m.name]["quality"] >= best_q - 0.02]
+    top = max(trials[m.name]["decode_tokens_per_s"] for m in ok)
+    return max((m for m in ok if trials[m.name]["decode_tokens_per_s"] >= 0.95 * top),
+               key=lambda m: trials[m.name]["quality"])
+
+
+def pick_4bit(trials: dict[str, Any], candidates: list[q.QuantMethod], int8: q.QuantMethod,
+              floor: float) -> tuple[q.QuantMethod, bool]:
+    """The rule of :data:`FOUR_BIT_RULE`: a 4-bit rung earns its place only if no other rung
+    dominates it (clearly faster than int8, better than the student's quality ``floor``).
+    Returns the pick and whether it earns the rung."""
+    fours = [m for m in candidates if m.bits == 4]
+    speed = trials[int8.name]["decode_tokens_per_s"]
+    earning = [m for m in fours
+               if trials[m.name]["decode_tokens_per_s"] >= 1.1 * speed
+               and trials[m.name]["quality"] > floor
+               and trials[m.name]["bytes"] < trials[int8.name]["bytes"]]
+    pick = max(earning or fours, key=lambda m: (round(trials[m.name]["quality"], 2),
+                                                trials[m.name]["decode_tokens_per_s"]))
+    return pick, bool(earning)
+
+
+def _adopt(b: Build, name: str, race: str, method: q.QuantMethod, base: str,
+           engines: Mapping[str, OrtEngine]) -> None:
+    """Make the raced candidate ``method`` the rung ``name``."""
+    shutil.rmtree(b.out / name, ignore_errors=True)
+    shutil.copytree(b.work / f"{race}-{method.name}", b.out / name)
+    b.reports[name] = b.reports[f"{race}:{method.name}"]
+    b.measured[name] = b.measured[f"{race}:{method.name}"]
+    b.engines[name] = engines[method.name]
+    b.sources[name] = b.sources[base]
+    b.methods[name] = method
+
+
+def quantize_rungs(b: Build) -> None:
+    """Stage 2: the quantized rungs, each chosen by a race (the manifest keeps every figure)."""
+    for base, qname in (("full", "int8"), ("distilled", "distilled-int8")):
+        if base not in b.sources:
+            continue
+        four = base == "full" and b.opts.consider_int4
+        candidates = [*q.CANDIDATES_8BIT, *(q.CANDIDATES_4BIT if four else ())]
+        trials, engines = _race(b, base, qname, candidates)
+        base_bytes = onnx_bytes(b.out / base)
+        pick = pick_8bit(trials, candidates, base_bytes)
+        b.quant_choice[qname] = {"chosen": pick.name, "rule": EIGHT_BIT_RULE,
+                                 "source_bytes": base_bytes, "candidates": trials}
+        _adopt(b, qname, qname, pick, base, engines)
+        if four:
+            floor = b.quality("distilled") if "distilled" in b.reports else 0.0
+            pick4, earns = pick_4bit(trials, candidates, pick, floor)
+            b.quant_choice["int4"] = {"added": earns, "chosen": pick4.name if earns else None,
+                                      "rule": FOUR_BIT_RULE, "measured": trials[pick4.name]}
+            if earns:
+                _adopt(b, "int4", "int8", pick4, "full", engines)
+
+
+def choose_runtime(b: Build) -> None:
+    """Stage 3: serve with onnxruntime-genai when it decodes `full` faster than our loop (the
+    two measured taking turns); every variant gets its genai config either way."""
+    for name, (role, _) in b.sources.items():
+        base = "full" if role == "teacher" else "distilled"
+        if b.exporters[base] == GENAI_BUILDER:
+            adapt_builder_genai_config(b.out / name, b.out / base, ONNX_FILE, b.opts.threads)
+        else:
+            write_genai_config(b.out / name, ONNX_FILE, b.opts.threads)
+    ours = b.engine_for(b.out / "full")
+    result: dict[str, Any] = {}
+    try:
+        from models.runtime.engine.genai import GenaiEngine
+
+        genai = GenaiEngine(b.out / "full", b.tokenizer, b.context, b.eos)
+        costs = b.measure({"onnxruntime": ours, "onnxruntime-genai": genai})
+        for name, cost in costs.items():
+            result[name] = {"decode_tokens_per_s": cost.decode_tokens_per_s}
+        faster = (costs["onnxruntime-genai"].decode_tokens_per_s
+                  > 1.05 * costs["onnxruntime"].decode_tokens_per_s)
+        result["chosen"] = "onnxruntime-genai" if faster else "onnxruntime"
+    except Exception as err:  # genai absent or unable to run this graph: our loop serves
+        result["onnxruntime"] = {
+            "decode_tokens_per_s": b.measure({"o": ours})["o"].decode_tokens_per_s}
+        result["onnxruntime-genai"] = {"error": str(err).splitlines()[0]}
+        result["chosen"] = "onnxruntime"
+    result["rule"] = "onnxruntime-genai if > 1.05x our loop's decode tokens/s on full"
+    b.log(f"  runtime: {result['chosen']} ({json.dumps(result)})")
+    b.runtime_choice = result
+
+
+def score_tasks(b: Build) -> None:
+    """Stage 4: each variant answers the committed questions through the chat template (on
+    the engines loaded for evaluation: their files were copied, not changed)."""
+    if b.opts.tasks is None:
+        return
+    template = ChatTemplate.for_directory(b.out)
+    tasks = load_tasks(b.opts.tasks)
+    for name in b.sources:
+        b.task_reports[name] = task_score(b.engines[name], template, tasks)
+        b.log(f"  {name}: task score {b.task_reports[name].correct}/{len(tasks)}")
+
+
+def make_manifest(b: Build, key: str, sources: dict[str, Any],
+                  config: dict[str, Any]) -> Manifest:
+    """Stage 5: the manifest of everything measured."""
+    import onnxruntime
+
+    ref = b.reports["full"]
+    variants: dict[str, VariantInfo] = {}
+    for name, (role, ckpt) in b.sources.items():
+        chosen = b.methods.get(name)
+        variants[name] = VariantInfo(
+            name=name, dir=name, file=ONNX_FILE, source=role,
+            parameters=count_parameters(ckpt), bytes=onnx_bytes(b.out / name),
+            precision=chosen.precision if chosen else "fp32",
+            quantization=chosen.name if chosen else None,
+            exporter=b.exporters["full" if role == "teacher" else "distilled"],
+            perplexity=b.reports[name].perplexity, quality=b.quality(name),
+            top1_agreement=agreement(b.reports[name], ref),
+            task_score=b.task_reports[name].score if name in b.task_reports else None,
+            calibration=b.measured[name])
+    tasks = None
+    if b.opts.tasks is not None:
+        tasks = {"file": b.opts.tasks.name, "count": len(load_tasks(b.opts.tasks)),
+                 "max_new_tokens": TASK_TOKENS,
+                 "rule": "greedy answer contains an expected answer as a whole word",
+                 "answers": {n: list(r.answers) for n, r in b.task_reports.items()}}
+    return Manifest(
+        build_key=key, source=sources, build_config=config,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        host={"machine": platform.machine(), "processor": cpu_name(),
+              "cpu_count": os.cpu_count(), "threads": b.opts.threads,
+              "onnxruntime": onnxruntime.__version__},
+        tokenizer=b.tokenizer_file.name, context_length=b.context, eos_token_ids=b.eos,
+        runtime=b.runtime_choice["chosen"], runtime_choice=b.runtime_choice,
+        quantization_choice=b.quant_choice,
+        heldout={"file": b.opts.heldout.name, "tokens_evaluated": ref.tokens,
+                 "window": b.opts.eval_window},
+        tasks=tasks, chat_template=ChatTemplate.for_directory(b.out).source,
+        variants=variants)

@@ -1,0 +1,118 @@
+"""Measure a variant's cost on this host: prefill and decode milliseconds per token."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from models.runtime.engine.base import Engine, GenerationParams
+from models.runtime.manifest import Calibration
+
+# The prompt every calibration run decodes from (build time and service start-up alike).
+CALIBRATION_PROMPT = "The :mod:`json` module provides functions to encode and decode Python"
+
+
+def time_generation(
+    engine: Engine, prompt_ids: Sequence[int], new_tokens: int
+) -> tuple[float, float]:
+    """One greedy run ignoring EOS; return (seconds to first token, seconds for the rest)."""
+    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    first = None
+    for chunk in engine.stream(prompt_ids, params):
+        if first is None:
+            first = time.perf_counter()
+        if chunk.finish_reason:
+            break
+    end = time.perf_counter()
+    assert first is not None
+    return first - start, end - first
+
+
+def calibrate_many(engines: Mapping[str, Engine], prompt_ids: Sequence[int],
+                   new_tokens: int = 64, repeats: int = 7, threads: int = 2,
+                   device: str = "cpu") -> dict[str, Calibration]:
+    """Each engine's median cost over ``repeats`` rounds after a warm-up, the engines taking
+    turns within every round: on a shared VM a slow spell (decode rates of one engine moved
+    1,100-1,800 tok/s between back-to-back runs here) then falls on all of them alike, so a
+    comparison between them is fair. The order rotates from round to round, so that noise
+    that recurs with the round's period cannot fall on one engine's every run. (A build's
+    race once measured two int8 candidates level, 151 and 152 tok/s, that measured 1.10-1.18x
+    apart in nine reruns of this function; the cause was not found, the fixed order was one
+    candidate.)"""
+    for engine in engines.values():
+        time_generation(engine, prompt_ids, min(new_tokens, 8))
+    names = list(engines)
+    ttfts: dict[str, list[float]] = {name: [] for name in names}
+    decodes: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            ttft, rest = time_generation(engines[name], prompt_ids, new_tokens)
+            ttfts[name].append(ttft)
+            decodes[name].append(rest / max(1, new_tokens - 1))
+    out = {}
+    for name in engines:
+        decode_s = statistics.median(decodes[name])
+        out[name] = Calibration(
+            prefill_ms_per_token=1000 * statistics.median(ttfts[name]) / len(prompt_ids),
+            decode_ms_per_token=1000 * decode_s,
+            decode_tokens_per_s=1 / decode_s,
+            threads=threads,
+            device=device,
+        )
+    return out
+
+
+def calibrate(engine: Engine, prompt_ids: Sequence[int], new_tokens: int = 64, repeats: int = 3,
+              threads: int = 2, device: str = "cpu") -> Calibration:
+    """Median over ``repeats`` runs after one warm-up run."""
+    return calibrate_many({"engine": engine}, prompt_ids, new_tokens, repeats, threads,
+                          device)["engine"]
+
+
+def cpu_name() -> str:
+    """The host CPU's model name (calibrations from another CPU are re-measured at start-up)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+STEP_WIDTHS = (1, 2, 3, 4, 8, 16)  # batch widths measured at start-up (linear in between)
+
+
+def measure_step_widths(engine: Engine, prompt_ids: Sequence[int],
+                        widths: Sequence[int] = STEP_WIDTHS, max_batch: int = 16,
+                        steps: int = 3) -> dict[int, float] | None:
+    """Milliseconds of one decode step of ``engine``'s continuous batch at each width up to
+    ``max_batch`` (a start-up seed of the router's step table, which every observed step then
+    refines; not a line: an 8-bit graph's second row costs a kernel switch). ``None`` when the
+    engine's rows do not share a forward pass (each row then costs a whole step)."""
+    from models.runtime.engine.slots import Sampler, slots_for
+
+    widths = sorted({w for w in widths if 1 <= w <= max_batch})
+    rows = widths[-1]
+    slots = slots_for(engine, rows, len(prompt_ids) + (len(widths) + 1) * steps + 2)
+    if not slots.batched:
+        return None
+    params = GenerationParams(max_new_tokens=(len(widths) + 1) * steps + 1, ignore_eos=True)
+    samplers = [Sampler(params) for _ in range(rows)]
+    last = [slots.prefill(r, prompt_ids, samplers[r]) for r in range(rows)]
+
+    def step_ms(n: int) -> float:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            last[:n] = slots.step(list(range(n)), last[:n], samplers[:n])
+            times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    step_ms(1)  # warm-up
+    return {w: step_ms(w) for w in widths}

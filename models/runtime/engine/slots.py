@@ -1,0 +1,341 @@
+"""The per-sequence step API: a variant's continuous batch as a set of slots (rows).
+
+A sequence is prefilled into a free row (``prefill``), then every ``step`` decodes one token for
+each row it names; a row is freed with ``release`` the moment its sequence ends. Sampling stays
+with the sequence (its :class:`Sampler` holds its parameters and random generator), so a row's
+tokens do not depend on which other rows share its steps.
+
+* :class:`KVSlots` batches for real, on onnxruntime-genai builder graphs
+  (``GroupQueryAttention`` with ``past_present_share_buffer``): one KV buffer per layer,
+  ``[max_batch, kv_heads, max_len, head_dim]``, is bound as both past and present, and the graph
+  writes each step's K/V in place at each row's own length, which it reads from the attention
+  mask (ones for the tokens a row holds). Rows at different lengths share a step; a row's
+  length *is* its state, so rolling back (speculative decoding) is lowering it: no copy.
+* :class:`SerialSlots` serves every other engine (optimum's concat graphs, onnxruntime-genai's
+  ``Generator``): each row keeps its engine's own token iterator and a step advances them one
+  after another — interleaved, not batched.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from models.runtime.engine.base import (
+    Engine,
+    GenerationParams,
+)
+from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.sampling import make_rng, select_token
+from models.runtime.engine.session import aligned_zeros
+
+
+class Sampler:
+    """A sequence's next-token choice: its decoding parameters and private random generator."""
+
+    def __init__(self, params: GenerationParams) -> None:
+        self.params = params
+        self.rng = make_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        token = select_token(logits, self.params, self.rng)
+        # a NaN anywhere wins argmax and poisons every sampled distribution: checked on the
+        # chosen logit (greedy) and the maximum (sampled), not over the whole vocabulary
+        if not np.isfinite(logits[token]) or (
+                not self.params.greedy and not np.isfinite(logits.max())):
+            raise BadLogitsError(f"non-finite logits (token {token}: {logits[token]})")
+        return token
+
+
+class BadLogitsError(ValueError):
+    """A row's logits hold NaN or infinity: that row cannot continue (the others can)."""
+
+
+class Slots(ABC):
+    """``max_batch`` rows of at most ``max_len`` tokens each (prompt + generated)."""
+
+    batched: bool  # whether one step runs its rows in one forward pass
+    kind: str  # for /v1/variants and logs
+    chunked = False  # whether a prompt can be prefilled in parts (prefill_part)
+
+    def __init__(self, engine: Engine, max_batch: int, max_len: int) -> None:
+        if max_batch < 1 or max_len < 2:
+            raise ValueError("max_batch must be >= 1 and max_len >= 2")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.work: list[int] = []  # tokens each row of the last step pushed through the device
+        self.failed: dict[int, Exception] = {}  # rows whose sampling failed in the last step
+
+    @property
+    def kv_bytes(self) -> int:
+        """Memory its KV cache takes with every row full (0 where the engine keeps its own)."""
+        return 0
+
+    @property
+    def kv_written_bytes(self) -> int:
+        """KV memory rows have written since start: with lazily-backed buffers, about what is
+        resident (0 where the engine keeps its own)."""
+        return 0
+
+    @property
+    def speculation(self) -> tuple[int, int] | None:
+        """Tokens drafted and tokens the target kept, since start (None: rows that do not
+        speculate)."""
+        return None
+
+    @abstractmethod
+    def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        """Process a new sequence's prompt in ``row``; return its first generated token."""
+
+    def prefill_part(self, row: int, token_ids: Sequence[int], sampler: Sampler,
+                     final: bool) -> int | None:
+        """Append the next part of a prompt to ``row``; on the ``final`` part return the first
+        generated token. Slots that are not :attr:`chunked` take the whole prompt as one final
+        part."""
+        if not final:
+            raise NotImplementedError(f"{type(self).__name__} prefills a prompt in one piece")
+        return self.prefill(row, token_ids, sampler)
+
+    @abstractmethod
+    def step(self, rows: Sequence[int], tokens: Sequence[int],
+             samplers: Sequence[Sampler]) -> list[int]:
+        """Feed each row its last token; return each row's next token (same order)."""
+
+    def step_many(self, rows: Sequence[int], tokens: Sequence[int],
+                  samplers: Sequence[Sampler]) -> list[list[int]]:
+        """Like :meth:`step`, but a row may get several tokens (speculative decoding); also
+        sets :attr:`work`, the tokens each row pushed through the device (energy shares)."""
+        self.work = [1] * len(rows)
+        return [[t] for t in self.step(rows, tokens, samplers)]
+
+    @abstractmethod
+    def release(self, row: int) -> None:
+        """Forget the row's sequence; the row is free at once."""
+
+
+class KVSlots(Slots):
+    """True continuous batching over one shared KV buffer per layer (see the module doc)."""
+
+    batched = True
+    kind = "shared-kv-batch"
+    chunked = True
+
+    def __init__(self, engine: OrtEngine, max_batch: int, max_len: int) -> None:
+        if not engine.shared_kv:
+            raise ValueError("KVSlots needs a GroupQueryAttention graph with a shared KV buffer")
+        super().__init__(engine, max_batch, min(max_len, engine.context_length))
+        self.session = engine.session
+        e = engine
+        b, length = self.max_batch, self.max_len
+        kv = self.layout = e.kv
+        self._kv_type = kv.kv_dtype
+        self._row_shape = [kv.kv_heads, length, kv.head_dim]
+        self._row_bytes = int(np.prod(self._row_shape)) * np.dtype(kv.kv_dtype).itemsize
+        self._dev = "cuda" if e.device == "cuda" else "cpu"
+        shape = [b, *self._row_shape]
+        if self._dev == "cpu":  # lazily backed: untouched rows cost no memory
+            self._kv = [aligned_zeros(shape, kv.kv_dtype) for _ in kv.past_names]
+            self._ptrs = [int(a.ctypes.data) for a in self._kv]
+        else:
+            self._kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, kv.kv_dtype, "cuda", 0)
+                        for _ in kv.past_names]
+            self._ptrs = [int(v.data_ptr()) for v in self._kv]  # type: ignore[attr-defined]
+        # a free row holds one (meaningless) token, so a step over a prefix that includes it
+        # stays well-formed; its logits are never read
+        self.mask = aligned_zeros((b, length), np.int64)
+        self.mask[:, 0] = 1
+        self.lengths = np.zeros(b, dtype=np.int64)  # tokens whose K/V a row holds
+        self._high = np.zeros(b, dtype=np.int64)  # the most each row held before a release
+        self._ids = aligned_zeros((b, 1), np.int64)
+        self._logits = aligned_zeros((b, 1, kv.vocab), kv.logits_dtype)
+        self._step_bindings: dict[int, ort.IOBinding] = {}
+        self._row_bindings: dict[int, ort.IOBinding] = {}
+        self._forward_bindings: dict[int, ort.IOBinding] = {}
+
+    @property
+    def kv_bytes(self) -> int:
+        """Every layer's K and V buffers with all rows at ``max_len`` (pages are touched only
+        as rows fill, so this is the worst case, not what is resident now)."""
+        return len(self._kv) * self.max_batch * self._row_bytes
+
+    @property
+    def kv_written_bytes(self) -> int:
+        """Positions each row has ever held, in bytes over every layer: the pages of the
+        lazily-backed buffers that are resident (to a page per head). It grows while rows
+        first reach new lengths and is bounded by ``kv_bytes``. Read at scrape time, off the
+        hot path (a release or truncation records its row's length)."""
+        positions = int(np.maximum(self._high, self.lengths).sum())
+        return len(self._kv) * positions * (self._row_bytes // self.max_len)
+
+    def _bind_kv(self, binding: ort.IOBinding, first_row: int, rows: int) -> None:
+        shape = [rows, *self._row_shape]
+        offset = first_row * self._row_bytes
+        names = zip(self.layout.past_names, self.layout.present_names, self._ptrs, strict=True)
+        for past, present, ptr in names:
+            binding.bind_input(past, self._dev, 0, self._kv_type, shape, ptr + offset)
+            binding.bind_output(present, self._dev, 0, self._kv_type, shape, ptr + offset)
+
+    def _step_binding(self, rows: int) -> ort.IOBinding:
+        """The binding of a step over rows ``[0, rows)``: made once per prefix size, reused."""
+        binding = self._step_bindings.get(rows)
+        if binding is None:
+            binding = self.session.io_binding()
+            self._bind_kv(binding, 0, rows)
+            width = self.max_len
+            binding.bind_input("attention_mask", "cpu", 0, np.int64, [rows, width],
+                               int(self.mask.ctypes.data))
+            binding.bind_input("input_ids", "cpu", 0, np.int64, [rows, 1],
+                               int(self._ids.ctypes.data))
+            binding.bind_output("logits", "cpu", 0, self._logits.dtype,
+                                [rows, 1, self._logits.shape[2]], int(self._logits.ctypes.data))
+            self._step_bindings[rows] = binding
+        return binding
+
+    def length(self, row: int) -> int:
+        return int(self.lengths[row])
+
+    def forward(self, row: int, token_ids: Sequence[int]) -> np.ndarray:
+        """Append ``token_ids`` to ``row`` in one pass; logits ``[len(token_ids), vocab]``.
+
+        A prefill is this at length 0; a speculative verification is this over the draft.
+        """
+        start, count = int(self.lengths[row]), len(token_ids)
+        if count < 1 or start + count > self.max_len:
+            raise ValueError(f"row {row} holds {start} tokens: {count} more exceed its "
+                             f"{self.max_len}")
+        self.mask[row, start : start + count] = 1
+        binding = self._forward_bindings.get(row)
+        if binding is None:  # the row's K/V and mask, bound once (120 tensors on SmolLM2)
+            binding = self.session.io_binding()
+            self._bind_kv(binding, row, 1)
+            binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.max_len],
+                               int(self.mask.ctypes.data) + row * self.max_len * 8)
+            self._forward_bindings[row] = binding
+        binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        self.lengths[row] = start + count
+        return binding.get_outputs()[-1].numpy()[0]  # logits: bound last
+
+    def advance(self, row: int, token: int) -> np.ndarray:
+        """Append one token to ``row`` alone; its next-token logits ``[vocab]``. The binding
+        is made once per row (a draft model calls this k times per speculative round)."""
+        at = int(self.lengths[row])
+        if at >= self.max_len:
+            raise ValueError(f"row {row} is full ({at} tokens)")
+        binding = self._row_bindings.get(row)
+        if binding is None:
+            binding = self.session.io_binding()
+            self._bind_kv(binding, row, 1)
+            binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.max_len],
+                               int(self.mask.ctypes.data) + row * self.max_len * 8)
+            binding.bind_input("input_ids", "cpu", 0, np.int64, [1, 1],
+                               int(self._ids.ctypes.data) + row * 8)
+            binding.bind_output("logits", "cpu", 0, self._logits.dtype,
+                                [1, 1, self._logits.shape[2]],
+                                int(self._logits[row].ctypes.data))
+            self._row_bindings[row] = binding
+        self._ids[row, 0] = token
+        self.mask[row, at] = 1
+        self.lengths[row] = at + 1
+        self.session.run_with_iobinding(binding)
+        return self._logits[row, 0]
+
+    def truncate(self, row: int, length: int) -> None:
+        """Roll ``row`` back to its first ``length`` tokens (later K/V is overwritten later)."""
+        if not 1 <= length <= self.lengths[row]:
+            raise ValueError(f"cannot truncate row {row} of {self.lengths[row]} to {length}")
+        self._high[row] = max(self._high[row], self.lengths[row])
+        self.mask[row, length:] = 0
+        self.lengths[row] = length
+
+    def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        if self.lengths[row]:
+            raise ValueError(f"row {row} is in use")
+        return sampler(self.forward(row, prompt_ids)[-1])
+
+    def prefill_part(self, row: int, token_ids: Sequence[int], sampler: Sampler,
+                     final: bool) -> int | None:
+        # a step over a prefix that covers this row meanwhile writes one dummy position at
+        # its length, which this part's forward then overwrites
+        logits = self.forward(row, token_ids)
+        return sampler(logits[-1]) if final else None
+
+    def step(self, rows: Sequence[int], tokens: Sequence[int],
+             samplers: Sequence[Sampler]) -> list[int]:
+        for row, token in zip(rows, tokens, strict=True):
+            at = self.lengths[row]
+            if at < 1 or at >= self.max_len:
+                raise ValueError(f"row {row} (length {at}) cannot take a step")
+            self._ids[row, 0] = token
+            self.mask[row, at] = 1
+            self.lengths[row] = at + 1
+        # one forward over the smallest prefix of rows holding them all: free rows inside it
+        # decode a dummy token (their mask keeps one position), and nothing is copied
+        self.session.run_with_iobinding(self._step_binding(max(rows) + 1))
+        return self._sample_rows(rows, samplers)
+
+    def _sample_rows(self, rows: Sequence[int], samplers: Sequence[Sampler]) -> list[int]:
+        """Each row's next token from the step's logits. A row whose sampling fails (bad
+        logits) fails alone: it is listed in :attr:`failed` with a placeholder token, and the
+        other rows go on."""
+        logits = self._logits
+        self.failed = {}
+        out = []
+        for row, sampler in zip(rows, samplers, strict=True):
+            try:
+                out.append(sampler(logits[row, 0]))
+            except Exception as err:  # noqa: BLE001 (the row's own fault, reported per row)
+                self.failed[row] = err
+                out.append(0)
+        return out
+
+    def release(self, row: int) -> None:
+        self._high[row] = max(self._high[row], self.lengths[row])
+        self.mask[row] = 0
+        self.mask[row, 0] = 1
+        self.lengths[row] = 0
+
+
+class SerialSlots(Slots):
+    """Rows that each keep their engine's own token iterator; a step advances them in turn."""
+
+    batched = False
+    kind = "serial"
+
+    def __init__(self, engine: Engine, max_batch: int, max_len: int) -> None:
+        super().__init__(engine, max_batch, min(max_len, engine.context_length))
+        self._iters: dict[int, Iterator[int]] = {}
+
+    def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        if row in self._iters:
+            raise ValueError(f"row {row} is in use")
+        # the engine samples with a generator seeded the same way as the sequence's own
+        it = self.engine._token_ids(prompt_ids, sampler.params)
+        self._iters[row] = it
+        return next(it)
+
+    def step(self, rows: Sequence[int], tokens: Sequence[int],
+             samplers: Sequence[Sampler]) -> list[int]:
+        return [next(self._iters[row]) for row in rows]
+
+    def release(self, row: int) -> None:
+        it = self._iters.pop(row, None)
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def slots_for(engine: Engine, max_batch: int, max_len: int) -> Slots:
+    """Real batching where the graph allows it, speculative rows for the speculative rung,
+    interleaving otherwise."""
+    own = engine.own_slots(max_batch, max_len)
+    if own is not None:
+        return own
+    if isinstance(engine, OrtEngine) and engine.shared_kv:
+        return KVSlots(engine, max_batch, max_len)
+    return SerialSlots(engine, max_batch, max_len)

@@ -1,0 +1,159 @@
+"""Load a built ladder for serving: one engine per variant; one broken variant spares the rest."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from models.runtime.engine.base import Engine, VariantLoadError
+from models.runtime.engine.ort import shares_kv_buffer
+from models.runtime.manifest import Manifest, VariantInfo, onnx_bytes
+
+# A rung decoding on one core spends about a third less CPU time per token than on two, for
+# 1.3-1.8x its latency (SmolLM2's ladder on a 2-core host: `greenroute bench threads`). The
+# service's default: these rungs on one thread each, `full` (the reference, and the fallback
+# for tight budgets) and the speculative rung's target on the service's `threads`.
+CHEAP_RUNGS_ON_ONE_CORE = {"int8": 1, "int4": 1, "distilled": 1, "distilled-int8": 1}
+
+log = logging.getLogger(__name__)
+RUNTIMES = ("auto", "onnxruntime", "onnxruntime-genai")
+
+
+@dataclass
+class LoadedLadder:
+    """Engines that loaded, and a one-line reason for each variant that did not."""
+
+    directory: Path
+    manifest: Manifest
+    engines: dict[str, Engine] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def info(self, name: str) -> VariantInfo:
+        return self.manifest.variants[name]
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def load_engine(ladder_dir: Path, manifest: Manifest, variant: VariantInfo, tokenizer: Tokenizer,
+                runtime: str, device: str, threads: int) -> Engine:
+    """Build the engine for one variant with the requested runtime."""
+    vdir = ladder_dir / variant.dir
+    if variant.speculative is not None:
+        raise VariantLoadError("the speculative rung is assembled from loaded variants")
+    if runtime == "onnxruntime-genai":
+        from models.runtime.engine.genai import GenaiEngine
+
+        return GenaiEngine(vdir, tokenizer, manifest.context_length, manifest.eos_token_ids,
+                           device=device)
+    from models.runtime.engine.ort import OrtEngine
+
+    return OrtEngine(vdir / variant.file, tokenizer, manifest.context_length,
+                     manifest.eos_token_ids, device=device, threads=threads)
+
+
+def load_ladder(
+    ladder_dir: Path,
+    device: str = "cpu",
+    threads: int = 2,
+    runtime: str = "auto",
+    only: list[str] | None = None,
+    warmup: bool = True,
+    variant_threads: Mapping[str, int] | None = None,
+) -> LoadedLadder:
+    """Load every variant in ``ladder_dir`` (or those in ``only``), each with ``threads``
+    intra-op threads or its own count from ``variant_threads``.
+
+    ``runtime="auto"`` uses our engine where it batches (shared-KV graphs), else the
+    manifest's measured choice. Raises :class:`VariantLoadError` only
+    when the manifest or tokenizer is unusable; a single variant's failure is recorded in
+    ``failed`` and logged.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    try:
+        manifest = Manifest.load(ladder_dir)
+    except FileNotFoundError as err:
+        raise VariantLoadError(f"no manifest.json in {ladder_dir}: build the ladder first "
+                               "(greenroute build)") from err
+    except ValueError as err:
+        raise VariantLoadError(f"invalid manifest in {ladder_dir}: "
+                               f"{str(err).splitlines()[0]}") from err
+    try:
+        tokenizer = Tokenizer.from_file(str(ladder_dir / manifest.tokenizer))
+    except Exception as err:  # tokenizers raises a bare Exception
+        raise VariantLoadError(f"cannot load tokenizer {manifest.tokenizer}: {err}") from err
+    ladder = LoadedLadder(ladder_dir, manifest)
+    for variant in manifest.ordered():
+        if only is not None and variant.name not in only:
+            continue
+        if variant.speculative is not None:
+            _add_speculative(ladder, variant, device, threads, warmup, variant_threads or {})
+            continue
+        where = f"{variant.dir}/{variant.file}"
+        try:  # files changed since the build (a half-finished copy, another build's graph)
+            on_disk = onnx_bytes(ladder_dir / variant.dir, variant.file)
+            changed = None if on_disk == variant.bytes else (
+                f"cannot load {where}: it holds {on_disk} bytes where the manifest says "
+                f"{variant.bytes}; rebuild the ladder (greenroute build --force)")
+        except FileNotFoundError:
+            changed = f"{where} not found; rebuild the ladder (greenroute build --force)"
+        if changed:
+            ladder.failed[variant.name] = changed
+            log.error("variant %s not loaded: %s", variant.name, changed)
+            continue
+        chosen = runtime
+        if runtime == "auto":
+            # our engine batches the builder's shared-KV graphs continuously; onnxruntime-genai's
+            # Generator runs one sequence at a time on CPU, whatever its batch-1 race said
+            batches = shares_kv_buffer(ladder_dir / variant.dir)
+            chosen = "onnxruntime" if batches else manifest.runtime
+        try:
+            engine = load_engine(ladder_dir, manifest, variant, tokenizer, chosen, device,
+                                 (variant_threads or {}).get(variant.name, threads))
+            if warmup:
+                engine.warmup()
+        except VariantLoadError as err:
+            ladder.failed[variant.name] = str(err)
+            log.error("variant %s not loaded: %s", variant.name, err)
+            continue
+        ladder.engines[variant.name] = engine
+    return ladder
+
+
+def _add_speculative(ladder: LoadedLadder, variant: VariantInfo, device: str, threads: int,
+                     warmup: bool, variant_threads: Mapping[str, int]) -> None:
+    """The speculative rung shares its target's and draft's sessions (loaded for their own
+    rungs, or here when only the speculative rung was asked for)."""
+    from models.runtime.engine.ort import OrtEngine
+    from models.runtime.engine.speculative import SpeculativeEngine
+
+    spec = variant.speculative
+    assert spec is not None
+    engines: dict[str, OrtEngine] = {}
+    try:
+        for role in (spec.target, spec.draft):
+            engine = ladder.engines.get(role)
+            if not isinstance(engine, OrtEngine):
+                info = ladder.manifest.variants[role]
+                engine = OrtEngine(ladder.directory / info.dir / info.file,
+                                   Tokenizer.from_file(str(ladder.directory
+                                                           / ladder.manifest.tokenizer)),
+                                   ladder.manifest.context_length,
+                                   ladder.manifest.eos_token_ids, device=device,
+                                   threads=variant_threads.get(role, threads))
+            engines[role] = engine
+        rung = SpeculativeEngine(engines[spec.target], engines[spec.draft], spec.k,
+                                 spec.min_acceptance)
+        if warmup:
+            rung.warmup()
+    except (VariantLoadError, ValueError, KeyError) as err:
+        ladder.failed[variant.name] = str(err).splitlines()[0]
+        log.error("variant %s not loaded: %s", variant.name, err)
+        return
+    ladder.engines[variant.name] = rung

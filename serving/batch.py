@@ -1,0 +1,28 @@
+"""One variant's continuous batch as the lane holds it."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from models.runtime.engine.slots import Slots
+from serving.sequence import Sequence
+
+
+@dataclass
+class Batch:
+    """One variant's continuous batch: its slots, running rows and waiting requests."""
+
+    name: str
+    slots: Slots
+    running: dict[int, Sequence] = field(default_factory=dict)  # row → sequence
+    waiting: deque[Sequence] = field(default_factory=deque)
+    free: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.free = list(range(self.slots.max_batch - 1, -1, -1))  # pop() gives the lowest
+
+    def take_row(self) -> int:
+        # lowest free row first: the step's prefix of rows stays short
+        self.free.sort(reverse=True)
+        return self.free.pop()
