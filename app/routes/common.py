@@ -12,9 +12,10 @@ from fastapi import Request
 
 from app.errors import ApiError
 from app.schemas import NON_BLANK, EnergyOut, RouteOut
-from app.service import Budget, Outcome, Run
+from app.service import Outcome, Run
 from app.settings import Settings
 from models.runtime.engine.base import GenerationParams
+from routing.policy import Budget
 
 
 def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: float,

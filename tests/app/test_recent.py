@@ -18,8 +18,9 @@ from fastapi.testclient import TestClient
 
 from app.recent import RecentRequests
 from app.routes.ui import STATIC
-from app.service import Budget, Call, Outcome, Route
+from app.service import Call, Outcome, Route
 from models.runtime.engine.base import GenerationParams
+from routing.policy import Budget
 from telemetry.base import EnergyReading
 from tests.app.test_api import assert_error
 

@@ -201,8 +201,10 @@ def test_a_stream_abandoned_before_its_first_byte_stops_and_settles(
 ) -> None:
     """The streaming response's background task (run when the client left before the body
     started) cancels the generation and brings the in-flight gauge back to zero."""
-    from app.service import Budget, Call
+    from app.service import Call
     from models.runtime.engine.base import GenerationParams
+    from routing.policy import Budget
+    from serving.events import Chunks, Skipped
 
     c = make_client()
     service = c.app.state.service  # type: ignore[attr-defined]
@@ -212,10 +214,10 @@ def test_a_stream_abandoned_before_its_first_byte_stops_and_settles(
         run = service.open(Call("The json", params, Budget(60_000, 0.0), "/v1/generate",
                                 stream=True))
         run.abandon()  # what StreamingResponse's background runs after an early disconnect
-        kind, payload = await run._handle.next()
-        while kind == "chunks":
-            kind, payload = await run._handle.next()
-        return kind if kind != "finished" else payload.finish_reason
+        event = await run._handle.next()
+        while isinstance(event, Chunks):
+            event = await run._handle.next()
+        return "skipped" if isinstance(event, Skipped) else event.finish_reason
 
     outcome = c.portal.call(abandon)  # type: ignore[union-attr]
     assert outcome in ("skipped", "cancelled")

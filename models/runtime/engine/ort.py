@@ -70,6 +70,7 @@ class OrtEngine(Engine):
     """KV-cached greedy/sampled decoding over one ONNX session."""
 
     runtime = "onnxruntime"
+    threads: int  # always known for our sessions
 
     def __init__(
         self,
