@@ -64,6 +64,15 @@ def _soak(args: argparse.Namespace) -> int:
                           threads=args.threads, warmup_s=args.warmup), report, args.json)
 
 
+def _peers(args: argparse.Namespace) -> int:
+    from bench.peers import report, run_bench
+
+    figures = run_bench(ladder_path(args), clients=tuple(int(c) for c in args.clients.split(",")),
+                        rounds=args.rounds, new_tokens=args.new_tokens, threads=args.threads,
+                        variant_threads=args.variant_threads, server=args.server)
+    return _emit(figures, report, args.json)
+
+
 def _spec(args: argparse.Namespace) -> int:
     from bench.spec import report, run_bench
 
@@ -89,8 +98,7 @@ def _energy(args: argparse.Namespace) -> int:
 
 SUITES: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _models, "serve": _serve, "route": _route, "spec": _spec, "energy": _energy,
-    "soak": _soak,
-    "threads": _threads}
+    "soak": _soak, "peers": _peers, "threads": _threads}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -96,6 +96,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--clients", type=int, default=16)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", default=None)
+    b = bench.add_parser("peers", help="full / int8 / int4 against llama.cpp's llama-server "
+                                       "(F32 / Q8_0 / Q4_1) at 1, 4 and 16 clients")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--threads", type=int, default=2, help="both servers' threads")
+    b.add_argument("--variant-threads", default="",
+                   help="our GREENROUTE_VARIANT_THREADS (default: every rung on --threads, "
+                        "as llama-server -t)")
+    b.add_argument("--server", default=None,
+                   help="llama-server binary (default: $GREENROUTE_LLAMA_SERVER)")
+    b.add_argument("--json", default=None)
     b = bench.add_parser("spec", help="the speculative rung vs full, side by side (batch 1)")
     b.add_argument("--ladder", default=None)
     b.add_argument("--draft", default=None, help="draft variant (default: the manifest's)")

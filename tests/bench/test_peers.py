@@ -1,0 +1,35 @@
+"""``bench peers`` without a llama-server: our rungs are measured on a live service, taking
+turns, and the report says what was not measured."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from bench.peers import cpu_seconds, report, run_bench
+
+
+def test_cpu_seconds_reads_this_process() -> None:
+    before = cpu_seconds(os.getpid())
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.2:
+        pass
+    assert cpu_seconds(os.getpid()) - before >= 0.1
+
+
+def test_our_rungs_are_measured_and_the_missing_peer_is_said(tiny_ladder: Path) -> None:
+    f = run_bench(tiny_ladder, clients=(1, 2), rounds=2, new_tokens=4, threads=1,
+                  server="/nonexistent/llama-server")
+    assert f["skipped"] and "GREENROUTE_LLAMA_SERVER" in f["skipped"]
+    for n in ("1", "2"):
+        engines = f["medians"][n]
+        assert set(engines) == {"ours full", "ours int8"} | (
+            {"ours int4"} if "ours int4" in engines else set())
+        for name, m in engines.items():
+            runs = f["runs"][n][name]
+            assert len(runs) == 2  # every engine once per round
+            assert all(r["tokens"] == 4 * int(n) * max(2, 16 // int(n)) for r in runs)
+            assert m["tok_s"] > 0 and m["j_per_token"] >= 0
+    text = report(f)
+    assert "llama-server not measured" in text and "ours int8 / ours full" in text
