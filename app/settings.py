@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         default_factory=lambda: dict(CHEAP_RUNGS_ON_ONE_CORE),
         description="threads of named variants, overriding `threads` (NAME=N,...; names "
         "absent from the ladder are skipped)")
+    wide_from_rows: int = Field(4, ge=0, description="a variant on fewer threads than "
+                                "`threads` also keeps a session on `threads`, used for steps of "
+                                "at least this many rows and prompts of at least this many "
+                                "tokens (0: never)")
     runtime: Literal["auto", "onnxruntime", "onnxruntime-genai"] = "auto"
     variants: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="load only these variants (comma-separated)")

@@ -56,7 +56,8 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     chat_template = load_chat_template(settings.ladder_dir)  # before the slow part: fail fast
     ladder = load_ladder(settings.ladder_dir, device=device, threads=settings.threads,
                          runtime=settings.runtime, only=settings.variants or None,
-                         variant_threads=settings.variant_threads)
+                         variant_threads=settings.variant_threads,
+                         wide_from_rows=settings.wide_from_rows)
     if not ladder.engines:
         raise RuntimeError(f"no variant could be loaded from {settings.ladder_dir}: "
                            f"{ladder.failed}")
@@ -119,8 +120,9 @@ def check_memory(executor: Executor, ladder: LoadedLadder, settings: Settings) -
     speculative rung's own rows included) plus the weights. KV pages are touched only as rows
     fill, so without this a service starts fine and is OOM-killed under long requests."""
     kv = {name: b.slots.kv_bytes for name, b in executor.lane.batches.items()}
-    weights = sum(v.bytes for v in ladder.manifest.variants.values()
-                  if v.name in ladder.engines and not v.speculative)
+    weights = sum(v.bytes * (2 if ladder.engines[v.name].wide_threads else 1)
+                  for v in ladder.manifest.variants.values()
+                  if v.name in ladder.engines and not v.speculative)  # a wide session: twice
     need = sum(kv.values()) + WEIGHTS_RESIDENT * weights
     limit, source = memory_limit(settings)
     if need > limit:

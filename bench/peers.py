@@ -129,21 +129,41 @@ def closed_loop(c: httpx.Client, send: Send, pid: int, clients: int, per_client:
             "j_per_token": cpu * watts_per_core / tokens}
 
 
+# Our service as it runs by default, beside the like-for-like configuration (every rung on
+# ``threads``, as llama-server -t): the quantized rungs on one core, with and without their
+# session on both cores for wide forwards (GREENROUTE_WIDE_FROM_ROWS)
+SERVED = {"served": {"GREENROUTE_VARIANT_THREADS": "int8=1,int4=1,distilled=1,distilled-int8=1",
+                     "GREENROUTE_WIDE_FROM_ROWS": "4"},
+          "served, no wide session": {
+              "GREENROUTE_VARIANT_THREADS": "int8=1,int4=1,distilled=1,distilled-int8=1",
+              "GREENROUTE_WIDE_FROM_ROWS": "0"}}
+
+
 def run_bench(ladder: Path, clients: tuple[int, ...] = (1, 4, 16), rounds: int = 3,
               new_tokens: int = 64, threads: int = 2, watts_per_core: float = 10.0,
-              variant_threads: str = "", server: str | None = None) -> dict[str, Any]:
-    """Every engine at every client count, taking turns; medians over ``rounds``."""
+              variant_threads: str = "", server: str | None = None,
+              served: bool = False) -> dict[str, Any]:
+    """Every engine at every client count, taking turns; medians over ``rounds``. With
+    ``served``, also the quantized rungs as the service runs them by default (:data:`SERVED`),
+    each configuration its own live service."""
     server = server or os.environ.get("GREENROUTE_LLAMA_SERVER")
     built = Manifest.load(ladder).variants
     pairs = {v: kind for v, kind in PAIRS.items() if v in built}
-    env = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_VARIANT_THREADS": variant_threads,
-           "GREENROUTE_QUEUE_SIZE": "64", "GREENROUTE_VARIANTS": ",".join(pairs)}
+    base = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64",
+            "GREENROUTE_VARIANTS": ",".join(pairs)}
+    configs = {"": {"GREENROUTE_VARIANT_THREADS": variant_threads,
+                    "GREENROUTE_WIDE_FROM_ROWS": "0"}}
+    if served:
+        configs.update(SERVED)
     skipped = None
-    pids: list[int] = []
+    engines: dict[str, tuple[httpx.Client, int, Send]] = {}
     with ExitStack() as stack:
-        c = stack.enter_context(live_service(ladder, env, pids=pids))
-        engines: dict[str, tuple[httpx.Client, int, Send]] = {
-            f"ours {v}": (c, pids[0], ours(v, new_tokens)) for v in pairs}
+        for label, env in configs.items():
+            pids: list[int] = []
+            c = stack.enter_context(live_service(ladder, {**base, **env}, pids=pids))
+            for v in pairs if not label else [v for v in pairs if v != "full"]:
+                name = f"ours {v}" + (f" ({label})" if label else "")
+                engines[name] = (c, pids[0], ours(v, new_tokens))
         if server and Path(server).is_file():
             ggufs = make_ggufs(Path(server), cache_root() / "peers",
                                cache_root() / "sources" / SOURCE_GGUF)
@@ -170,6 +190,7 @@ def run_bench(ladder: Path, clients: tuple[int, ...] = (1, 4, 16), rounds: int =
                    for e, xs in per.items()} for n, per in runs.items()}
     return {"clients": list(clients), "rounds": rounds, "new_tokens": new_tokens,
             "threads": threads, "variant_threads": variant_threads, "server": server,
+            "configs": configs,
             "skipped": skipped, "watts_per_core": watts_per_core, "runs": runs,
             "medians": medians}
 
@@ -184,13 +205,14 @@ def report(f: dict[str, Any]) -> str:
     for n, per in f["medians"].items():
         lines.append(f"  {n} client(s):")
         for name, m in per.items():
-            lines.append(f"    {name:<16} {m['tok_s']:8.1f} tok/s  {m['j_per_token']:.4f} J/token")
+            lines.append(f"    {name:<36} {m['tok_s']:8.1f} tok/s  {m['j_per_token']:.4f} J/token")
         for ours_v, kind in PAIRS.items():
             a, b = per.get(f"ours {ours_v}"), per.get(f"llama.cpp {kind}")
             if a and b:
                 lines.append(f"    ours {ours_v} / llama.cpp {kind}: {a['tok_s'] / b['tok_s']:.2f}x"
                              f" tok/s, {a['j_per_token'] / b['j_per_token']:.2f}x J/token")
-        full, int8 = per.get("ours full"), per.get("ours int8")
-        if full and int8:
-            lines.append(f"    ours int8 / ours full: {int8['tok_s'] / full['tok_s']:.2f}x tok/s")
+        full = per.get("ours full")
+        for name, m in per.items():
+            if full and name.startswith("ours int8"):
+                lines.append(f"    {name} / ours full: {m['tok_s'] / full['tok_s']:.2f}x tok/s")
     return "\n".join(lines)

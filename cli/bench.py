@@ -69,7 +69,8 @@ def _peers(args: argparse.Namespace) -> int:
 
     figures = run_bench(ladder_path(args), clients=tuple(int(c) for c in args.clients.split(",")),
                         rounds=args.rounds, new_tokens=args.new_tokens, threads=args.threads,
-                        variant_threads=args.variant_threads, server=args.server)
+                        variant_threads=args.variant_threads, server=args.server,
+                        served=args.served)
     return _emit(figures, report, args.json)
 
 

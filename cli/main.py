@@ -108,6 +108,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "as llama-server -t)")
     b.add_argument("--server", default=None,
                    help="llama-server binary (default: $GREENROUTE_LLAMA_SERVER)")
+    b.add_argument("--served", action="store_true",
+                   help="also the quantized rungs as the service runs them by default (one "
+                        "core, with and without the wide session)")
     b.add_argument("--json", default=None)
     b = bench.add_parser("spec", help="the speculative rung vs full, side by side (batch 1)")
     b.add_argument("--ladder", default=None)

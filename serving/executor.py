@@ -89,9 +89,11 @@ class Executor:
         for name, b in self.lane.batches.items():
             s: dict[str, Any] = {"batching": b.slots.kind, "max_batch": b.slots.max_batch,
                                  "running": len(b.running), "waiting": len(b.waiting)}
-            threads = self.engines[name].threads
-            if threads is not None:  # its sessions' intra-op threads (0: draft and target differ)
-                s["threads"] = threads
+            engine = self.engines[name]
+            if engine.threads is not None:  # its sessions' threads (0: draft, target differ)
+                s["threads"] = engine.threads
+            if engine.wide_threads:  # and its session for wide forwards
+                s.update(wide_threads=engine.wide_threads, wide_from_rows=engine.wide_from_rows)
             if b.slots.speculation is not None:
                 drafted, accepted = b.slots.speculation
                 s.update(drafted=drafted, accepted=accepted,

@@ -41,8 +41,11 @@ class LoadedLadder:
 
 
 def load_engine(ladder_dir: Path, manifest: Manifest, variant: VariantInfo, tokenizer: Tokenizer,
-                runtime: str, device: str, threads: int) -> Engine:
-    """Build the engine for one variant with the requested runtime."""
+                runtime: str, device: str, threads: int, wide_threads: int = 0,
+                wide_from_rows: int = 0) -> Engine:
+    """Build the engine for one variant with the requested runtime (our engine with a wide
+    session on ``wide_threads`` for forwards of at least ``wide_from_rows`` rows or tokens,
+    when that is more than ``threads``)."""
     vdir = ladder_dir / variant.dir
     if variant.speculative is not None:
         raise VariantLoadError("the speculative rung is assembled from loaded variants")
@@ -54,7 +57,8 @@ def load_engine(ladder_dir: Path, manifest: Manifest, variant: VariantInfo, toke
     from models.runtime.engine.ort import OrtEngine
 
     return OrtEngine(vdir / variant.file, tokenizer, manifest.context_length,
-                     manifest.eos_token_ids, device=device, threads=threads)
+                     manifest.eos_token_ids, device=device, threads=threads,
+                     wide_threads=wide_threads, wide_from_rows=wide_from_rows)
 
 
 def load_ladder(
@@ -65,9 +69,12 @@ def load_ladder(
     only: list[str] | None = None,
     warmup: bool = True,
     variant_threads: Mapping[str, int] | None = None,
+    wide_from_rows: int = 0,
 ) -> LoadedLadder:
     """Load every variant in ``ladder_dir`` (or those in ``only``), each with ``threads``
-    intra-op threads or its own count from ``variant_threads``.
+    intra-op threads or its own count from ``variant_threads``; a variant given fewer than
+    ``threads`` also gets a session on ``threads`` for forwards of at least
+    ``wide_from_rows`` rows or tokens (0: none).
 
     ``runtime="auto"`` uses our engine where it batches (shared-KV graphs), else the
     manifest's measured choice. Raises :class:`VariantLoadError` only
@@ -114,8 +121,9 @@ def load_ladder(
             batches = shares_kv_buffer(ladder_dir / variant.dir)
             chosen = "onnxruntime" if batches else manifest.runtime
         try:
-            engine = load_engine(ladder_dir, manifest, variant, tokenizer, chosen, device,
-                                 (variant_threads or {}).get(variant.name, threads))
+            own = (variant_threads or {}).get(variant.name, threads)
+            engine = load_engine(ladder_dir, manifest, variant, tokenizer, chosen, device, own,
+                                 threads if own < threads else 0, wide_from_rows)
             if warmup:
                 engine.warmup()
         except VariantLoadError as err:

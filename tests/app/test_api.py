@@ -331,11 +331,18 @@ def test_variant_threads_are_parsed_and_checked_at_start_up() -> None:
 
 def test_each_variant_runs_on_its_own_thread_count(
         make_client: Callable[..., TestClient]) -> None:
-    c = make_client(threads=2, variant_threads={"int8": 1, "distilled": 1})
+    c = make_client(threads=2, variant_threads={"int8": 1, "distilled": 1}, wide_from_rows=4)
     execution = {v["name"]: v["execution"] for v in c.get("/v1/variants").json()["data"]
                  if v["loaded"]}
     assert execution["int8"]["threads"] == 1 and execution["distilled"]["threads"] == 1
     assert execution["full"]["threads"] == 2
+    # the one-core rungs keep a session on both cores for wide forwards; full needs none
+    assert (execution["int8"]["wide_threads"], execution["int8"]["wide_from_rows"]) == (2, 4)
+    assert "wide_threads" not in execution["full"]
+    narrow = make_client(threads=2, variant_threads={"int8": 1}, wide_from_rows=0)
+    execution = {v["name"]: v["execution"] for v in narrow.get("/v1/variants").json()["data"]
+                 if v["loaded"]}
+    assert "wide_threads" not in execution["int8"]
     # a one-core rung still serves
     resp = c.post("/v1/generate", json={"prompt": "def", "max_new_tokens": 4, "variant": "int8"})
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1

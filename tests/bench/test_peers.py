@@ -19,13 +19,14 @@ def test_cpu_seconds_reads_this_process() -> None:
 
 
 def test_our_rungs_are_measured_and_the_missing_peer_is_said(tiny_ladder: Path) -> None:
-    f = run_bench(tiny_ladder, clients=(1, 2), rounds=2, new_tokens=4, threads=1,
-                  server="/nonexistent/llama-server")
+    f = run_bench(tiny_ladder, clients=(1, 2), rounds=2, new_tokens=4, threads=2,
+                  server="/nonexistent/llama-server", served=True)
     assert f["skipped"] and "GREENROUTE_LLAMA_SERVER" in f["skipped"]
     for n in ("1", "2"):
         engines = f["medians"][n]
-        assert set(engines) == {"ours full", "ours int8"} | (
-            {"ours int4"} if "ours int4" in engines else set())
+        int8 = {"ours int8", "ours int8 (served)", "ours int8 (served, no wide session)"}
+        assert {"ours full"} | int8 <= set(engines)
+        assert {e for e in engines if "int8" in e} == int8
         for name, m in engines.items():
             runs = f["runs"][n][name]
             assert len(runs) == 2  # every engine once per round
@@ -33,3 +34,4 @@ def test_our_rungs_are_measured_and_the_missing_peer_is_said(tiny_ladder: Path) 
             assert m["tok_s"] > 0 and m["j_per_token"] >= 0
     text = report(f)
     assert "llama-server not measured" in text and "ours int8 / ours full" in text
+    assert "ours int8 (served) / ours full" in text

@@ -32,6 +32,15 @@ def engine(random_llama_builder: tuple[Path, Path]) -> OrtEngine:
     return engine_at(onnx_dir, ckpt)
 
 
+@pytest.fixture(scope="module")
+def wide_engine(random_llama_builder: tuple[Path, Path]) -> OrtEngine:
+    """One thread for narrow forwards, a second session on two from three rows or tokens."""
+    ckpt, onnx_dir = random_llama_builder
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    return OrtEngine(onnx_dir / "model.onnx", tokenizer, 128, [0], threads=1, wide_threads=2,
+                     wide_from_rows=3)
+
+
 PROMPTS = ["Return a new list of the items in", "x", "def f(a, b):", "The quick brown fox",
            "import numpy as np\n", "1 2 3", "While the loop runs, the", "class A:\n    def"]
 
@@ -55,14 +64,19 @@ def assert_same_but_near_ties(got: list[int], want: list[int], margins: list[flo
             return  # after a legitimate near-tie split the continuations differ
 
 
-def test_rows_joining_and_leaving_get_their_alone_tokens(engine: OrtEngine) -> None:
+@pytest.mark.parametrize("sessions", ["one", "wide"])
+def test_rows_joining_and_leaving_get_their_alone_tokens(
+        engine: OrtEngine, wide_engine: OrtEngine, sessions: str) -> None:
     """Eight sequences of different lengths and budgets join at different steps into rows of
-    a batch of 4, leave when done, and their freed rows are reused at once."""
+    a batch of 4, leave when done, and their freed rows are reused at once. With a wide
+    session, steps of three rows or more and prompts of three tokens or more run on it, and
+    every row still gets its alone tokens (computed on the one-thread session)."""
+    batched = wide_engine if sessions == "wide" else engine
     rng = random.Random(7)
     budget = [rng.randint(3, 14) for _ in PROMPTS]
     ids = [engine.encode(p) for p in PROMPTS]
     want = [alone(engine, i, n) for i, n in zip(ids, budget, strict=True)]
-    slots = KVSlots(engine, max_batch=4, max_len=64)
+    slots = KVSlots(batched, max_batch=4, max_len=64)
     params = GenerationParams(max_new_tokens=32, ignore_eos=True)
     waiting = list(range(len(PROMPTS)))
     running: dict[int, int] = {}  # row -> sequence
@@ -91,6 +105,14 @@ def test_rows_joining_and_leaving_get_their_alone_tokens(engine: OrtEngine) -> N
     assert reused == 4  # the last four ran in rows the first four had freed
     for seq in got:
         assert_same_but_near_ties(got[seq][: budget[seq]], *want[seq])
+    if sessions == "wide":  # which session each binding runs on
+        assert wide_engine.wide_session is not None
+        assert {w: sess is wide_engine.wide_session
+                for w, (sess, _) in slots._step_bindings.items()} == {
+            w: w >= 3 for w in slots._step_bindings}
+        assert any(w >= 3 for w in slots._step_bindings)
+        assert {wide for _, wide in slots._forward_bindings} == {
+            len(i) >= 3 for i in ids}
 
 
 def solo(engine: OrtEngine, ids: list[int], params: GenerationParams, n: int) -> list[int]:

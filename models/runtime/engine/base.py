@@ -211,6 +211,8 @@ class Engine(ABC):
     # intra-op threads of its sessions (None: the runtime runs its own way, as genai's does;
     # 0: a speculative pair whose target and draft differ)
     threads: int | None = None
+    wide_threads: int = 0  # threads of a second session for wide forwards (0: none)
+    wide_from_rows: int = 0  # the rows (or prompt tokens) from which it runs
 
     def __init__(self, tokenizer: Tokenizer, context_length: int, eos_token_ids: Sequence[int]):
         self.tokenizer = tokenizer

@@ -80,17 +80,29 @@ class OrtEngine(Engine):
         eos_token_ids: Sequence[int],
         device: str = "cpu",
         threads: int = 2,
+        wide_threads: int = 0,
+        wide_from_rows: int = 0,
     ) -> None:
         super().__init__(tokenizer, context_length, eos_token_ids)
         if not model_path.is_file():
             raise VariantLoadError(f"ONNX file not found: {model_path}")
         self.threads = threads
+        # a second session of the same graph on more threads, for wide forwards (steps of at
+        # least ``wide_from_rows`` rows, prompts of at least as many tokens): a rung kept on one
+        # core for its cheap narrow steps still uses both under load (see session_for)
+        self.wide_session: ort.InferenceSession | None = None
+        self.wide_from_rows = wide_from_rows
         try:
             self.session = ort.InferenceSession(
                 str(model_path), session_options(threads), providers=providers_for(device)
             )
+            if wide_threads > threads and wide_from_rows > 0:
+                self.wide_session = ort.InferenceSession(
+                    str(model_path), session_options(wide_threads),
+                    providers=providers_for(device))
         except Exception as err:  # onnxruntime raises several unrelated types for bad files
             raise VariantLoadError(f"cannot load {model_path}: {err}".splitlines()[0]) from err
+        self.wide_threads = wide_threads if self.wide_session is not None else 0
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         past = sorted(
@@ -165,6 +177,13 @@ class OrtEngine(Engine):
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
         return values[0].numpy(), list(values[1:])
+
+    def session_for(self, rows: int) -> ort.InferenceSession:
+        """The session for a forward over ``rows`` rows (a step) or tokens (a prompt): the
+        wide one from ``wide_from_rows`` up, when there is one."""
+        if self.wide_session is not None and rows >= self.wide_from_rows:
+            return self.wide_session
+        return self.session
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] of a whole sequence in one pass (quality evaluation)."""

@@ -128,7 +128,7 @@ class KVSlots(Slots):
         if not engine.shared_kv:
             raise ValueError("KVSlots needs a GroupQueryAttention graph with a shared KV buffer")
         super().__init__(engine, max_batch, min(max_len, engine.context_length))
-        self.session = engine.session
+        self.ort_engine = engine
         e = engine
         b, length = self.max_batch, self.max_len
         kv = self.layout = e.kv
@@ -152,9 +152,11 @@ class KVSlots(Slots):
         self._high = np.zeros(b, dtype=np.int64)  # the most each row held before a release
         self._ids = aligned_zeros((b, 1), np.int64)
         self._logits = aligned_zeros((b, 1, kv.vocab), kv.logits_dtype)
-        self._step_bindings: dict[int, ort.IOBinding] = {}
+        # bindings made once and reused, each with the session it belongs to
+        self._step_bindings: dict[int, tuple[ort.InferenceSession, ort.IOBinding]] = {}
         self._row_bindings: dict[int, ort.IOBinding] = {}
-        self._forward_bindings: dict[int, ort.IOBinding] = {}
+        self._forward_bindings: dict[tuple[int, bool], tuple[ort.InferenceSession,
+                                                            ort.IOBinding]] = {}
 
     @property
     def kv_bytes(self) -> int:
@@ -179,11 +181,13 @@ class KVSlots(Slots):
             binding.bind_input(past, self._dev, 0, self._kv_type, shape, ptr + offset)
             binding.bind_output(present, self._dev, 0, self._kv_type, shape, ptr + offset)
 
-    def _step_binding(self, rows: int) -> ort.IOBinding:
-        """The binding of a step over rows ``[0, rows)``: made once per prefix size, reused."""
-        binding = self._step_bindings.get(rows)
-        if binding is None:
-            binding = self.session.io_binding()
+    def _step_binding(self, rows: int) -> tuple[ort.InferenceSession, ort.IOBinding]:
+        """The session and binding of a step over rows ``[0, rows)``: made once per prefix
+        size (on the engine's session for that width), reused."""
+        made = self._step_bindings.get(rows)
+        if made is None:
+            session = self.ort_engine.session_for(rows)
+            binding = session.io_binding()
             self._bind_kv(binding, 0, rows)
             width = self.max_len
             binding.bind_input("attention_mask", "cpu", 0, np.int64, [rows, width],
@@ -192,8 +196,8 @@ class KVSlots(Slots):
                                int(self._ids.ctypes.data))
             binding.bind_output("logits", "cpu", 0, self._logits.dtype,
                                 [rows, 1, self._logits.shape[2]], int(self._logits.ctypes.data))
-            self._step_bindings[rows] = binding
-        return binding
+            made = self._step_bindings[rows] = (session, binding)
+        return made
 
     def length(self, row: int) -> int:
         return int(self.lengths[row])
@@ -208,16 +212,19 @@ class KVSlots(Slots):
             raise ValueError(f"row {row} holds {start} tokens: {count} more exceed its "
                              f"{self.max_len}")
         self.mask[row, start : start + count] = 1
-        binding = self._forward_bindings.get(row)
-        if binding is None:  # the row's K/V and mask, bound once (120 tensors on SmolLM2)
-            binding = self.session.io_binding()
+        session = self.ort_engine.session_for(count)
+        key = (row, session is not self.ort_engine.session)
+        made = self._forward_bindings.get(key)
+        if made is None:  # the row's K/V and mask, bound once (120 tensors on SmolLM2)
+            binding = session.io_binding()
             self._bind_kv(binding, row, 1)
             binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.max_len],
                                int(self.mask.ctypes.data) + row * self.max_len * 8)
-            self._forward_bindings[row] = binding
+            made = self._forward_bindings[key] = (session, binding)
+        session, binding = made
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         binding.bind_output("logits", "cpu")
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         self.lengths[row] = start + count
         return binding.get_outputs()[-1].numpy()[0]  # logits: bound last
 
@@ -229,7 +236,7 @@ class KVSlots(Slots):
             raise ValueError(f"row {row} is full ({at} tokens)")
         binding = self._row_bindings.get(row)
         if binding is None:
-            binding = self.session.io_binding()
+            binding = self.ort_engine.session.io_binding()
             self._bind_kv(binding, row, 1)
             binding.bind_input("attention_mask", "cpu", 0, np.int64, [1, self.max_len],
                                int(self.mask.ctypes.data) + row * self.max_len * 8)
@@ -242,7 +249,7 @@ class KVSlots(Slots):
         self._ids[row, 0] = token
         self.mask[row, at] = 1
         self.lengths[row] = at + 1
-        self.session.run_with_iobinding(binding)
+        self.ort_engine.session.run_with_iobinding(binding)
         return self._logits[row, 0]
 
     def truncate(self, row: int, length: int) -> None:
@@ -276,7 +283,8 @@ class KVSlots(Slots):
             self.lengths[row] = at + 1
         # one forward over the smallest prefix of rows holding them all: free rows inside it
         # decode a dummy token (their mask keeps one position), and nothing is copied
-        self.session.run_with_iobinding(self._step_binding(max(rows) + 1))
+        session, binding = self._step_binding(max(rows) + 1)
+        session.run_with_iobinding(binding)
         return self._sample_rows(rows, samplers)
 
     def _sample_rows(self, rows: Sequence[int], samplers: Sequence[Sampler]) -> list[int]:
