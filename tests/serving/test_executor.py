@@ -418,8 +418,8 @@ class PoisonedSession:
     """Fault injection around the real session: after a real step, one row's logits turn NaN
     (as a numerical fault in that row alone would)."""
 
-    def __init__(self, slots: Any, row: int) -> None:
-        self.real = slots.session
+    def __init__(self, real: Any, slots: Any, row: int) -> None:
+        self.real = real
         self.slots = slots
         self.row = row
 
@@ -431,10 +431,24 @@ class PoisonedSession:
         return getattr(self.real, name)
 
 
+class PoisonedEngine:
+    """The slots' engine, every session of it poisoned (see :class:`PoisonedSession`)."""
+
+    def __init__(self, slots: Any, row: int) -> None:
+        self.real = slots.ort_engine
+        self.session = PoisonedSession(self.real.session, slots, row)
+
+    def session_for(self, rows: int) -> PoisonedSession:
+        return self.session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 def test_a_row_with_bad_logits_fails_alone(builder_engine: OrtEngine) -> None:
     ex = make_executor({"full": builder_engine})
     slots = ex.lane.batches["full"].slots
-    slots.session = PoisonedSession(slots, row=1)  # type: ignore[attr-defined]
+    slots.ort_engine = PoisonedEngine(slots, row=1)  # type: ignore[attr-defined]
     prompts = PROMPTS[:3]
 
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
