@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from bench.live import free_port, live_service
+from bench.live import free_port, http_process, live_service
 from models.runtime.manifest import Manifest, cache_root
 
 PAIRS = {"full": "f32", "int8": "q8_0", "int4": "q4_1"}
@@ -69,27 +69,11 @@ def llama_server(server: Path, gguf: Path, threads: int, slots: int,
                  ready_timeout_s: float = 60.0) -> Iterator[tuple[httpx.Client, int]]:
     """A client of a fresh ``llama-server`` on ``gguf``, and its process id."""
     port = free_port()
-    proc = subprocess.Popen([str(server), "-m", str(gguf), "-np", str(slots), "-c",
-                             str(512 * slots), "-t", str(threads), "--port", str(port),
-                             "--host", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"llama-server did not become ready on {gguf}")
-            time.sleep(0.2)
-        yield client, proc.pid
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(30)
+    argv = [str(server), "-m", str(gguf), "-np", str(slots), "-c", str(512 * slots),
+            "-t", str(threads), "--port", str(port), "--host", "127.0.0.1"]
+    with http_process(argv, port, "/health", f"llama-server on {gguf}",
+                      ready_timeout_s=ready_timeout_s, stop_timeout_s=30) as served:
+        yield served
 
 
 Send = Callable[[httpx.Client, str], int]

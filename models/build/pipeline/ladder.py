@@ -33,6 +33,7 @@ from models.build.pipeline.source import checkpoint_hash, resolve_checkpoint
 from models.build.pipeline.speculative import choose_speculative
 from models.build.train.student import STUDENT_FILE, assemble_student
 from models.runtime.calibrate import CALIBRATION_PROMPT
+from models.runtime.chat import ChatTemplate
 from models.runtime.manifest import Manifest
 
 __all__ = ["DEFAULT_HELDOUT", "DEFAULT_STUDENT", "DEFAULT_TEACHER", "BuildOptions",
@@ -127,7 +128,8 @@ def prepare(opts: BuildOptions, src: Sources, out: Path, log: Log) -> stages.Bui
         opts=opts, out=out, work=work, tokenizer=tokenizer, tokenizer_file=tok_path,
         context=normalized(hf_cfg)["max_position_embeddings"] or 2048,
         eos=eos_ids(src.teacher), heldout=heldout_ids(tokenizer, opts.heldout, opts.eval_tokens),
-        prompt=tokenizer.encode(CALIBRATION_PROMPT, add_special_tokens=False).ids, log=log,
+        prompt=tokenizer.encode(CALIBRATION_PROMPT, add_special_tokens=False).ids,
+        template=ChatTemplate.for_directory(out), log=log,
         sources=sources)
 
 

@@ -60,6 +60,7 @@ class Build:
     eos: list[int]
     heldout: list[int]  # token ids of the held-out text
     prompt: list[int]  # the calibration prompt
+    template: ChatTemplate  # the ladder's chat template (its files are in ``out``)
     log: Log
     sources: dict[str, tuple[str, Path]]  # variant → (role, checkpoint)
     exporters: dict[str, str] = field(default_factory=dict)
@@ -70,6 +71,7 @@ class Build:
     quant_choice: dict[str, Any] = field(default_factory=dict)
     runtime_choice: dict[str, Any] = field(default_factory=dict)
     task_reports: dict[str, TaskReport] = field(default_factory=dict)
+    task_count: int = 0
 
     def engine_for(self, vdir: Path) -> OrtEngine:
         return OrtEngine(vdir / ONNX_FILE, self.tokenizer, self.context, self.eos,
@@ -225,10 +227,10 @@ def score_tasks(b: Build) -> None:
     the engines loaded for evaluation: their files were copied, not changed)."""
     if b.opts.tasks is None:
         return
-    template = ChatTemplate.for_directory(b.out)
     tasks = load_tasks(b.opts.tasks)
+    b.task_count = len(tasks)
     for name in b.sources:
-        b.task_reports[name] = task_score(b.engines[name], template, tasks)
+        b.task_reports[name] = task_score(b.engines[name], b.template, tasks)
         b.log(f"  {name}: task score {b.task_reports[name].correct}/{len(tasks)}")
 
 
@@ -253,7 +255,7 @@ def make_manifest(b: Build, key: str, sources: dict[str, Any],
             calibration=b.measured[name])
     tasks = None
     if b.opts.tasks is not None:
-        tasks = {"file": b.opts.tasks.name, "count": len(load_tasks(b.opts.tasks)),
+        tasks = {"file": b.opts.tasks.name, "count": b.task_count,
                  "max_new_tokens": TASK_TOKENS,
                  "rule": "greedy answer contains an expected answer as a whole word",
                  "answers": {n: list(r.answers) for n, r in b.task_reports.items()}}
@@ -268,5 +270,5 @@ def make_manifest(b: Build, key: str, sources: dict[str, Any],
         quantization_choice=b.quant_choice,
         heldout={"file": b.opts.heldout.name, "tokens_evaluated": ref.tokens,
                  "window": b.opts.eval_window},
-        tasks=tasks, chat_template=ChatTemplate.for_directory(b.out).source,
+        tasks=tasks, chat_template=b.template.source,
         variants=variants)
