@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--until", type=int, default=None,
                    help="stop after this step (checkpointed); run again to resume")
+    p.add_argument("--teacher", default=None,
+                   help="pruned students (kind = \"prune\"): the teacher (default: the default "
+                   "model)")
+    p.add_argument("--out", default=None, help="pruned students: where the chosen one goes "
+                   "(default: models/default/student)")
     p.set_defaults(module="cli.train")
     return parser
 

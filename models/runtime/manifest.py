@@ -92,6 +92,9 @@ class VariantInfo(BaseModel):
     task_score: float | None = Field(default=None, ge=0.0, le=1.0)
     calibration: Calibration | None = None
     speculative: SpeculativeInfo | None = None  # set on the speculative rung only
+    # how a student was made (its structure, the blocks it keeps, its healing run), as its
+    # training recorded it; None for the teacher's rungs
+    made: dict[str, Any] | None = None
 
 
 class Manifest(BaseModel):

@@ -31,7 +31,7 @@ from models.build.pipeline.options import (
 from models.build.pipeline.quality import heldout_ids
 from models.build.pipeline.source import checkpoint_hash, resolve_checkpoint
 from models.build.pipeline.speculative import choose_speculative
-from models.build.train.student import STUDENT_FILE, assemble_student
+from models.build.train.student import STUDENT_FILE, assemble_student, student_made
 from models.runtime.calibrate import CALIBRATION_PROMPT
 from models.runtime.chat import ChatTemplate
 from models.runtime.manifest import Manifest
@@ -107,9 +107,11 @@ def prepare(opts: BuildOptions, src: Sources, out: Path, log: Log) -> stages.Bui
     work = out / ".work"
     work.mkdir(exist_ok=True)
     student = src.student
+    made = None
     if src.student_blocks:  # the student's own blocks + the teacher's shared embedding / head
         assert opts.student is not None
         student = assemble_student(src.teacher, Path(opts.student), work / "student")
+        made = student_made(Path(opts.student))
     if opts.distill_layers is not None:
         assert opts.corpus is not None
         student = _distil(src.teacher, opts.distill_layers, opts.distill_steps, opts.corpus,
@@ -130,7 +132,7 @@ def prepare(opts: BuildOptions, src: Sources, out: Path, log: Log) -> stages.Bui
         eos=eos_ids(src.teacher), heldout=heldout_ids(tokenizer, opts.heldout, opts.eval_tokens),
         prompt=tokenizer.encode(CALIBRATION_PROMPT, add_special_tokens=False).ids,
         template=ChatTemplate.for_directory(out), log=log,
-        sources=sources)
+        sources=sources, student_made=made)
 
 
 def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:

@@ -72,6 +72,7 @@ class Build:
     runtime_choice: dict[str, Any] = field(default_factory=dict)
     task_reports: dict[str, TaskReport] = field(default_factory=dict)
     task_count: int = 0
+    student_made: dict[str, Any] | None = None  # the student's training record, summarised
 
     def engine_for(self, vdir: Path) -> OrtEngine:
         return OrtEngine(vdir / ONNX_FILE, self.tokenizer, self.context, self.eos,
@@ -252,7 +253,8 @@ def make_manifest(b: Build, key: str, sources: dict[str, Any],
             perplexity=b.reports[name].perplexity, quality=b.quality(name),
             top1_agreement=agreement(b.reports[name], ref),
             task_score=b.task_reports[name].score if name in b.task_reports else None,
-            calibration=b.measured[name])
+            calibration=b.measured[name],
+            made=b.student_made if role == "student" else None)
     tasks = None
     if b.opts.tasks is not None:
         tasks = {"file": b.opts.tasks.name, "count": b.task_count,

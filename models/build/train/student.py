@@ -24,20 +24,39 @@ def layer_picks(total: int, layers: int) -> list[int]:
     return [round(i * (total - 1) / max(1, layers - 1)) for i in range(layers)]
 
 
+def student_key(teacher_key: str, picks: list[int]) -> str | None:
+    """The student's name for a teacher tensor: a block's tensor is renumbered to the block's
+    place among ``picks`` (``None`` when the block is dropped); others keep their name."""
+    m = _BLOCK.search(teacher_key)
+    if m is None:
+        return teacher_key
+    block = int(m.group(2))
+    if block not in picks:
+        return None
+    return (teacher_key[: m.start()] + f".{m.group(1)}.{picks.index(block)}."
+            + teacher_key[m.end():])
+
+
 def _layers_attr(cfg: Any) -> str:
     return next(a for a in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(cfg, a))
 
 
 def student_from_teacher(teacher: Any, layers: int) -> tuple[Any, list[int]]:
-    """A ``layers``-block copy of ``teacher``'s architecture initialised from its blocks."""
+    """A ``layers``-block copy of ``teacher``'s architecture initialised from evenly spaced
+    blocks."""
+    picks = layer_picks(int(getattr(teacher.config, _layers_attr(teacher.config))), layers)
+    return student_from_picks(teacher, picks), picks
+
+
+def student_from_picks(teacher: Any, picks: list[int]) -> Any:
+    """A copy of ``teacher``'s architecture made of its blocks ``picks``, in that order."""
     import copy
 
     from transformers import AutoModelForCausalLM
 
     cfg = copy.deepcopy(teacher.config)
     attr = _layers_attr(cfg)
-    picks = layer_picks(int(getattr(cfg, attr)), layers)
-    setattr(cfg, attr, layers)
+    setattr(cfg, attr, len(picks))
     if isinstance(getattr(cfg, "layer_types", None), list):  # per-block kinds (Gemma, Qwen):
         cfg.layer_types = [cfg.layer_types[i] for i in picks]  # each kept block keeps its own
     student = AutoModelForCausalLM.from_config(cfg)
@@ -49,7 +68,7 @@ def student_from_teacher(teacher: Any, layers: int) -> tuple[Any, list[int]]:
             key[: m.start()] + f".{m.group(1)}.{picks[int(m.group(2))]}." + key[m.end():])
         new_state[key] = t_state[src].detach().clone()
     student.load_state_dict(new_state)
-    return student.to(next(teacher.parameters()).dtype), picks
+    return student.to(next(teacher.parameters()).dtype)
 
 
 def shared_names(student: Any) -> set[str]:
@@ -64,17 +83,20 @@ def shared_names(student: Any) -> set[str]:
 
 def assemble_student(teacher_dir: Path, student_dir: Path, out: Path) -> Path:
     """Write a full Hugging Face checkpoint of the student in ``out``: the teacher's config with
-    the student's block count, the teacher's shared tensors, the student's own from its file."""
+    the student's block count, the student's own tensors from its file, and every other tensor
+    from the teacher: the shared embedding / head, and the kept blocks that training left as
+    they were (student block ``i`` is teacher block ``teacher_blocks[i]``)."""
 
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
     meta = json.loads((student_dir / STUDENT_META).read_text())
+    picks = [int(b) for b in meta["teacher_blocks"]]
     cfg = json.loads((teacher_dir / "config.json").read_text())
     attr = next(a for a in ("num_hidden_layers", "n_layer", "num_layers") if a in cfg)
     cfg[attr] = int(meta["layers"])
-    if isinstance(cfg.get("layer_types"), list):  # as student_from_teacher set them
-        cfg["layer_types"] = [cfg["layer_types"][i] for i in meta["teacher_blocks"]]
+    if isinstance(cfg.get("layer_types"), list):  # as student_from_picks set them
+        cfg["layer_types"] = [cfg["layer_types"][i] for i in picks]
     cfg["torch_dtype"] = cfg["dtype"] = "float32"
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
@@ -84,8 +106,9 @@ def assemble_student(teacher_dir: Path, student_dir: Path, out: Path) -> Path:
     for shard in sorted(teacher_dir.glob("*.safetensors")):
         with safe_open(str(shard), "np") as fh:
             for key in fh.keys():  # noqa: SIM118
-                if key in meta["shared"]:
-                    tensors[key] = fh.get_tensor(key).astype(np.float32)
+                name = student_key(key, picks)
+                if name is not None and name not in tensors:
+                    tensors[name] = fh.get_tensor(key).astype(np.float32)
     tied = bool(cfg.get("tie_word_embeddings", True))
     missing = [k for k in meta["shared"] if k not in tensors
                and not (tied and k.startswith("lm_head."))]  # tied: the embedding is the head
@@ -98,3 +121,12 @@ def assemble_student(teacher_dir: Path, student_dir: Path, out: Path) -> Path:
         if (teacher_dir / name).is_file():
             shutil.copy2(teacher_dir / name, out / name)
     return out
+
+
+def student_made(student_dir: Path) -> dict[str, Any]:
+    """What a ladder's manifest records of how a saved student was made: its structure, the
+    teacher blocks it keeps, its healing run and the candidates it was chosen from."""
+    meta = json.loads((student_dir / STUDENT_META).read_text())
+    keep = ("name", "layers", "teacher_blocks", "structure", "healing", "quality", "tasks",
+            "rule", "candidates", "wall_seconds", "steps", "tokens_seen", "device")
+    return {k: meta[k] for k in keep if k in meta}

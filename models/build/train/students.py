@@ -1,0 +1,256 @@
+"""``greenroute train --config <prune TOML>``: make depth-pruned students of a teacher, heal
+each by distillation, measure them all and keep the best (build time only: torch).
+
+For each block count ``K`` the run of ``L - K`` blocks to drop is chosen by angular distance
+(:mod:`models.build.train.prune`), a least-squares bridge folded into the block before it, and
+the student healed (:mod:`models.build.train.heal`) on teacher-written answers to in-domain
+prompts (none a question of the task set) and Python documentation text (the FAQ, which is the
+held-out evaluation text, left out). Each candidate is measured like the ladder measures a
+rung: quality is the teacher's held-out perplexity over the student's, the task score is
+greedy answers to ``models/data/tasks.jsonl``. Only the tensors that differ from the teacher
+are saved (fp16): a ladder rebuilds the student from the teacher at build time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.build.train.distil import _pack
+from models.build.train.heal import (
+    bridge_student,
+    calibration_states,
+    heal,
+    make_student,
+    teacher_pass,
+)
+from models.build.train.prune import Gap, gap_distances
+from models.build.train.student import STUDENT_FILE, STUDENT_META, shared_names
+
+Log = Any
+
+
+def _rows(teacher: Any, tokenizer: Any, cfg: dict[str, Any], seed: int, work: Path,
+          log: Log) -> np.ndarray:
+    """Training rows (``seq_len + 1`` token ids each): teacher answers to in-domain prompts and
+    Python documentation text, shuffled together; cached in ``work``."""
+    from models.build.pipeline.tasks import load_tasks
+    from models.build.train.corpus import EOT, write_distillation_text
+    from models.build.train.selfgen import generate_sequences, make_prompts
+
+    cached = work / "rows.npy"
+    if cached.exists():
+        return np.load(cached)
+    seq = int(cfg["seq_len"])
+    t0 = time.monotonic()
+    prompts = make_prompts(int(cfg["prompts"]), seed, [t.question for t in load_tasks()])
+    eos = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    chats = generate_sequences(teacher, tokenizer, prompts, int(cfg["max_new_tokens"]),
+                               int(cfg["gen_batch"]), float(cfg["temperature"]),
+                               float(cfg["top_p"]), seed, eos, "cpu")
+    chat_rows = _pack(chats, seq, eos)
+    log(f"teacher wrote {len(chats)} answers ({chat_rows.size} tokens) in "
+        f"{time.monotonic() - t0:.0f} s")
+    docs_file = work / "docs.txt"
+    write_distillation_text(docs_file)
+    eot = int(tokenizer.convert_tokens_to_ids(EOT))
+    docs = [d for d in docs_file.read_text(encoding="utf-8").split(f"\n{EOT}\n") if d.strip()]
+    rng = np.random.default_rng(seed)
+    docs = [docs[i] for i in rng.permutation(len(docs))]
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend([*enc, eot])
+        if len(ids) > int(cfg["doc_rows"]) * (seq + 1):
+            break
+    doc_rows = _pack([ids], seq, eot)[: int(cfg["doc_rows"])]
+    rows = np.concatenate([chat_rows, doc_rows])
+    rows = rows[rng.permutation(len(rows))]
+    np.save(cached, rows)
+    return rows
+
+
+def mean_ce(model: Any, rows: np.ndarray) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``rows`` (``[N, S + 1]`` token ids)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(rows[:, :-1])).logits.float()
+        return float(F.cross_entropy(logits.flatten(0, 1),
+                                     torch.from_numpy(rows[:, 1:]).flatten()))
+
+
+def measured_gap(teacher: Any, hidden: list[np.ndarray], length: int,
+                 rows: np.ndarray) -> tuple[Gap, dict[int, dict[str, float]]]:
+    """The run of ``length`` blocks whose plain cut loses least on ``rows`` (in-domain text
+    the bridge is not fitted on); every allowed start's angular distance and loss besides."""
+    scores: dict[int, dict[str, float]] = {}
+    for start, dist in gap_distances(hidden, length).items():
+        cut = make_student(teacher, Gap(start, length, dist).kept(len(hidden))).eval()
+        scores[start] = {"angular_distance": round(dist, 4), "ce": round(mean_ce(cut, rows), 4)}
+    start = min(scores, key=lambda s: (scores[s]["ce"], s))
+    return Gap(start, length, scores[start]["angular_distance"]), scores
+
+
+def heldout_quality(model: Any, ids: list[int], window: int) -> float:
+    """Perplexity over non-overlapping ``window``-token chunks (as the ladder's quality)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, len(ids) - 1, window):
+            chunk = ids[lo:lo + window + 1]
+            if len(chunk) < 2:
+                break
+            x = torch.tensor([chunk[:-1]])
+            logits = model(input_ids=x).logits[0].float()
+            nll += float(F.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum"))
+            count += len(chunk) - 1
+    return float(np.exp(nll / count))
+
+
+def task_score(model: Any, tokenizer: Any, eos: int, new_tokens: int = 32) -> int:
+    """Greedy answers to the committed task set; how many are correct."""
+    import torch
+
+    from models.build.pipeline.tasks import load_tasks, matches
+
+    tasks = load_tasks()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = eos
+    pad = tokenizer.pad_token_id
+    correct = 0
+    for lo in range(0, len(tasks), 20):
+        chunk = tasks[lo:lo + 20]
+        text = [tokenizer.apply_chat_template([{"role": "user", "content": t.question}],
+                                              add_generation_prompt=True, tokenize=False)
+                for t in chunk]
+        enc = tokenizer(text, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad)
+        for task, row in zip(chunk, gen[:, enc["input_ids"].shape[1]:], strict=True):
+            answer = tokenizer.decode(row, skip_special_tokens=True)
+            correct += matches(answer, task.answers)
+    return correct
+
+
+def choose(cands: list[dict[str, Any]], select: dict[str, Any]) -> dict[str, Any]:
+    """The fewest blocks among candidates meeting both floors; else the best task score (then
+    quality, then fewer blocks)."""
+    ok = [c for c in cands if c["quality"] >= float(select["quality"])
+          and c["tasks"] >= int(select["tasks"])]
+    if ok:
+        return min(ok, key=lambda c: (c["layers"], -c["tasks"], -c["quality"]))
+    return max(cands, key=lambda c: (c["tasks"], round(c["quality"], 2), -c["layers"]))
+
+
+def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: Path,
+                   threads: int = 2, log: Log = print) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.build.pipeline.options import DEFAULT_HELDOUT
+
+    started = time.monotonic()
+    torch.set_num_threads(threads)
+    seed = int(config["seed"])
+    torch.manual_seed(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32,
+                                                   attn_implementation="sdpa").eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    eos = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    total = int(teacher.config.num_hidden_layers)
+    rows = _rows(teacher, tokenizer, config["data"], seed, work, log)
+    n_cal, n_sel = int(config["data"]["calibration_rows"]), int(config["data"]["selection_rows"])
+    hidden, mlp = calibration_states(teacher, rows[:n_cal])
+    select_rows = rows[n_cal:n_cal + n_sel]  # where cuts and bridges are judged
+    gaps: dict[int, Gap] = {}
+    searched: dict[int, Any] = {}
+    for k in (int(k) for k in config["kept"]):
+        gaps[k], searched[k] = measured_gap(teacher, hidden, total - k, select_rows)
+        log(f"K={k}: drop blocks {gaps[k].start}..{gaps[k].start + gaps[k].length - 1} "
+            f"({searched[k][gaps[k].start]})")
+    t0 = time.monotonic()
+    cache = teacher_pass(teacher, rows, sorted({g.start - 1 for g in gaps.values()}),
+                         int(config["heal"]["top_k"]))
+    log(f"teacher pass over {rows.shape[0]} rows in {time.monotonic() - t0:.0f} s")
+    held = tokenizer(DEFAULT_HELDOUT.read_text(encoding="utf-8"),
+                     add_special_tokens=False)["input_ids"][: int(config["eval"]["tokens"])]
+    window = int(config["eval"]["window"])
+    t_ppl = heldout_quality(teacher, held, window)
+    cands: list[dict[str, Any]] = []
+    for k, gap in gaps.items():
+        name = f"depth-{k}"
+        student = make_student(teacher, gap.kept(total)).eval()
+        plain_q = t_ppl / heldout_quality(student, held, window)
+        plain_ce = mean_ce(student, select_rows)
+        before = {k2: v.clone() for k2, v in student.state_dict().items()}
+        errors = bridge_student(student, gap, hidden, mlp, float(config["bridge"]["ridge"]))
+        bridged_ce = mean_ce(student, select_rows)
+        if bridged_ce >= plain_ce:  # the bridge must earn its place on text it was not fit on
+            student.load_state_dict(before)
+        errors.update(kept=bridged_ce < plain_ce, ce_plain_cut=plain_ce, ce_bridged=bridged_ce)
+        bridged_q = t_ppl / heldout_quality(student, held, window)
+        log(f"{name}: quality plain cut {plain_q:.3f}, with bridge {bridged_q:.3f} {errors}")
+        record = heal(student, gap.start - 1, cache, {**config["heal"], "seed": seed},
+                      float(config["heal"]["seconds"]), log)
+        quality = t_ppl / heldout_quality(student, held, window)
+        tasks = task_score(student, tokenizer, eos)
+        log(f"{name}: healed quality {quality:.3f}, tasks {tasks}/60")
+        cdir = work / "candidates" / name
+        cdir.mkdir(parents=True, exist_ok=True)
+        shared = shared_names(student)
+        own = {key: v.detach().to(torch.float16).contiguous()
+               for key, v in student.state_dict().items()
+               if key not in shared and _trained(key, *record["trained_blocks"])}
+        from safetensors.torch import save_file
+
+        save_file(own, str(cdir / STUDENT_FILE), metadata={"format": "pt"})
+        cand = {"name": name, "layers": k, "teacher_blocks": gap.kept(total),
+                "shared": sorted(shared), "structure": {
+                    "kind": "depth", "dropped": [gap.start, gap.start + gap.length - 1],
+                    "angular_distance": round(gap.distance, 4), "bridge": "least squares, "
+                    f"folded into block {gap.start - 1}'s down_proj", "bridge_fit": errors,
+                    "searched": searched[k]},
+                "quality_plain_cut": plain_q, "quality_bridged": bridged_q,
+                "quality": quality, "tasks": tasks,
+                "healing": {k2: v for k2, v in record.items() if k2 != "curve"},
+                "curve": record["curve"]}
+        (cdir / STUDENT_META).write_text(json.dumps(cand, indent=2) + "\n")
+        cands.append(cand)
+    pick = choose(cands, config["select"])
+    out.mkdir(parents=True, exist_ok=True)
+    src = work / "candidates" / pick["name"]
+    shutil.copy2(src / STUDENT_FILE, out / STUDENT_FILE)
+    summary = {**pick, "teacher_quality_ppl": t_ppl, "rule": choose.__doc__,
+               "rows": int(rows.shape[0]), "seq_len": int(rows.shape[1] - 1),
+               "wall_seconds": round(time.monotonic() - started, 1),
+               "candidates": [{k2: v for k2, v in c.items() if k2 not in ("curve", "shared")}
+                              for c in cands],
+               "config": config}
+    (out / STUDENT_META).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _trained(key: str, first: int, last: int) -> bool:
+    """True for the tensors healing trains: blocks ``first..last`` and the final norm."""
+    from models.build.train.student import _BLOCK
+
+    m = _BLOCK.search(key)
+    return first <= int(m.group(2)) <= last if m else key.endswith("norm.weight")
+
+
+def load(path: Path) -> dict[str, Any]:
+    return tomllib.loads(path.read_text())

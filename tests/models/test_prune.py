@@ -1,0 +1,168 @@
+"""Depth pruning: the gap search, the least-squares bridge and its folding, the cached-prefix
+forward healing trains through, and rebuilding a student from the teacher plus its own tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.build.train.prune import (
+    Gap,
+    angular_distance,
+    fit_bridge,
+    fold_bridge,
+    gap_distances,
+    residual_error,
+)
+from models.build.train.students import choose
+
+torch = pytest.importorskip("torch")
+
+
+def test_angular_distance_is_zero_same_way_half_orthogonal_one_opposite() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert angular_distance(a, 3 * a) == pytest.approx(0.0, abs=1e-6)
+    assert angular_distance(a, a[:, ::-1]) == pytest.approx(0.5)
+    assert angular_distance(a, -a) == pytest.approx(1.0)
+
+
+def test_gap_distances_find_the_run_that_changes_the_stream_least_and_keep_the_ends() -> None:
+    rng = np.random.default_rng(0)
+    hidden = [rng.normal(size=(50, 8)) for _ in range(8)]  # inputs of 8 blocks
+    hidden[4] = hidden[2] + 0.01 * rng.normal(size=(50, 8))  # blocks 2 and 3 do ~nothing
+    dist = gap_distances(hidden, 2)
+    assert min(dist, key=dist.__getitem__) == 2
+    assert Gap(2, 2, dist[2]).kept(8) == [0, 1, 4, 5, 6, 7]
+    assert set(dist) == {1, 2, 3, 4, 5}  # never block 0, never block 7
+    hidden[1] = hidden[0]  # block 0 does nothing, but the first block is always kept
+    assert 0 not in gap_distances(hidden, 1)
+    with pytest.raises(ValueError, match="1 to 6"):
+        gap_distances(hidden, 7)
+
+
+def test_bridge_recovers_a_linear_map_and_never_fits_worse_than_the_plain_cut() -> None:
+    rng = np.random.default_rng(1)
+    m = rng.normal(size=(400, 6)).astype(np.float32)
+    r = rng.normal(size=(400, 6)).astype(np.float32)
+    true = rng.normal(size=(6, 6)).astype(np.float32)
+    target = r + m @ true
+    t = fit_bridge(m, r, target, ridge=0.0)
+    np.testing.assert_allclose(t, true, atol=1e-4)
+    noisy = target + rng.normal(size=target.shape).astype(np.float32)
+    t = fit_bridge(m, r, noisy, ridge=1e-3)
+    assert residual_error(m, r, noisy, t) < residual_error(m, r, noisy, None)
+    # an enormous ridge keeps the identity: the plain cut
+    np.testing.assert_allclose(fit_bridge(m, r, noisy, ridge=1e9), np.eye(6), atol=1e-5)
+
+
+def test_folded_down_proj_outputs_the_old_output_times_the_bridge() -> None:
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(6, 10)).astype(np.float32)  # Linear(10 -> 6).weight
+    t = rng.normal(size=(6, 6)).astype(np.float32)
+    z = rng.normal(size=(5, 10)).astype(np.float32)
+    np.testing.assert_allclose(z @ fold_bridge(w, t).T, (z @ w.T) @ t, rtol=1e-4, atol=1e-4)
+
+
+def _tiny_llama(layers: int = 6) -> object:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, tie_word_embeddings=True,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_training_forward_from_the_cached_prefix_equals_the_whole_model() -> None:
+    from models.build.train.heal import forward_from, make_student, teacher_pass
+
+    teacher = _tiny_llama()
+    student = make_student(teacher, [0, 1, 2, 5]).eval()
+    rows = np.random.default_rng(4).integers(0, 97, size=(3, 17))
+    cache = teacher_pass(teacher, rows, [2], k=5, batch=2)
+    # student blocks 0 and 1 are the teacher's: the teacher's input to block 2 is the student's
+    with torch.no_grad():
+        whole = student(input_ids=torch.from_numpy(rows[:, :-1])).logits
+        part = forward_from(student, 2, torch.from_numpy(cache.hidden[2].astype(np.float32)))
+    np.testing.assert_allclose(part.numpy(), whole.numpy(), atol=2e-2)  # fp16 cache
+    # the teacher's cached top-k are its own most likely tokens, most likely first
+    with torch.no_grad():
+        probs = torch.softmax(teacher(input_ids=torch.from_numpy(rows[:, :-1])).logits, -1)
+    np.testing.assert_array_equal(cache.top_i[..., 0], probs.argmax(-1).numpy())
+    assert np.all(np.diff(cache.top_p.astype(np.float32), axis=-1) <= 1e-3)
+
+
+def test_bridged_student_tracks_the_teacher_better_and_healing_lowers_its_loss() -> None:
+    from models.build.train.heal import (
+        bridge_student,
+        calibration_states,
+        heal,
+        make_student,
+        teacher_pass,
+    )
+
+    teacher = _tiny_llama()
+    rows = np.random.default_rng(5).integers(0, 97, size=(24, 17))
+    hidden, mlp = calibration_states(teacher, rows)
+    assert len(hidden) == 6 and hidden[0].shape == (24 * 16, 32)
+    np.testing.assert_allclose(hidden[3] - mlp[2] + mlp[2], hidden[3])
+    gap = Gap(start=2, length=2, distance=0.0)
+    student = make_student(teacher, gap.kept(6)).eval()
+    errors = bridge_student(student, gap, hidden, mlp, ridge=1e-4)
+    assert errors["error_bridged"] < errors["error_plain_cut"]
+    cache = teacher_pass(teacher, rows, [1], k=8)
+    cfg = {"seed": 0, "lr": 3e-3, "batch_size": 4, "steps": 40, "warmup_steps": 2,
+           "ce_weight": 0.0, "log_every": 39, "train_blocks": 2}
+    last_before = student.model.layers[3].mlp.up_proj.weight.clone()
+    rec = heal(student, 1, cache, cfg, seconds=600.0, log=lambda _m: None)
+    assert rec["steps"] == 40 and rec["tokens"] == 40 * 4 * 16
+    assert rec["trained_blocks"] == [1, 2]
+    assert torch.equal(student.model.layers[3].mlp.up_proj.weight, last_before)  # not trained
+    assert rec["curve"][-1]["kd"] < rec["curve"][0]["kd"]
+    # block 0 is below the first trained block: still the teacher's
+    assert torch.equal(student.model.layers[0].mlp.up_proj.weight,
+                       teacher.model.layers[0].mlp.up_proj.weight)
+
+
+def test_student_rebuilt_from_teacher_and_its_own_tensors_equals_it(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from models.build.train.heal import make_student
+    from models.build.train.student import STUDENT_META, assemble_student, shared_names
+    from models.build.train.students import _trained
+
+    teacher = _tiny_llama()
+    teacher.save_pretrained(tmp_path / "teacher")
+    kept = [0, 1, 4, 5]
+    student = make_student(teacher, kept)
+    with torch.no_grad():  # "healing" moved the blocks from student block 1 up
+        for layer in student.model.layers[1:]:
+            layer.mlp.down_proj.weight.mul_(1.5)
+    shared = shared_names(student)
+    own = {k: v.half() for k, v in student.state_dict().items()
+           if k not in shared and _trained(k, 1, 3)}
+    assert not any(".layers.0." in k for k in own) and "model.norm.weight" in own
+    (tmp_path / "s").mkdir()
+    save_file(own, str(tmp_path / "s" / "student.safetensors"))
+    (tmp_path / "s" / STUDENT_META).write_text(json.dumps(
+        {"layers": 4, "teacher_blocks": kept, "shared": sorted(shared)}))
+    rebuilt = AutoModelForCausalLM.from_pretrained(
+        str(assemble_student(tmp_path / "teacher", tmp_path / "s", tmp_path / "out")))
+    for key, value in student.state_dict().items():
+        want = value.half().float() if key in own else value
+        assert torch.equal(rebuilt.state_dict()[key], want), key
+
+
+def test_choice_is_the_smallest_student_meeting_both_floors_else_the_best_answers() -> None:
+    c = [{"name": "a", "layers": 24, "quality": 0.9, "tasks": 30},
+         {"name": "b", "layers": 20, "quality": 0.82, "tasks": 25},
+         {"name": "c", "layers": 16, "quality": 0.7, "tasks": 20}]
+    assert choose(c, {"quality": 0.8, "tasks": 24})["name"] == "b"
+    assert choose(c, {"quality": 0.95, "tasks": 24})["name"] == "a"
+    c[2]["tasks"] = 31
+    assert choose(c, {"quality": 0.95, "tasks": 24})["name"] == "c"
