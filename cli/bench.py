@@ -74,6 +74,21 @@ def _peers(args: argparse.Namespace) -> int:
     return _emit(figures, report, args.json)
 
 
+def _students(args: argparse.Namespace) -> int:
+    from bench.students import report, run_bench, svg
+    from models.build.pipeline.options import DEFAULT_TEACHER
+    from models.build.pipeline.source import resolve_checkpoint
+
+    work = Path(args.work)
+    teacher = resolve_checkpoint(args.teacher or DEFAULT_TEACHER)
+    figures = run_bench(ladder_path(args), work, teacher,
+                        Path(args.out) if args.out else work / "onnx", rounds=args.rounds,
+                        tokens=args.tokens, threads=args.threads)
+    if args.svg:
+        Path(args.svg).write_text(svg(figures))
+    return _emit(figures, report, args.json)
+
+
 def _spec(args: argparse.Namespace) -> int:
     from bench.spec import report, run_bench
 
@@ -99,7 +114,8 @@ def _energy(args: argparse.Namespace) -> int:
 
 SUITES: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _models, "serve": _serve, "route": _route, "spec": _spec, "energy": _energy,
-    "soak": _soak, "peers": _peers, "threads": _threads}
+    "soak": _soak, "peers": _peers, "threads": _threads,
+    "students": _students}
 
 
 def run(args: argparse.Namespace) -> int:

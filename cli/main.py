@@ -112,6 +112,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="also the quantized rungs as the service runs them by default (one "
                         "core, with and without the wide session)")
     b.add_argument("--json", default=None)
+    b = bench.add_parser("students", help="the pruned-student candidates of a training run "
+                                          "against the rungs: task score and agreement vs "
+                                          "decode tok/s at batch 1 and 8")
+    b.add_argument("--ladder", default=None)
+    b.add_argument("--work", default=".cache/prune",
+                   help="the training run's --checkpoint-dir (its candidates/)")
+    b.add_argument("--teacher", default=None, help="the teacher (default: the default model)")
+    b.add_argument("--out", default=None, help="where candidates are exported (default: "
+                   "<work>/onnx)")
+    b.add_argument("--rounds", type=int, default=5)
+    b.add_argument("--tokens", type=int, default=32)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--svg", default=None, help="also draw the Pareto picture here")
+    b.add_argument("--json", default=None)
     b = bench.add_parser("spec", help="the speculative rung vs full, side by side (batch 1)")
     b.add_argument("--ladder", default=None)
     b.add_argument("--draft", default=None, help="draft variant (default: the manifest's)")

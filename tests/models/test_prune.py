@@ -166,3 +166,51 @@ def test_choice_is_the_smallest_student_meeting_both_floors_else_the_best_answer
     assert choose(c, {"quality": 0.95, "tasks": 24})["name"] == "a"
     c[2]["tasks"] = 31
     assert choose(c, {"quality": 0.95, "tasks": 24})["name"] == "c"
+
+
+def test_a_build_assembles_saved_student_blocks_and_records_how_they_were_made(
+        tmp_path: Path, tiny_teacher: Path, tiny_texts: tuple[Path, Path]) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from models.build.pipeline.ladder import prepare, resolve_sources
+    from models.build.train.heal import make_student
+    from models.build.train.student import STUDENT_FILE, STUDENT_META, shared_names
+    from tests.conftest import tiny_build_options
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher))
+    student = make_student(teacher, [1])  # the teacher's second block alone
+    with torch.no_grad():
+        student.model.norm.weight.mul_(2.0)  # "healed": only the final norm moved
+    sdir = tmp_path / "student"
+    sdir.mkdir()
+    save_file({"model.norm.weight": student.model.norm.weight.detach().half()},
+              str(sdir / STUDENT_FILE))
+    record = {"name": "depth-1", "layers": 1, "teacher_blocks": [1],
+              "shared": sorted(shared_names(student)), "structure": {"kind": "depth"},
+              "healing": {"tokens": 123, "seconds": 4.5}, "curve": [{"step": 1}]}
+    (sdir / STUDENT_META).write_text(json.dumps(record))
+    opts = tiny_build_options(tiny_teacher, sdir, tmp_path / "ladder", tiny_texts[1])
+    b = prepare(opts, resolve_sources(opts), tmp_path / "staging", lambda _m: None)
+    assert b.student_made == {k: record[k] for k in
+                              ("name", "layers", "teacher_blocks", "structure", "healing")}
+    rebuilt = AutoModelForCausalLM.from_pretrained(str(b.sources["distilled"][1]))
+    assert rebuilt.config.num_hidden_layers == 1
+    assert torch.equal(rebuilt.model.layers[0].mlp.up_proj.weight,
+                       teacher.model.layers[1].mlp.up_proj.weight)  # from the teacher
+    assert torch.equal(rebuilt.model.norm.weight, student.model.norm.weight.half().float())
+
+
+def test_measured_gap_tries_every_allowed_run_and_keeps_the_one_that_loses_least() -> None:
+    from models.build.train.heal import calibration_states, make_student
+    from models.build.train.students import mean_ce, measured_gap
+
+    teacher = _tiny_llama()
+    rows = np.random.default_rng(6).integers(0, 97, size=(4, 13))
+    hidden, _ = calibration_states(teacher, rows)
+    gap, scores = measured_gap(teacher, hidden, 2, rows)
+    assert sorted(scores) == [1, 2, 3]  # starts 1..3: block 0 and block 5 stay
+    assert scores[gap.start]["ce"] == min(s["ce"] for s in scores.values())
+    cut = make_student(teacher, gap.kept(6))
+    assert mean_ce(cut, rows) == pytest.approx(scores[gap.start]["ce"], abs=1e-3)
+    assert mean_ce(teacher, rows) != pytest.approx(scores[gap.start]["ce"], abs=1e-3)
