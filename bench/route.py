@@ -149,6 +149,8 @@ def measured(c: httpx.Client, reqs: list[dict[str, Any]], model_of: Any, clients
             "budgets_met": sum(d["met"] for d in done) / len(done),
             "p50_ms": statistics.median(d["latency_ms"] for d in done),
             "mix": dict(sorted(Counter(d["variant"] for d in done).items())),
+            "mix_by_floor": {str(f): dict(sorted(Counter(
+                d["variant"] for d in done if floor[d["id"]] == f).items())) for f in FLOORS},
             "reasons": dict(sorted(Counter(d["reason"] for d in done).items())),
             "energy_source": done[0]["source"],
             "texts": {d["id"]: d["text"] for d in done}}
@@ -208,6 +210,12 @@ def report(f: dict[str, Any]) -> str:
             reasons.update(r["reasons"])
         lines.append(f"  {key}: mix {dict(sorted(mix.items()))}; reasons "
                      f"{dict(sorted(reasons.items()))}")
+        if key.startswith("routed "):
+            for fl in FLOORS:
+                by: Counter[str] = Counter()
+                for r in rs:
+                    by.update(r.get("mix_by_floor", {}).get(str(fl), {}))
+                lines.append(f"    floor {fl}: {dict(sorted(by.items()))}")
     lines.append("ratios (ledger / device counter):")
     for n in f["clients"]:
         def t(policy: str, key: str, n: int = n) -> float:

@@ -22,9 +22,10 @@ from models.runtime.engine.slots import Sampler, slots_for
 RUNGS = ("full", "int8", "int4", "distilled", "distilled-int8")
 
 
-def decode_rate(engine: Engine, prompt: list[int], rows: int, tokens: int) -> float:
-    """Decode tokens/s of ``rows`` rows stepping together (the prefill is not timed)."""
-    sampler = Sampler(GenerationParams(max_new_tokens=tokens, ignore_eos=True))
+def decode_rate(engine: Engine, prompt: list[int], rows: int, tokens: int) -> tuple[float, str]:
+    """Decode tokens/s of ``rows`` rows stepping together (the prefill is not timed), and the
+    kind of slots that stepped them (``serial``: one row after another, not batched)."""
+    sampler = Sampler(GenerationParams(max_new_tokens=tokens + 1, ignore_eos=True))
     slots = slots_for(engine, rows, len(prompt) + tokens + 1)
     last = [slots.prefill(r, prompt, sampler) for r in range(rows)]
     order = list(range(rows))
@@ -34,7 +35,7 @@ def decode_rate(engine: Engine, prompt: list[int], rows: int, tokens: int) -> fl
     seconds = time.perf_counter() - start
     for r in order:
         slots.release(r)
-    return rows * tokens / seconds
+    return rows * tokens / seconds, slots.kind
 
 
 def _candidates(ladder: Path, work: Path, teacher: Path, out: Path,
@@ -46,6 +47,7 @@ def _candidates(ladder: Path, work: Path, teacher: Path, out: Path,
 
     from models.build.pipeline import quantize as q
     from models.build.pipeline.export import ONNX_FILE, default_genai_builder
+    from models.build.pipeline.genai_config import adapt_builder_genai_config
     from models.build.pipeline.options import BuildOptions
     from models.build.pipeline.quality import agreement, evaluate, heldout_ids
     from models.build.pipeline.tasks import load_tasks, task_score
@@ -75,6 +77,10 @@ def _candidates(ladder: Path, work: Path, teacher: Path, out: Path,
         _, fp32 = export_verified(ckpt, out / cdir.name / "fp32", engine_for, held, opts.opset,
                                   default_genai_builder(), log)
         q.quantize(out / cdir.name / "fp32", out / cdir.name / "int8", method)
+        # as the build's runtime stage does: the copy's genai_config says its KV buffer is
+        # shared, so it batches like the ladder's rungs
+        adapt_builder_genai_config(out / cdir.name / "int8", out / cdir.name / "fp32",
+                                   ONNX_FILE, opts.threads)
         for suffix, engine in (("", fp32), ("-int8", engine_for(out / cdir.name / "int8"))):
             rep = evaluate(engine, held, opts.eval_window)
             score = task_score(engine, template, tasks)
@@ -115,7 +121,8 @@ def run_bench(ladder: Path, work: Path, teacher: Path, out: Path, rounds: int = 
         turn = names[r % len(names):] + names[: r % len(names)]
         for name in turn:
             for rows in (1, 8):
-                rate = decode_rate(entries[name]["engine"], prompt, rows, tokens)
+                rate, kind = decode_rate(entries[name]["engine"], prompt, rows, tokens)
+                entries[name]["slots"] = kind
                 if r:
                     rates[name][rows].append(rate)
         log(f"round {r}/{rounds} done")
@@ -145,20 +152,20 @@ def report(f: dict[str, Any]) -> str:
              f"rounds taking turns ({f['threads']} threads); * = on the task-score Pareto front "
              "at batch 1",
              f"{'variant':<20}{'blocks':>7}{'quality':>9}{'agree':>7}{'tasks':>7}"
-             f"{'tok/s b1':>10}{'x full':>8}{'tok/s b8':>10}{'x full':>8}"]
+             f"{'tok/s b1':>10}{'x full':>8}{'tok/s b8':>10}{'x full':>8}  slots"]
     front = set(pareto({n: (v["tok_s_batch1"], v["tasks"]) for n, v in f["variants"].items()}))
     for name, v in f["variants"].items():
         lines.append(
             f"{name + (' *' if name in front else ''):<20}{v['layers'] or '':>7}"
             f"{v['quality']:>9.3f}{v['agreement']:>7.3f}{v['tasks']:>4}/{v['task_count']:<2}"
             f"{v['tok_s_batch1']:>10.1f}{v['speed_vs_full_batch1']:>8.2f}"
-            f"{v['tok_s_batch8']:>10.1f}{v['speed_vs_full_batch8']:>8.2f}")
+            f"{v['tok_s_batch8']:>10.1f}{v['speed_vs_full_batch8']:>8.2f}  {v.get('slots', '')}")
     return "\n".join(lines)
 
 
 def svg(f: dict[str, Any]) -> str:
     """Two panels (batch 1, batch 8): task score against decode tok/s, the front joined."""
-    w, h, pad = 420, 300, 48
+    w, h, pad = 420, 300, 56
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h}" '
              'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" '
              'fill="white"/>']
@@ -175,9 +182,16 @@ def svg(f: dict[str, Any]) -> str:
         x0, y0 = at(0, 0)
         x1, y1 = at(xmax, ymax)
         parts.append(f'<path d="M{x0},{y1} L{x0},{y0} L{x1},{y0}" stroke="black" fill="none"/>')
+        for i in range(5):  # tick labels: a quarter of each axis apart
+            tx, _ = at(xmax * i / 4, 0)
+            _, ty = at(0, ymax * i / 4)
+            parts.append(f'<text x="{tx:.1f}" y="{y0 + 14:.1f}" text-anchor="middle">'
+                         f'{xmax * i / 4:.0f}</text>')
+            parts.append(f'<text x="{x0 - 4:.1f}" y="{ty + 4:.1f}" text-anchor="end">'
+                         f'{ymax * i / 4:.0f}</text>')
         parts.append(f'<text x="{(x0 + x1) / 2}" y="{h - 12}" text-anchor="middle">decode '
                      f'tok/s at batch {1 if panel == 0 else 8}</text>')
-        parts.append(f'<text x="{x0 - 30}" y="{(y0 + y1) / 2}" transform="rotate(-90 {x0 - 30},'
+        parts.append(f'<text x="{x0 - 34}" y="{(y0 + y1) / 2}" transform="rotate(-90 {x0 - 34},'
                      f'{(y0 + y1) / 2})" text-anchor="middle">task score (of 60)</text>')
         front = sorted(pareto(pts), key=lambda n: pts[n][0])
         line = " ".join(f"{at(*pts[n])[0]:.1f},{at(*pts[n])[1]:.1f}" for n in front)

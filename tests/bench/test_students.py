@@ -42,8 +42,8 @@ def test_decode_rate_times_every_row_and_frees_its_slots(tiny_ladder: Path) -> N
 
     engine = load_ladder(tiny_ladder, only=["full"], warmup=False).engines["full"]
     prompt = engine.encode("the quick brown fox")
-    one = decode_rate(engine, prompt, 1, 8)
-    eight = decode_rate(engine, prompt, 8, 8)
-    assert one > 0 and eight > 0
+    one, kind = decode_rate(engine, prompt, 1, 8)
+    eight, _ = decode_rate(engine, prompt, 8, 8)
+    assert one > 0 and eight > 0 and kind == "shared-kv-batch"
     again = engine.generate(prompt, GenerationParams(max_new_tokens=4))  # still serves
     assert len(again.token_ids) >= 1

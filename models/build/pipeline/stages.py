@@ -177,6 +177,11 @@ def quantize_rungs(b: Build) -> None:
             continue
         four = base == "full" and b.opts.consider_int4
         candidates = [*q.CANDIDATES_8BIT, *(q.CANDIDATES_4BIT if four else ())]
+        if base == "distilled" and "int8" in b.methods:
+            # the student has the teacher's matrix shapes, so the kernels rank the same way:
+            # its copy takes the method int8's race chose (racing again cost 87 s of a build
+            # and picked the same block size)
+            candidates = [b.methods["int8"]]
         trials, engines = _race(b, base, qname, candidates)
         base_bytes = onnx_bytes(b.out / base)
         pick = pick_8bit(trials, candidates, base_bytes)
