@@ -171,7 +171,7 @@ def svg(f: dict[str, Any]) -> str:
              'fill="white"/>']
     for panel, key in enumerate(("tok_s_batch1", "tok_s_batch8")):
         pts = {n: (v[key], float(v["tasks"])) for n, v in f["variants"].items()}
-        xmax = max(x for x, _ in pts.values()) * 1.1
+        xmax = max(x for x, _ in pts.values()) * 1.3  # room for the rightmost label
         ymax = max(max(y for _, y in pts.values()), 1.0) * 1.15
         ox = panel * w
 
