@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench(sub)
 
-    p = sub.add_parser("train", help="train a model (or distil a student) from a TOML config")
+    p = sub.add_parser("train", help="train a model, or prune and heal students (kind = "
+                        "\"prune\"), from a TOML config")
     p.add_argument("--config", required=True)
     p.add_argument("--checkpoint-dir", required=True, help="resumes from last.pt found here")
     p.add_argument("--threads", type=int, default=2)

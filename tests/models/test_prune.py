@@ -78,10 +78,11 @@ def _tiny_llama(layers: int = 6) -> object:
 
 
 def test_training_forward_from_the_cached_prefix_equals_the_whole_model() -> None:
-    from models.build.train.heal import forward_from, make_student, teacher_pass
+    from models.build.train.heal import forward_from, teacher_pass
+    from models.build.train.student import student_from_picks
 
     teacher = _tiny_llama()
-    student = make_student(teacher, [0, 1, 2, 5]).eval()
+    student = student_from_picks(teacher, [0, 1, 2, 5]).eval()
     rows = np.random.default_rng(4).integers(0, 97, size=(3, 17))
     cache = teacher_pass(teacher, rows, [2], k=5, batch=2)
     # student blocks 0 and 1 are the teacher's: the teacher's input to block 2 is the student's
@@ -101,9 +102,9 @@ def test_bridged_student_tracks_the_teacher_better_and_healing_lowers_its_loss()
         bridge_student,
         calibration_states,
         heal,
-        make_student,
         teacher_pass,
     )
+    from models.build.train.student import student_from_picks
 
     teacher = _tiny_llama()
     rows = np.random.default_rng(5).integers(0, 97, size=(24, 17))
@@ -111,7 +112,7 @@ def test_bridged_student_tracks_the_teacher_better_and_healing_lowers_its_loss()
     assert len(hidden) == 6 and hidden[0].shape == (24 * 16, 32)
     np.testing.assert_allclose(hidden[3] - mlp[2] + mlp[2], hidden[3])
     gap = Gap(start=2, length=2, distance=0.0)
-    student = make_student(teacher, gap.kept(6)).eval()
+    student = student_from_picks(teacher, gap.kept(6)).eval()
     errors = bridge_student(student, gap, hidden, mlp, ridge=1e-4)
     assert errors["error_bridged"] < errors["error_plain_cut"]
     cache = teacher_pass(teacher, rows, [1], k=8)
@@ -132,14 +133,18 @@ def test_student_rebuilt_from_teacher_and_its_own_tensors_equals_it(tmp_path: Pa
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from models.build.train.heal import make_student
-    from models.build.train.student import STUDENT_META, assemble_student, shared_names
+    from models.build.train.student import (
+        STUDENT_META,
+        assemble_student,
+        shared_names,
+        student_from_picks,
+    )
     from models.build.train.students import _trained
 
     teacher = _tiny_llama()
     teacher.save_pretrained(tmp_path / "teacher")
     kept = [0, 1, 4, 5]
-    student = make_student(teacher, kept)
+    student = student_from_picks(teacher, kept)
     with torch.no_grad():  # "healing" moved the blocks from student block 1 up
         for layer in student.model.layers[1:]:
             layer.mlp.down_proj.weight.mul_(1.5)
@@ -174,12 +179,16 @@ def test_a_build_assembles_saved_student_blocks_and_records_how_they_were_made(
     from transformers import AutoModelForCausalLM
 
     from models.build.pipeline.ladder import prepare, resolve_sources
-    from models.build.train.heal import make_student
-    from models.build.train.student import STUDENT_FILE, STUDENT_META, shared_names
+    from models.build.train.student import (
+        STUDENT_FILE,
+        STUDENT_META,
+        shared_names,
+        student_from_picks,
+    )
     from tests.conftest import tiny_build_options
 
     teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher))
-    student = make_student(teacher, [1])  # the teacher's second block alone
+    student = student_from_picks(teacher, [1])  # the teacher's second block alone
     with torch.no_grad():
         student.model.norm.weight.mul_(2.0)  # "healed": only the final norm moved
     sdir = tmp_path / "student"
@@ -202,7 +211,8 @@ def test_a_build_assembles_saved_student_blocks_and_records_how_they_were_made(
 
 
 def test_measured_gap_tries_every_allowed_run_and_keeps_the_one_that_loses_least() -> None:
-    from models.build.train.heal import calibration_states, make_student
+    from models.build.train.heal import calibration_states
+    from models.build.train.student import student_from_picks
     from models.build.train.students import mean_ce, measured_gap
 
     teacher = _tiny_llama()
@@ -211,6 +221,6 @@ def test_measured_gap_tries_every_allowed_run_and_keeps_the_one_that_loses_least
     gap, scores = measured_gap(teacher, hidden, 2, rows)
     assert sorted(scores) == [1, 2, 3]  # starts 1..3: block 0 and block 5 stay
     assert scores[gap.start]["ce"] == min(s["ce"] for s in scores.values())
-    cut = make_student(teacher, gap.kept(6))
+    cut = student_from_picks(teacher, gap.kept(6))
     assert mean_ce(cut, rows) == pytest.approx(scores[gap.start]["ce"], abs=1e-3)
     assert mean_ce(teacher, rows) != pytest.approx(scores[gap.start]["ce"], abs=1e-3)

@@ -82,13 +82,6 @@ def calibration_states(teacher: Any, rows: np.ndarray) -> tuple[list[np.ndarray]
     return [np.concatenate(h) for h in hidden], [np.concatenate(m) for m in mlp]
 
 
-def make_student(teacher: Any, kept: Sequence[int]) -> Any:
-    """The teacher's architecture with only the ``kept`` blocks, initialised from them."""
-    from models.build.train.student import student_from_picks
-
-    return student_from_picks(teacher, list(kept))
-
-
 def bridge_student(student: Any, gap: Gap, hidden: list[np.ndarray],
                    mlp: list[np.ndarray], ridge: float) -> dict[str, float]:
     """Fold the least-squares bridge for ``gap`` into the MLP of the block before it (student

@@ -27,11 +27,15 @@ from models.build.train.heal import (
     bridge_student,
     calibration_states,
     heal,
-    make_student,
     teacher_pass,
 )
 from models.build.train.prune import Gap, gap_distances
-from models.build.train.student import STUDENT_FILE, STUDENT_META, shared_names
+from models.build.train.student import (
+    STUDENT_FILE,
+    STUDENT_META,
+    shared_names,
+    student_from_picks,
+)
 
 Log = Any
 
@@ -92,7 +96,7 @@ def measured_gap(teacher: Any, hidden: list[np.ndarray], length: int,
     the bridge is not fitted on); every allowed start's angular distance and loss besides."""
     scores: dict[int, dict[str, float]] = {}
     for start, dist in gap_distances(hidden, length).items():
-        cut = make_student(teacher, Gap(start, length, dist).kept(len(hidden))).eval()
+        cut = student_from_picks(teacher, Gap(start, length, dist).kept(len(hidden))).eval()
         scores[start] = {"angular_distance": round(dist, 4), "ce": round(mean_ce(cut, rows), 4)}
     start = min(scores, key=lambda s: (scores[s]["ce"], s))
     return Gap(start, length, scores[start]["angular_distance"]), scores
@@ -193,7 +197,7 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
     cands: list[dict[str, Any]] = []
     for k, gap in gaps.items():
         name = f"depth-{k}"
-        student = make_student(teacher, gap.kept(total)).eval()
+        student = student_from_picks(teacher, gap.kept(total)).eval()
         plain_q = t_ppl / heldout_quality(student, held, window)
         plain_ce = mean_ce(student, select_rows)
         before = {k2: v.clone() for k2, v in student.state_dict().items()}
