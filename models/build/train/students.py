@@ -1,14 +1,16 @@
 """``greenroute train --config <prune TOML>``: make depth-pruned students of a teacher, heal
 each by distillation, measure them all and keep the best (build time only: torch).
 
-For each block count ``K`` the run of ``L - K`` blocks to drop is chosen by angular distance
-(:mod:`models.build.train.prune`), a least-squares bridge folded into the block before it, and
-the student healed (:mod:`models.build.train.heal`) on teacher-written answers to in-domain
-prompts (none a question of the task set) and Python documentation text (the FAQ, which is the
-held-out evaluation text, left out). Each candidate is measured like the ladder measures a
-rung: quality is the teacher's held-out perplexity over the student's, the task score is
-greedy answers to ``models/data/tasks.jsonl``. Only the tensors that differ from the teacher
-are saved (fp16): a ladder rebuilds the student from the teacher at build time.
+For each block count ``K`` the run of ``L - K`` blocks to drop is the one whose plain cut loses
+least on in-domain text (:func:`measured_gap`; angular distances recorded beside), a
+least-squares bridge is folded into the block before it when it lowers that loss
+(:mod:`models.build.train.prune`), and the student healed (:mod:`models.build.train.heal`) on
+teacher-written answers to in-domain prompts (none a question of the task set) and Python
+documentation text (the FAQ, which is the held-out evaluation text, left out). Each candidate
+is measured like the ladder measures a rung: quality is the teacher's held-out perplexity over
+the student's, the task score is greedy answers to ``models/data/tasks.jsonl``. Only the
+tensors that differ from the teacher are saved (fp16): a ladder rebuilds the student from the
+teacher at build time.
 """
 
 from __future__ import annotations
@@ -200,11 +202,13 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
         student = student_from_picks(teacher, gap.kept(total)).eval()
         plain_q = t_ppl / heldout_quality(student, held, window)
         plain_ce = mean_ce(student, select_rows)
-        before = {k2: v.clone() for k2, v in student.state_dict().items()}
+        down = student.model.layers[gap.start - 1].mlp.down_proj.weight  # the bridge's home
+        before = down.detach().clone()
         errors = bridge_student(student, gap, hidden, mlp, float(config["bridge"]["ridge"]))
         bridged_ce = mean_ce(student, select_rows)
         if bridged_ce >= plain_ce:  # the bridge must earn its place on text it was not fit on
-            student.load_state_dict(before)
+            with torch.no_grad():
+                down.copy_(before)
         errors.update(kept=bridged_ce < plain_ce, ce_plain_cut=plain_ce, ce_bridged=bridged_ce)
         bridged_q = t_ppl / heldout_quality(student, held, window)
         log(f"{name}: quality plain cut {plain_q:.3f}, with bridge {bridged_q:.3f} {errors}")
