@@ -119,7 +119,7 @@ def test_bridged_student_tracks_the_teacher_better_and_healing_lowers_its_loss()
     cfg = {"seed": 0, "lr": 3e-3, "batch_size": 4, "steps": 40, "warmup_steps": 2,
            "ce_weight": 0.0, "log_every": 39, "train_blocks": 2}
     last_before = student.model.layers[3].mlp.up_proj.weight.clone()
-    rec = heal(student, 1, cache, cfg, seconds=600.0, log=lambda _m: None)
+    rec = heal(student, 1, cache, cfg, seconds=1e9, log=lambda _m: None)  # steps bound it
     assert rec["steps"] == 40 and rec["tokens"] == 40 * 4 * 16
     assert rec["trained_blocks"] == [1, 2]
     assert torch.equal(student.model.layers[3].mlp.up_proj.weight, last_before)  # not trained
