@@ -127,6 +127,13 @@ def test_bridged_student_tracks_the_teacher_better_and_healing_lowers_its_loss()
     # block 0 is below the first trained block: still the teacher's
     assert torch.equal(student.model.layers[0].mlp.up_proj.weight,
                        teacher.model.layers[0].mlp.up_proj.weight)
+    # the bf16 forward (autocast) trains too; the weights it updates stay fp32
+    before = student.model.layers[1].mlp.up_proj.weight.clone()
+    rec = heal(student, 1, cache, {**cfg, "steps": 3, "precision": "bf16"}, seconds=1e9,
+               log=lambda _m: None)
+    assert rec["precision"] == "bf16" and rec["steps"] == 3
+    weight = student.model.layers[1].mlp.up_proj.weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight, before)
 
 
 def test_student_rebuilt_from_teacher_and_its_own_tensors_equals_it(tmp_path: Path) -> None:
@@ -224,3 +231,48 @@ def test_measured_gap_tries_every_allowed_run_and_keeps_the_one_that_loses_least
     cut = student_from_picks(teacher, gap.kept(6))
     assert mean_ce(cut, rows) == pytest.approx(scores[gap.start]["ce"], abs=1e-3)
     assert mean_ce(teacher, rows) != pytest.approx(scores[gap.start]["ce"], abs=1e-3)
+
+
+def test_saved_candidate_reloads_as_it_was_and_a_changed_config_does_not_reuse_it(
+        tmp_path: Path) -> None:
+    from models.build.train.student import student_from_picks
+    from models.build.train.students import _save, _saved, candidate_key, load_candidate
+
+    teacher = _tiny_llama()
+    student = student_from_picks(teacher, [0, 1, 4, 5])
+    with torch.no_grad():
+        student.model.layers[2].self_attn.q_proj.weight.add_(0.25)
+    cfg = {"seed": 1, "data": {"rows": 4}, "bridge": {"ridge": 0.1}, "heal": {"lr": 1e-3},
+           "eval": {"tokens": 8}, "finish": {"seconds": 5}}
+    key = candidate_key(cfg, 4)
+    _save(student, {"name": "c", "key": key, "layers": 4, "teacher_blocks": [0, 1, 4, 5]},
+          tmp_path / "c", [1, 3])
+    back = load_candidate(teacher, tmp_path / "c")
+    for name, value in student.state_dict().items():  # trained tensors round-trip via fp16
+        np.testing.assert_allclose(back.state_dict()[name].numpy(), value.numpy(), atol=2e-3)
+    assert _saved(tmp_path / "c", key) is not None
+    assert _saved(tmp_path / "c", candidate_key({**cfg, "heal": {"lr": 2e-3}}, 4)) is None
+    assert _saved(tmp_path / "c", candidate_key(cfg, 3)) is None
+    # the finishing phase's settings only key the finished candidate
+    assert candidate_key({**cfg, "finish": {"seconds": 9}}, 4) == key
+    assert candidate_key({**cfg, "finish": {"seconds": 9}}, 4, True) != candidate_key(
+        cfg, 4, True)
+
+
+def test_teacher_pass_kept_on_disk_is_read_back_only_for_the_same_rows(tmp_path: Path) -> None:
+    from models.build.train.heal import load_cache, precision, save_cache, teacher_pass
+
+    teacher = _tiny_llama()
+    rows = np.random.default_rng(2).integers(0, 97, size=(6, 9))
+    cache = teacher_pass(teacher, rows, [1, 2], k=4)
+    save_cache(cache, tmp_path / "t")
+    back = load_cache(tmp_path / "t", rows, [1, 2], 4)
+    assert back is not None
+    np.testing.assert_array_equal(back.hidden[2], cache.hidden[2])
+    np.testing.assert_array_equal(back.top_i, cache.top_i)
+    assert load_cache(tmp_path / "t", rows[::-1].copy(), [1, 2], 4) is None
+    assert load_cache(tmp_path / "t", rows, [1, 2], 8) is None
+    assert load_cache(tmp_path / "t", rows, [3], 4) is None  # a block it never kept
+    assert precision("fp32") == "fp32" and precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="precision"):
+        precision("fp8")

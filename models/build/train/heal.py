@@ -5,7 +5,8 @@ teacher's hidden state at that depth, computed once (:func:`teacher_pass`) toget
 teacher's top-``k`` next-token probabilities. Training then runs only the student's blocks from
 there up, the final norm and the (frozen, tied) LM head, so the CPU budget goes to the blocks
 that moved. Loss: cross-entropy against the teacher's top-``k`` distribution plus ``ce_weight``
-times the ordinary next-token loss.
+times the ordinary next-token loss. The forward pass may run in bf16 (``precision``) where the
+CPU has native bf16 matrix units; weights, optimiser and loss stay fp32.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,41 @@ class TeacherCache:
     hidden: dict[int, np.ndarray]  # block -> [N, S, H] float16, the input of that block
     top_p: np.ndarray  # [N, S, k] float16, teacher probabilities of its k likeliest tokens
     top_i: np.ndarray  # [N, S, k] int32, those tokens
+
+
+def save_cache(cache: TeacherCache, where: Path) -> None:
+    """Keep a teacher pass on disk (``where`` a directory) so a resumed run need not redo it."""
+    where.mkdir(parents=True, exist_ok=True)
+    for name, arr in (("rows", cache.rows), ("top_p", cache.top_p), ("top_i", cache.top_i),
+                      *((f"hidden-{b}", h) for b, h in cache.hidden.items())):
+        np.save(where / f"{name}.npy", arr)
+
+
+def load_cache(where: Path, rows: np.ndarray, blocks: Sequence[int],
+               k: int) -> TeacherCache | None:
+    """The teacher pass kept in ``where`` if it was made over ``rows`` with these ``blocks`` and
+    ``k``; else ``None``."""
+    try:
+        kept = np.load(where / "rows.npy")
+        top_p = np.load(where / "top_p.npy", mmap_mode="r")
+        hidden = {b: np.load(where / f"hidden-{b}.npy", mmap_mode="r") for b in blocks}
+    except FileNotFoundError:
+        return None
+    if kept.shape != rows.shape or not np.array_equal(kept, rows) or top_p.shape[-1] != k:
+        return None
+    return TeacherCache(kept, hidden, top_p, np.load(where / "top_i.npy", mmap_mode="r"))
+
+
+def precision(name: str) -> str:
+    """``"bf16"`` or ``"fp32"``: ``"auto"`` is bf16 where the CPU multiplies bf16 natively
+    (AVX512-BF16 / AMX, through oneDNN), else fp32."""
+    import torch
+
+    if name == "auto":
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    if name not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {name!r}")
+    return name
 
 
 def teacher_pass(teacher: Any, rows: np.ndarray, blocks: Sequence[int], k: int,
@@ -137,6 +174,7 @@ def heal(student: Any, first: int, cache: TeacherCache, cfg: dict[str, Any],
                             weight_decay=float(cfg.get("weight_decay", 0.0)))
     bsz, total, warm = int(cfg["batch_size"]), int(cfg["steps"]), int(cfg["warmup_steps"])
     ce_w, src = float(cfg["ce_weight"]), cache.hidden[first]
+    dtype = precision(str(cfg.get("precision", "fp32")))
     n = src.shape[0]
     started = time.monotonic()
     curve: list[dict[str, float]] = []
@@ -153,7 +191,8 @@ def heal(student: Any, first: int, cache: TeacherCache, cfg: dict[str, Any],
             g["lr"] = lr
         idx = np.sort(rng.choice(n, size=bsz, replace=False))
         h = torch.from_numpy(src[idx].astype(np.float32))
-        logits = forward_from(student, first, h)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = forward_from(student, first, h)  # master weights and the loss stay fp32
         logp = F.log_softmax(logits.float(), -1)
         tp = torch.from_numpy(cache.top_p[idx].astype(np.float32))
         kd = -(tp * logp.gather(-1, torch.from_numpy(cache.top_i[idx]).long())).sum(-1).mean()
@@ -171,7 +210,7 @@ def heal(student: Any, first: int, cache: TeacherCache, cfg: dict[str, Any],
             curve.append(point)
             log(json.dumps(point))
     student.eval()
-    return {"steps": step, "tokens": step * bsz * int(src.shape[1]),
+    return {"steps": step, "precision": dtype, "tokens": step * bsz * int(src.shape[1]),
             "trained_blocks": [first, min(first + blocks, len(student.model.layers)) - 1],
             "trained_parameters": sum(p.numel() for p in params),
             "seconds": round(time.monotonic() - started, 1), "curve": curve}

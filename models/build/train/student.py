@@ -127,6 +127,7 @@ def student_made(student_dir: Path) -> dict[str, Any]:
     """What a ladder's manifest records of how a saved student was made: its structure, the
     teacher blocks it keeps, its healing run and the candidates it was chosen from."""
     meta = json.loads((student_dir / STUDENT_META).read_text())
-    keep = ("name", "layers", "teacher_blocks", "structure", "healing", "quality", "tasks",
+    keep = ("name", "layers", "teacher_blocks", "structure", "healing", "finish", "quality",
+            "tasks", "quality_first_phase", "tasks_first_phase",
             "rule", "candidates", "wall_seconds", "steps", "tokens_seen", "device")
     return {k: meta[k] for k in keep if k in meta}

@@ -26,9 +26,12 @@ import numpy as np
 
 from models.build.train.distil import _pack
 from models.build.train.heal import (
+    TeacherCache,
     bridge_student,
     calibration_states,
     heal,
+    load_cache,
+    save_cache,
     teacher_pass,
 )
 from models.build.train.prune import Gap, gap_distances
@@ -188,17 +191,39 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
         gaps[k], searched[k] = measured_gap(teacher, hidden, total - k, select_rows)
         log(f"K={k}: drop blocks {gaps[k].start}..{gaps[k].start + gaps[k].length - 1} "
             f"({searched[k][gaps[k].start]})")
-    t0 = time.monotonic()
-    cache = teacher_pass(teacher, rows, sorted({g.start - 1 for g in gaps.values()}),
-                         int(config["heal"]["top_k"]))
-    log(f"teacher pass over {rows.shape[0]} rows in {time.monotonic() - t0:.0f} s")
+    blocks = sorted({g.start - 1 for g in gaps.values()})
+    k_top = int(config["heal"]["top_k"])
+    cached: list[TeacherCache] = []
+
+    def cache() -> TeacherCache:  # the teacher pass, run (or read back) only when needed
+        if not cached:
+            t0 = time.monotonic()
+            got = load_cache(work / "teacher", rows, blocks, k_top)
+            if got is None:
+                got = teacher_pass(teacher, rows, blocks, k_top)
+                save_cache(got, work / "teacher")
+            cached.append(got)
+            log(f"teacher pass over {rows.shape[0]} rows in {time.monotonic() - t0:.0f} s")
+        return cached[0]
+
     held = tokenizer(DEFAULT_HELDOUT.read_text(encoding="utf-8"),
                      add_special_tokens=False)["input_ids"][: int(config["eval"]["tokens"])]
     window = int(config["eval"]["window"])
     t_ppl = heldout_quality(teacher, held, window)
+
+    def measure(student: Any) -> tuple[float, int]:
+        return t_ppl / heldout_quality(student, held, window), task_score(student, tokenizer,
+                                                                          eos)
+
     cands: list[dict[str, Any]] = []
     for k, gap in gaps.items():
-        name = f"depth-{k}"
+        name, key = f"depth-{k}", candidate_key(config, k)
+        cdir = work / "candidates" / name
+        done = _saved(cdir, key)
+        if done is not None:  # a resumed run: this candidate was made with this very config
+            log(f"{name}: reusing {cdir} (quality {done['quality']:.3f}, tasks {done['tasks']})")
+            cands.append(done)
+            continue
         student = student_from_picks(teacher, gap.kept(total)).eval()
         plain_q = t_ppl / heldout_quality(student, held, window)
         plain_ce = mean_ce(student, select_rows)
@@ -212,22 +237,12 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
         errors.update(kept=bridged_ce < plain_ce, ce_plain_cut=plain_ce, ce_bridged=bridged_ce)
         bridged_q = t_ppl / heldout_quality(student, held, window)
         log(f"{name}: quality plain cut {plain_q:.3f}, with bridge {bridged_q:.3f} {errors}")
-        record = heal(student, gap.start - 1, cache, {**config["heal"], "seed": seed},
+        record = heal(student, gap.start - 1, cache(), {**config["heal"], "seed": seed},
                       float(config["heal"]["seconds"]), log)
-        quality = t_ppl / heldout_quality(student, held, window)
-        tasks = task_score(student, tokenizer, eos)
+        quality, tasks = measure(student)
         log(f"{name}: healed quality {quality:.3f}, tasks {tasks}/60")
-        cdir = work / "candidates" / name
-        cdir.mkdir(parents=True, exist_ok=True)
-        shared = shared_names(student)
-        own = {key: v.detach().to(torch.float16).contiguous()
-               for key, v in student.state_dict().items()
-               if key not in shared and _trained(key, *record["trained_blocks"])}
-        from safetensors.torch import save_file
-
-        save_file(own, str(cdir / STUDENT_FILE), metadata={"format": "pt"})
-        cand = {"name": name, "layers": k, "teacher_blocks": gap.kept(total),
-                "shared": sorted(shared), "structure": {
+        cand = {"name": name, "key": key, "layers": k, "teacher_blocks": gap.kept(total),
+                "structure": {
                     "kind": "depth", "dropped": [gap.start, gap.start + gap.length - 1],
                     "angular_distance": round(gap.distance, 4), "bridge": "least squares, "
                     f"folded into block {gap.start - 1}'s down_proj", "bridge_fit": errors,
@@ -236,8 +251,27 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
                 "quality": quality, "tasks": tasks,
                 "healing": {k2: v for k2, v in record.items() if k2 != "curve"},
                 "curve": record["curve"]}
-        (cdir / STUDENT_META).write_text(json.dumps(cand, indent=2) + "\n")
-        cands.append(cand)
+        cands.append(_save(student, cand, cdir, record["trained_blocks"]))
+    pick = choose(cands, config["select"])
+    if "finish" in config:  # a second healing phase for the pick alone, from where it stopped
+        fin_cfg = {**config["heal"], **config["finish"], "seed": seed + 1}
+        name, key = f"{pick['name']}-finished", candidate_key(config, pick["layers"], True)
+        cdir = work / "candidates" / name
+        done = _saved(cdir, key)
+        if done is None:
+            student = load_candidate(teacher, work / "candidates" / pick["name"])
+            first = int(pick["healing"]["trained_blocks"][0])
+            record = heal(student, first, cache(), fin_cfg, float(fin_cfg["seconds"]), log)
+            quality, tasks = measure(student)
+            log(f"{name}: quality {quality:.3f}, tasks {tasks}/60")
+            done = _save(student, {**pick, "name": name, "key": key, "quality": quality,
+                                   "tasks": tasks, "quality_first_phase": pick["quality"],
+                                   "tasks_first_phase": pick["tasks"], "finish": {
+                                       k2: v for k2, v in record.items() if k2 != "curve"},
+                                   "finish_curve": record["curve"]},
+                         cdir, record["trained_blocks"])
+        cands.append(done)
+        pick = choose([pick, done], config["select"])
     pick = choose(cands, config["select"])
     out.mkdir(parents=True, exist_ok=True)
     src = work / "candidates" / pick["name"]
@@ -245,11 +279,61 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
     summary = {**pick, "teacher_quality_ppl": t_ppl, "rule": choose.__doc__,
                "rows": int(rows.shape[0]), "seq_len": int(rows.shape[1] - 1),
                "wall_seconds": round(time.monotonic() - started, 1),
-               "candidates": [{k2: v for k2, v in c.items() if k2 not in ("curve", "shared")}
+               "candidates": [{k2: v for k2, v in c.items()
+                               if k2 not in ("curve", "finish_curve", "shared")}
                               for c in cands],
                "config": config}
     (out / STUDENT_META).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def candidate_key(config: dict[str, Any], k: int, finished: bool = False) -> str:
+    """What a saved candidate was made from: a resumed run reuses it only when this matches."""
+    import hashlib
+
+    parts = {"k": k, **{s: config.get(s) for s in ("seed", "data", "bridge", "heal", "eval")}}
+    if finished:
+        parts["finish"] = config.get("finish")
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _saved(cdir: Path, key: str) -> dict[str, Any] | None:
+    meta = cdir / STUDENT_META
+    if not (meta.is_file() and (cdir / STUDENT_FILE).is_file()):
+        return None
+    cand = json.loads(meta.read_text())
+    return cand if cand.get("key") == key else None
+
+
+def _save(student: Any, cand: dict[str, Any], cdir: Path, trained: list[int]) -> dict[str, Any]:
+    """Write the tensors training changed (fp16) and the candidate's record to ``cdir``."""
+    import torch
+    from safetensors.torch import save_file
+
+    cdir.mkdir(parents=True, exist_ok=True)
+    shared = shared_names(student)
+    own = {key: v.detach().to(torch.float16).contiguous()
+           for key, v in student.state_dict().items()
+           if key not in shared and _trained(key, *trained)}
+    save_file(own, str(cdir / STUDENT_FILE), metadata={"format": "pt"})
+    cand = {**cand, "shared": sorted(shared)}
+    (cdir / STUDENT_META).write_text(json.dumps(cand, indent=2) + "\n")
+    return cand
+
+
+def load_candidate(teacher: Any, cdir: Path) -> Any:
+    """A saved candidate as a trainable model: the teacher's kept blocks, then its own tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    meta = json.loads((cdir / STUDENT_META).read_text())
+    student = student_from_picks(teacher, [int(b) for b in meta["teacher_blocks"]])
+    own = {k: v.to(torch.float32) for k, v in load_file(str(cdir / STUDENT_FILE)).items()}
+    missing = set(own) - set(student.state_dict())
+    if missing:
+        raise ValueError(f"{cdir}: tensors the student does not have: {sorted(missing)[:3]}")
+    student.load_state_dict(own, strict=False)
+    return student.eval()
 
 
 def _trained(key: str, first: int, last: int) -> bool:
