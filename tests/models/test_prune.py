@@ -235,8 +235,8 @@ def test_measured_gap_tries_every_allowed_run_and_keeps_the_one_that_loses_least
 
 def test_saved_candidate_reloads_as_it_was_and_a_changed_config_does_not_reuse_it(
         tmp_path: Path) -> None:
-    from models.build.train.student import student_from_picks
-    from models.build.train.students import _save, _saved, candidate_key, load_candidate
+    from models.build.train.student import load_candidate, student_from_picks
+    from models.build.train.students import _save, _saved, candidate_key
 
     teacher = _tiny_llama()
     student = student_from_picks(teacher, [0, 1, 4, 5])

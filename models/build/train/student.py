@@ -71,6 +71,21 @@ def student_from_picks(teacher: Any, picks: list[int]) -> Any:
     return student.to(next(teacher.parameters()).dtype)
 
 
+def load_candidate(teacher: Any, cdir: Path) -> Any:
+    """A saved candidate as a trainable model: the teacher's kept blocks, then its own tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    meta = json.loads((cdir / STUDENT_META).read_text())
+    student = student_from_picks(teacher, [int(b) for b in meta["teacher_blocks"]])
+    own = {k: v.to(torch.float32) for k, v in load_file(str(cdir / STUDENT_FILE)).items()}
+    missing = set(own) - set(student.state_dict())
+    if missing:
+        raise ValueError(f"{cdir}: tensors the student does not have: {sorted(missing)[:3]}")
+    student.load_state_dict(own, strict=False)
+    return student.eval()
+
+
 def shared_names(student: Any) -> set[str]:
     """State-dict names of the tensors shared with (and frozen like) the teacher: the token
     embedding and the LM head (one tensor when tied)."""

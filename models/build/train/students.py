@@ -38,6 +38,7 @@ from models.build.train.prune import Gap, gap_distances
 from models.build.train.student import (
     STUDENT_FILE,
     STUDENT_META,
+    load_candidate,
     shared_names,
     student_from_picks,
 )
@@ -188,7 +189,13 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
     gaps: dict[int, Gap] = {}
     searched: dict[int, Any] = {}
     for k in (int(k) for k in config["kept"]):
-        gaps[k], searched[k] = measured_gap(teacher, hidden, total - k, select_rows)
+        done = _saved(work / "candidates" / f"depth-{k}", candidate_key(config, k))
+        if done is not None:  # resumed: its cut was searched when it was made
+            first, last = done["structure"]["dropped"]
+            gaps[k] = Gap(first, last - first + 1, done["structure"]["angular_distance"])
+            searched[k] = {int(a): v for a, v in done["structure"]["searched"].items()}
+        else:
+            gaps[k], searched[k] = measured_gap(teacher, hidden, total - k, select_rows)
         log(f"K={k}: drop blocks {gaps[k].start}..{gaps[k].start + gaps[k].length - 1} "
             f"({searched[k][gaps[k].start]})")
     blocks = sorted({g.start - 1 for g in gaps.values()})
@@ -319,21 +326,6 @@ def _save(student: Any, cand: dict[str, Any], cdir: Path, trained: list[int]) ->
     cand = {**cand, "shared": sorted(shared)}
     (cdir / STUDENT_META).write_text(json.dumps(cand, indent=2) + "\n")
     return cand
-
-
-def load_candidate(teacher: Any, cdir: Path) -> Any:
-    """A saved candidate as a trainable model: the teacher's kept blocks, then its own tensors."""
-    import torch
-    from safetensors.torch import load_file
-
-    meta = json.loads((cdir / STUDENT_META).read_text())
-    student = student_from_picks(teacher, [int(b) for b in meta["teacher_blocks"]])
-    own = {k: v.to(torch.float32) for k, v in load_file(str(cdir / STUDENT_FILE)).items()}
-    missing = set(own) - set(student.state_dict())
-    if missing:
-        raise ValueError(f"{cdir}: tensors the student does not have: {sorted(missing)[:3]}")
-    student.load_state_dict(own, strict=False)
-    return student.eval()
 
 
 def _trained(key: str, first: int, last: int) -> bool:
