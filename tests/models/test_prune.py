@@ -175,6 +175,8 @@ def test_choice_is_the_smallest_student_meeting_both_floors_else_the_best_answer
          {"name": "b", "layers": 20, "quality": 0.82, "tasks": 25},
          {"name": "c", "layers": 16, "quality": 0.7, "tasks": 20}]
     assert choose(c, {"quality": 0.8, "tasks": 24})["name"] == "b"
+    twin = {**c[1], "name": "b2"}  # equal on every count: the first listed wins
+    assert choose([twin, c[1]], {"quality": 0.99, "tasks": 99})["name"] == "b2"
     assert choose(c, {"quality": 0.95, "tasks": 24})["name"] == "a"
     c[2]["tasks"] = 31
     assert choose(c, {"quality": 0.95, "tasks": 24})["name"] == "c"

@@ -278,8 +278,7 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
                                    "finish_curve": record["curve"]},
                          cdir, record["trained_blocks"])
         cands.append(done)
-        pick = choose([pick, done], config["select"])
-    pick = choose(cands, config["select"])
+        pick = choose([done, pick], config["select"])  # a tie goes to the finished one
     out.mkdir(parents=True, exist_ok=True)
     src = work / "candidates" / pick["name"]
     shutil.copy2(src / STUDENT_FILE, out / STUDENT_FILE)
