@@ -184,6 +184,11 @@ def quantize_rungs(b: Build) -> None:
             candidates = [b.methods["int8"]]
         trials, engines = _race(b, base, qname, candidates)
         base_bytes = onnx_bytes(b.out / base)
+        if len(candidates) == 1 and trials[candidates[0].name]["bytes"] >= base_bytes:
+            # int8's method does not shrink the student (a tiny model's fixed overheads can
+            # outweigh its weights): race every 8-bit method for it after all
+            candidates = list(q.CANDIDATES_8BIT)
+            trials, engines = _race(b, base, qname, candidates)
         pick = pick_8bit(trials, candidates, base_bytes)
         b.quant_choice[qname] = {"chosen": pick.name, "rule": EIGHT_BIT_RULE,
                                  "source_bytes": base_bytes, "candidates": trials}
