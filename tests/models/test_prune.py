@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -278,3 +279,42 @@ def test_teacher_pass_kept_on_disk_is_read_back_only_for_the_same_rows(tmp_path:
     assert precision("fp32") == "fp32" and precision("auto") in ("fp32", "bf16")
     with pytest.raises(ValueError, match="precision"):
         precision("fp8")
+
+
+def test_finish_heals_the_pick_again_from_its_saved_tensors_and_is_reused_after(
+        tmp_path: Path) -> None:
+    from models.build.train.heal import teacher_pass
+    from models.build.train.student import student_from_picks
+    from models.build.train.students import _save, candidate_key, finish
+
+    teacher = _tiny_llama()
+    rows = np.random.default_rng(3).integers(0, 97, size=(8, 17))
+    kept = [0, 1, 4, 5]
+    cfg = {"seed": 0, "data": {}, "bridge": {}, "eval": {},
+           "heal": {"lr": 3e-3, "batch_size": 4, "steps": 6, "warmup_steps": 1, "ce_weight": 0.0,
+                    "log_every": 5, "train_blocks": 2, "top_k": 8},
+           "finish": {"steps": 4, "seconds": 1e9}}
+    pick = _save(student_from_picks(teacher, kept),
+                 {"name": "depth-4", "key": candidate_key(cfg, 4), "layers": 4,
+                  "teacher_blocks": kept, "quality": 0.5, "tasks": 3,
+                  "healing": {"trained_blocks": [1, 2]}},
+                 tmp_path / "candidates" / "depth-4", [1, 2])
+    caches: list[int] = []
+
+    def cache():  # type: ignore[no-untyped-def]
+        caches.append(1)
+        return teacher_pass(teacher, rows, [1], k=8)
+
+    seen: list[Any] = []
+    done = finish(teacher, pick, cfg, tmp_path, cache,
+                  lambda s: (seen.append(s), (0.6, 4))[1], lambda _m: None)
+    assert done["name"] == "depth-4-finished" and done["finish"]["steps"] == 4
+    assert (done["quality"], done["tasks"]) == (0.6, 4)
+    assert (done["quality_first_phase"], done["tasks_first_phase"]) == (0.5, 3)
+    moved = seen[0].model.layers[1].mlp.up_proj.weight  # trained from the saved candidate on
+    assert not torch.equal(moved, teacher.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(seen[0].model.layers[3].mlp.up_proj.weight,  # above train_blocks
+                       teacher.model.layers[5].mlp.up_proj.weight)
+    assert choose([done, pick], {"quality": 0.9, "tasks": 50})["name"] == "depth-4-finished"
+    again = finish(teacher, pick, cfg, tmp_path, cache, lambda s: (0.0, 0), lambda _m: None)
+    assert again["quality"] == 0.6 and caches == [1]  # reused: no teacher pass, no healing

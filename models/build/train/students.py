@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,25 +260,10 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
                 "curve": record["curve"]}
         cands.append(_save(student, cand, cdir, record["trained_blocks"]))
     pick = choose(cands, config["select"])
-    if "finish" in config:  # a second healing phase for the pick alone, from where it stopped
-        fin_cfg = {**config["heal"], **config["finish"], "seed": seed + 1}
-        name, key = f"{pick['name']}-finished", candidate_key(config, pick["layers"], True)
-        cdir = work / "candidates" / name
-        done = _saved(cdir, key)
-        if done is None:
-            student = load_candidate(teacher, work / "candidates" / pick["name"])
-            first = int(pick["healing"]["trained_blocks"][0])
-            record = heal(student, first, cache(), fin_cfg, float(fin_cfg["seconds"]), log)
-            quality, tasks = measure(student)
-            log(f"{name}: quality {quality:.3f}, tasks {tasks}/60")
-            done = _save(student, {**pick, "name": name, "key": key, "quality": quality,
-                                   "tasks": tasks, "quality_first_phase": pick["quality"],
-                                   "tasks_first_phase": pick["tasks"], "finish": {
-                                       k2: v for k2, v in record.items() if k2 != "curve"},
-                                   "finish_curve": record["curve"]},
-                         cdir, record["trained_blocks"])
-        cands.append(done)
-        pick = choose([done, pick], config["select"])  # a tie goes to the finished one
+    if "finish" in config:
+        finished = finish(teacher, pick, config, work, cache, measure, log)
+        cands.append(finished)
+        pick = choose([finished, pick], config["select"])  # a tie goes to the finished one
     out.mkdir(parents=True, exist_ok=True)
     src = work / "candidates" / pick["name"]
     shutil.copy2(src / STUDENT_FILE, out / STUDENT_FILE)
@@ -291,6 +276,32 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
                "config": config}
     (out / STUDENT_META).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def finish(teacher: Any, pick: dict[str, Any], config: dict[str, Any], work: Path,
+           cache: Callable[[], TeacherCache], measure: Callable[[Any], tuple[float, int]],
+           log: Log) -> dict[str, Any]:
+    """The second healing phase (``config["finish"]``) of the chosen candidate alone, from its
+    saved tensors; saved as ``<name>-finished`` (reused when a run with this config made it)."""
+    seed = int(config["seed"])
+    fin_cfg = {**config["heal"], **config["finish"], "seed": seed + 1}
+    name, key = f"{pick['name']}-finished", candidate_key(config, pick["layers"], True)
+    cdir = work / "candidates" / name
+    done = _saved(cdir, key)
+    if done is not None:
+        log(f"{name}: reusing {cdir}")
+        return done
+    student = load_candidate(teacher, work / "candidates" / pick["name"])
+    first = int(pick["healing"]["trained_blocks"][0])
+    record = heal(student, first, cache(), fin_cfg, float(fin_cfg["seconds"]), log)
+    quality, tasks = measure(student)
+    log(f"{name}: quality {quality:.3f}, tasks {tasks}/60")
+    return _save(student, {**pick, "name": name, "key": key, "quality": quality,
+                           "tasks": tasks, "quality_first_phase": pick["quality"],
+                           "tasks_first_phase": pick["tasks"],
+                           "finish": {k: v for k, v in record.items() if k != "curve"},
+                           "finish_curve": record["curve"]},
+                 cdir, record["trained_blocks"])
 
 
 def candidate_key(config: dict[str, Any], k: int, finished: bool = False) -> str:
@@ -333,7 +344,3 @@ def _trained(key: str, first: int, last: int) -> bool:
 
     m = _BLOCK.search(key)
     return first <= int(m.group(2)) <= last if m else key.endswith("norm.weight")
-
-
-def load(path: Path) -> dict[str, Any]:
-    return tomllib.loads(path.read_text())
