@@ -188,9 +188,11 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
     select_rows = rows[n_cal:n_cal + n_sel]  # where cuts and bridges are judged
     gaps: dict[int, Gap] = {}
     searched: dict[int, Any] = {}
+    reused: dict[int, dict[str, Any]] = {}  # candidates a run with this config already made
     for k in (int(k) for k in config["kept"]):
         done = _saved(work / "candidates" / f"depth-{k}", candidate_key(config, k))
         if done is not None:  # resumed: its cut was searched when it was made
+            reused[k] = done
             first, last = done["structure"]["dropped"]
             gaps[k] = Gap(first, last - first + 1, done["structure"]["angular_distance"])
             searched[k] = {int(a): v for a, v in done["structure"]["searched"].items()}
@@ -226,8 +228,8 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
     for k, gap in gaps.items():
         name, key = f"depth-{k}", candidate_key(config, k)
         cdir = work / "candidates" / name
-        done = _saved(cdir, key)
-        if done is not None:  # a resumed run: this candidate was made with this very config
+        if k in reused:
+            done = reused[k]
             log(f"{name}: reusing {cdir} (quality {done['quality']:.3f}, tasks {done['tasks']})")
             cands.append(done)
             continue
