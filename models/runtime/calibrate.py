@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.manifest import Calibration
@@ -116,3 +117,49 @@ def measure_step_widths(engine: Engine, prompt_ids: Sequence[int],
 
     step_ms(1)  # warm-up
     return {w: step_ms(w) for w in widths}
+
+
+def measure_wide_many(engines: Mapping[str, Engine], prompt_ids: Sequence[int], rows: int = 16,
+                      steps: int = 4, repeats: int = 3) -> dict[str, float | None]:
+    """Decode tokens/s of each engine's continuous batch with ``rows`` rows in every step,
+    the engines taking turns (the order rotating each round; the median of each round's
+    ``steps`` steps, then of the rounds). ``None`` for an engine whose rows do not share a
+    forward pass. A quantized kernel that is quick for one row can scale worse with rows than
+    another (an 8-bit ``MatMulNBits`` step costs 3.5-4x more at 16 rows than at one, fp32
+    ``MatMul`` 2x), so a race that serves load measures both."""
+    from models.runtime.engine.slots import Sampler, slots_for
+
+    params = GenerationParams(max_new_tokens=(repeats + 1) * steps + 1, ignore_eos=True)
+    length = len(prompt_ids) + (repeats + 1) * steps + 2
+    state: dict[str, tuple[Any, list[Sampler], list[int]]] = {}
+    out: dict[str, float | None] = {}
+    for name, engine in engines.items():
+        slots = slots_for(engine, rows, length)
+        if not slots.batched:
+            out[name] = None
+            continue
+        samplers = [Sampler(params) for _ in range(rows)]
+        state[name] = (slots, samplers, [slots.prefill(r, prompt_ids, samplers[r])
+                                         for r in range(rows)])
+    every = list(range(rows))
+
+    def step_ms(name: str) -> float:
+        slots, samplers, last = state[name]
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            last[:] = slots.step(every, last, samplers)
+            times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    names = list(state)
+    for name in names:  # warm-up: the first wide step binds and may pick kernels
+        slots, samplers, last = state[name]
+        last[:] = slots.step(every, last, samplers)
+    medians: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % max(1, len(names))
+        for name in names[shift:] + names[:shift]:
+            medians[name].append(step_ms(name))
+    out.update({name: rows * 1000 / statistics.median(ms) for name, ms in medians.items()})
+    return out

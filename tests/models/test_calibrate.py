@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer
 
-from models.runtime.calibrate import calibrate_many
+from models.runtime.calibrate import calibrate_many, measure_wide_many
 from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.slots import KVSlots
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +42,24 @@ def test_every_engine_leads_a_round_in_turn(engines: dict[str, OrtEngine],
     for cal in out.values():
         assert cal.prefill_ms_per_token > 0 and cal.decode_ms_per_token > 0
         assert cal.decode_tokens_per_s == pytest.approx(1000 / cal.decode_ms_per_token)
+
+
+def test_wide_measure_steps_every_row_taking_turns(engines: dict[str, OrtEngine],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    names = {id(e): n for n, e in engines.items()}
+    calls: list[tuple[str, list[int]]] = []
+    real = KVSlots.step
+
+    def step(self: KVSlots, rows: Any, tokens: Any, samplers: Any) -> list[int]:
+        calls.append((names[id(self.ort_engine)], list(rows)))
+        return real(self, rows, tokens, samplers)
+
+    monkeypatch.setattr(KVSlots, "step", step)
+    prompt = engines["a"].encode("def f(x):")
+    out = measure_wide_many(engines, prompt, rows=3, steps=2, repeats=3)
+    assert all(rows == [0, 1, 2] for _, rows in calls)  # every step is 3 rows wide
+    order = [n for n, _ in calls]
+    assert order[:3] == ["a", "b", "c"]  # one warm-up step each
+    assert order[3:] == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a",
+                         "c", "c", "a", "a", "b", "b"]
+    assert set(out) == set(engines) and all(v is not None and v > 0 for v in out.values())

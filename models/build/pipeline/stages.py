@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -33,18 +34,24 @@ from models.build.pipeline.quality import QualityReport, agreement, evaluate
 from models.build.pipeline.tasks import MAX_NEW_TOKENS as TASK_TOKENS
 from models.build.pipeline.tasks import TaskReport, load_tasks, task_score
 from models.build.pipeline.verify import export_verified
-from models.runtime.calibrate import calibrate_many, cpu_name
+from models.runtime.calibrate import calibrate_many, cpu_name, measure_wide_many
 from models.runtime.chat import ChatTemplate
 from models.runtime.engine.base import Engine
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.manifest import Calibration, Manifest, VariantInfo
 
+# A race's speed is the geometric mean of a candidate's decode tokens/s with one row and with
+# RACE_ROWS rows in every step: the rung serves one client and many, and an 8-bit kernel that
+# is quick for one row can scale worse with rows than another (blocks 64 and 128 tied block 32
+# at one row and ran 1.14x faster at 16).
+RACE_ROWS = 16
 EIGHT_BIT_RULE = ("of the 8-bit methods smaller than the source, the fastest within 0.02 "
-                  "quality of the best (speeds within 5 % of the fastest tie, the best quality "
+                  "quality of the best (speed: geometric mean of decode tokens/s at 1 and "
+                  f"{RACE_ROWS} rows; speeds within 5 % of the fastest tie, the best quality "
                   "wins)")
-FOUR_BIT_RULE = ("4-bit methods >= 1.1x int8 decode speed, smaller than int8, with quality "
-                 "above distilled earn the rung; of those, the best quality (to 0.01), then "
-                 "the fastest")
+FOUR_BIT_RULE = ("4-bit methods >= 1.1x int8's speed (geometric mean of decode tokens/s at 1 "
+                 f"and {RACE_ROWS} rows), smaller than int8, with quality above distilled earn "
+                 "the rung; of those, the best quality (to 0.01), then the fastest")
 
 
 @dataclass
@@ -103,6 +110,15 @@ def export_fp32(b: Build) -> None:
               f"{b.measured[name].decode_tokens_per_s:.0f} tok/s")
 
 
+def _genai_config(b: Build, vdir: Path, base: str) -> None:
+    """``vdir``'s ``genai_config.json``, from its fp32 ``base``'s exporter: a builder graph's
+    says its KV buffer is shared, so our engine runs it as the service does."""
+    if b.exporters[base] == GENAI_BUILDER:
+        adapt_builder_genai_config(vdir, b.out / base, ONNX_FILE, b.opts.threads)
+    else:
+        write_genai_config(vdir, ONNX_FILE, b.opts.threads)
+
+
 def _race(b: Build, base: str, qname: str,
           candidates: list[q.QuantMethod]) -> tuple[dict[str, Any], dict[str, OrtEngine]]:
     """Every candidate built from ``base``, evaluated, then timed taking turns."""
@@ -110,21 +126,31 @@ def _race(b: Build, base: str, qname: str,
     for method in candidates:
         tdir = b.work / f"{qname}-{method.name}"
         q.quantize(b.out / base, tdir, method)
+        # timed on the service's path: without its config a builder graph's copy would run
+        # the loop for graphs without a shared KV buffer, and could not batch
+        _genai_config(b, tdir, base)
         engines[method.name] = b.engine_for(tdir)
         b.reports[f"{qname}:{method.name}"] = evaluate(engines[method.name], b.heldout,
                                                        b.opts.eval_window)
     costs = b.measure(engines)
+    wide = (measure_wide_many(engines, b.prompt, rows=RACE_ROWS) if len(candidates) > 1
+            else {})
     trials: dict[str, Any] = {}
     for method in candidates:
         key = f"{qname}:{method.name}"
         rep, cost = b.reports[key], costs[method.name]
+        loaded = wide.get(method.name)
         trials[method.name] = {
             "bits": method.bits, "perplexity": rep.perplexity, "quality": b.quality(key),
             "decode_tokens_per_s": cost.decode_tokens_per_s,
+            f"tokens_per_s_{RACE_ROWS}_rows": loaded,
+            "speed": (math.sqrt(cost.decode_tokens_per_s * loaded) if loaded
+                      else cost.decode_tokens_per_s),
             "bytes": onnx_bytes(b.work / f"{qname}-{method.name}")}
         b.measured[key] = cost
         b.log(f"  {qname} candidate {method.name}: ppl {rep.perplexity:.2f}, "
-              f"{cost.decode_tokens_per_s:.0f} tok/s")
+              f"{cost.decode_tokens_per_s:.0f} tok/s"
+              + (f", {loaded:.0f} at {RACE_ROWS} rows" if loaded else ""))
     return trials, engines
 
 
@@ -137,8 +163,8 @@ def pick_8bit(trials: dict[str, Any], candidates: list[q.QuantMethod],
     eight = [m for m in all_eight if trials[m.name]["bytes"] < base_bytes] or all_eight
     best_q = max(trials[m.name]["quality"] for m in eight)
     ok = [m for m in eight if trials[m.name]["quality"] >= best_q - 0.02]
-    top = max(trials[m.name]["decode_tokens_per_s"] for m in ok)
-    return max((m for m in ok if trials[m.name]["decode_tokens_per_s"] >= 0.95 * top),
+    top = max(trials[m.name]["speed"] for m in ok)
+    return max((m for m in ok if trials[m.name]["speed"] >= 0.95 * top),
                key=lambda m: trials[m.name]["quality"])
 
 
@@ -148,13 +174,13 @@ def pick_4bit(trials: dict[str, Any], candidates: list[q.QuantMethod], int8: q.Q
     dominates it (clearly faster than int8, better than the student's quality ``floor``).
     Returns the pick and whether it earns the rung."""
     fours = [m for m in candidates if m.bits == 4]
-    speed = trials[int8.name]["decode_tokens_per_s"]
+    speed = trials[int8.name]["speed"]
     earning = [m for m in fours
-               if trials[m.name]["decode_tokens_per_s"] >= 1.1 * speed
+               if trials[m.name]["speed"] >= 1.1 * speed
                and trials[m.name]["quality"] > floor
                and trials[m.name]["bytes"] < trials[int8.name]["bytes"]]
     pick = max(earning or fours, key=lambda m: (round(trials[m.name]["quality"], 2),
-                                                trials[m.name]["decode_tokens_per_s"]))
+                                                trials[m.name]["speed"]))
     return pick, bool(earning)
 
 
@@ -206,11 +232,7 @@ def choose_runtime(b: Build) -> None:
     """Stage 3: serve with onnxruntime-genai when it decodes `full` faster than our loop (the
     two measured taking turns); every variant gets its genai config either way."""
     for name, (role, _) in b.sources.items():
-        base = "full" if role == "teacher" else "distilled"
-        if b.exporters[base] == GENAI_BUILDER:
-            adapt_builder_genai_config(b.out / name, b.out / base, ONNX_FILE, b.opts.threads)
-        else:
-            write_genai_config(b.out / name, ONNX_FILE, b.opts.threads)
+        _genai_config(b, b.out / name, "full" if role == "teacher" else "distilled")
     ours = b.engine_for(b.out / "full")
     result: dict[str, Any] = {}
     try:
