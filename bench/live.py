@@ -37,8 +37,10 @@ def http_process(argv: list[str], port: int, ready_path: str, what: str,
                     break
             except httpx.TransportError:
                 pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{what} did not become ready")
+            if proc.poll() is not None:  # e.g. -4, SIGILL: a -DGGML_NATIVE build from another CPU
+                raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not become ready in {ready_timeout_s:g} s")
             time.sleep(0.2)
         yield client, proc.pid
     finally:

@@ -151,9 +151,7 @@ def run_bench(ladder: Path, clients: tuple[int, ...] = (1, 4, 16), rounds: int =
         if server and Path(server).is_file():
             ggufs = make_ggufs(Path(server), cache_root() / "peers",
                                cache_root() / "sources" / SOURCE_GGUF)
-            for kind, gguf in ggufs.items():
-                if kind not in pairs.values():
-                    continue
+            for kind, gguf in ggufs.items():  # every kind: one our ladder lacks is still shown
                 lc, lpid = stack.enter_context(llama_server(Path(server), gguf, threads,
                                                             max(clients)))
                 engines[f"llama.cpp {kind}"] = (lc, lpid, theirs(new_tokens))
@@ -192,6 +190,9 @@ def report(f: dict[str, Any]) -> str:
             lines.append(f"    {name:<36} {m['tok_s']:8.1f} tok/s  {m['j_per_token']:.4f} J/token")
         for ours_v, kind in PAIRS.items():
             a, b = per.get(f"ours {ours_v}"), per.get(f"llama.cpp {kind}")
+            if b and not a:
+                lines.append(f"    ours {ours_v}: not in this ladder (the build did not earn it); "
+                             f"llama.cpp {kind} stands beside ours int8")
             if a and b:
                 lines.append(f"    ours {ours_v} / llama.cpp {kind}: {a['tok_s'] / b['tok_s']:.2f}x"
                              f" tok/s, {a['j_per_token'] / b['j_per_token']:.2f}x J/token")
