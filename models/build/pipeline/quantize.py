@@ -1,7 +1,8 @@
 """8-bit (and 4-bit) quantization candidates for an exported fp32 decoder.
 
-Two families, chosen between by measurement in :mod:`models.build.pipeline.ladder`:
-``dynamic-int8`` (``MatMulInteger`` with activations quantized at run time) and weight-only
+Three families, chosen between by measurement in :mod:`models.build.pipeline.ladder`:
+``dynamic-int8`` (``MatMulInteger`` with activations quantized at run time, one scale per
+tensor), ``w8a8`` (the same kernel with one activation scale per row) and weight-only
 ``MatMulNBits`` (block-wise int8/int4 weights; compute in int8 with ``accuracy_level=4``).
 """
 
@@ -21,10 +22,11 @@ class QuantMethod:
     """One quantization recipe; ``name`` is what the manifest records."""
 
     name: str
-    family: str  # "dynamic", "nbits", "q4repack" or "q4repack-offset"
+    family: str  # "dynamic", "nbits", "w8a8", "q4repack" or "q4repack-offset"
     bits: int
     block_size: int = 32
     accuracy_level: int | None = 4
+    keep_fp32: tuple[str, ...] = ()  # "w8a8": MatMul node names holding these stay fp32
 
     @property
     def precision(self) -> str:
@@ -34,11 +36,23 @@ class QuantMethod:
 # Larger blocks carry fewer scales and quantize the activations in longer runs: on SmolLM2-135M
 # (2 threads, AVX-512 VNNI) block 32 / 64 / 128 / 256 decoded at 2.27 / 2.61 / 2.77 / 2.78x fp32
 # with quality 0.995 / 0.994 / 0.987 / 0.979; 256 buys nothing over 128 and is not raced.
+# int8 weights per column, activations per row at run time (models.build.pipeline.w8a8): the
+# u8s8 QGEMM of the dynamic family (which scaled best with rows where the CPU has AMX: 1130
+# against 526 tok/s at 16 rows for MatMulNBits block 64) without its per-tensor scale. On
+# SmolLM2-135M (AMD EPYC, AVX-512 VNNI, no AMX; 2026-12-05) quality 0.968 with every MatMul,
+# 0.984 with down_proj (and its outlier activations) left fp32; at one row 94-98 and 85-88
+# tok/s (the per-row quantization is nine small ops per activation), at 16 rows 570-680 and
+# 574-616, against block 128's 149-158 and 549-570 in the same run. Only the fp32-down copy
+# is raced: the other fails the quality rule (within 0.02 of the best 8-bit quality).
+CANDIDATE_W8A8 = QuantMethod("w8a8-rowwise-int8", "w8a8", 8, 0, None)
+CANDIDATE_W8A8_KEEP_DOWN = QuantMethod("w8a8-rowwise-int8-fp32-down", "w8a8", 8, 0, None,
+                                       ("down_proj",))
 CANDIDATES_8BIT = (
     QuantMethod("dynamic-int8-matmulinteger", "dynamic", 8),
     QuantMethod("matmulnbits-int8-block32", "nbits", 8, 32),
     QuantMethod("matmulnbits-int8-block64", "nbits", 8, 64),
     QuantMethod("matmulnbits-int8-block128", "nbits", 8, 128),
+    CANDIDATE_W8A8_KEEP_DOWN,
 )
 CANDIDATE_4BIT = QuantMethod("matmulnbits-int4-block32", "nbits", 4, 32)
 # Exact repacking of weights that came from a Q4_1 GGUF (models.build.pipeline.repack), not a
@@ -59,6 +73,10 @@ def quantize(src_dir: Path, dst_dir: Path, method: QuantMethod) -> Path:
     if method.family in ("q4repack", "q4repack-offset"):
         return repack_q4_blocks(src_dir, dst_dir, method.block_size, method.accuracy_level,
                                 zero_points="float" if method.family == "q4repack" else "offset")
+    if method.family == "w8a8":
+        from models.build.pipeline.w8a8 import quantize_w8a8
+
+        return quantize_w8a8(src_dir, dst_dir, method.keep_fp32)
     import onnx
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
