@@ -40,7 +40,8 @@ def decode_rate(engine: Engine, prompt: list[int], rows: int, tokens: int) -> tu
 
 def _candidates(ladder: Path, work: Path, teacher: Path, out: Path,
                 log: Any) -> dict[str, dict[str, Any]]:
-    """Export, quantize and score every candidate under ``work/candidates``."""
+    """Export, quantize and score every candidate under ``work/candidates`` (none when that
+    directory does not exist: the bench then times the ladder's rungs only)."""
     import json
 
     from tokenizers import Tokenizer
@@ -57,6 +58,9 @@ def _candidates(ladder: Path, work: Path, teacher: Path, out: Path,
     from models.runtime.engine.ort import OrtEngine
     from models.runtime.manifest import Manifest
 
+    if not (work / "candidates").is_dir():
+        log(f"no training candidates under {work}: timing the ladder's rungs only")
+        return {}
     manifest = Manifest.load(ladder)
     tokenizer = Tokenizer.from_file(str(ladder / manifest.tokenizer))
     opts = BuildOptions()

@@ -47,3 +47,22 @@ def test_decode_rate_times_every_row_and_frees_its_slots(tiny_ladder: Path) -> N
     assert one > 0 and eight > 0 and kind == "shared-kv-batch"
     again = engine.generate(prompt, GenerationParams(max_new_tokens=4))  # still serves
     assert len(again.token_ids) >= 1
+
+
+def test_without_training_candidates_the_rungs_alone_are_timed(tiny_ladder: Path,
+                                                               tmp_path: Path) -> None:
+    """``--work`` pointing at a directory with no ``candidates/`` (no training run here):
+    every rung of the ladder is timed and reported, nothing else."""
+    from bench.students import run_bench
+    from models.runtime.manifest import Manifest
+
+    lines: list[str] = []
+    f = run_bench(tiny_ladder, tmp_path, tmp_path / "no-teacher", tmp_path / "out", rounds=1,
+                  tokens=4, log=lines.append)
+    rungs = {"full", "int8", "int4", "distilled", "distilled-int8"}
+    assert set(f["variants"]) == rungs & set(Manifest.load(tiny_ladder).variants)
+    assert {"full", "distilled"} <= set(f["variants"])
+    assert f["variants"]["full"]["speed_vs_full_batch1"] == 1.0
+    assert all(v["tok_s_batch1"] > 0 and v["scored"] == "manifest"
+               for v in f["variants"].values())
+    assert any("rungs only" in line for line in lines)
