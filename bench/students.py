@@ -167,6 +167,13 @@ def report(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LABEL_LINE = 13.0  # px between label baselines (font-size 11)
+
+
+def _label_width(text: str) -> float:
+    return 6.2 * len(text)  # px, sans-serif at 11 px: a generous average
+
+
 def svg(f: dict[str, Any]) -> str:
     """Two panels (batch 1, batch 8): task score against decode tok/s, the front joined."""
     w, h, pad = 420, 300, 56
@@ -201,10 +208,16 @@ def svg(f: dict[str, Any]) -> str:
         line = " ".join(f"{at(*pts[n])[0]:.1f},{at(*pts[n])[1]:.1f}" for n in front)
         parts.append(f'<polyline points="{line}" stroke="#2a7" fill="none" '
                      'stroke-dasharray="4 3"/>')
+        placed: list[tuple[float, float, float]] = []  # labels so far: x, baseline, width
         for n, (x, y) in pts.items():
             cx, cy = at(x, y)
             colour = "#c33" if f["variants"][n]["scored"] == "here" else "#236"
             parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{colour}"/>')
-            parts.append(f'<text x="{cx + 6:.1f}" y="{cy - 5:.1f}">{n}</text>')
+            tx, ty = cx + 6, cy - 5
+            while any(abs(ty - py) < LABEL_LINE and tx < px + pw and px < tx + _label_width(n)
+                      for px, py, pw in placed):  # two points at one place: the next line down
+                ty += LABEL_LINE
+            placed.append((tx, ty, _label_width(n)))
+            parts.append(f'<text x="{tx:.1f}" y="{ty:.1f}">{n}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

@@ -66,3 +66,18 @@ def test_without_training_candidates_the_rungs_alone_are_timed(tiny_ladder: Path
     assert all(v["tok_s_batch1"] > 0 and v["scored"] == "manifest"
                for v in f["variants"].values())
     assert any("rungs only" in line for line in lines)
+
+
+def test_labels_of_points_at_one_place_do_not_overlap() -> None:
+    """The same weights built twice (the shipped student and its candidate) land on one point:
+    their labels go on separate lines."""
+    import re
+
+    f = _figures()
+    f["variants"]["twin"] = dict(f["variants"]["depth-20"])
+    picture = svg(f)
+    ys = {name: [float(y) for y in re.findall(rf'<text x="[\d.]+" y="([\d.]+)">{name}</text>',
+                                             picture)] for name in ("depth-20", "twin")}
+    assert len(ys["depth-20"]) == len(ys["twin"]) == 2  # one label per panel
+    for a, b in zip(ys["depth-20"], ys["twin"], strict=True):
+        assert abs(a - b) >= 13
