@@ -249,20 +249,26 @@ def repack_graph(
                 removable.append(wname)  # else (a tied embedding's Gather) the fp32 copy stays
 
     if new_nodes:
-        rebuilt: list[onnx.NodeProto] = []
-        for node in graph.node:
-            replaced = node.op_type == "MatMul" and node.output[0] in new_nodes
-            rebuilt.extend(new_nodes[node.output[0]] if replaced else [node])
-        del graph.node[:]
-        graph.node.extend(rebuilt)
-        gone = set(removable)
-        kept = [t for t in graph.initializer if t.name not in gone]
-        del graph.initializer[:]
-        graph.initializer.extend(kept + new_inits)
+        replace_matmuls(graph, new_nodes, set(removable), new_inits)
         if not any(op.domain == "com.microsoft" for op in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     report.seconds = time.perf_counter() - start
     return report, left_fp32
+
+
+def replace_matmuls(graph: onnx.GraphProto, replacement: dict[str, list[onnx.NodeProto]],
+                    gone: set[str], new_inits: list[onnx.TensorProto]) -> None:
+    """In place: each ``MatMul`` whose output is a key of ``replacement`` becomes those nodes (in
+    the graph's order), the initializers named in ``gone`` leave and ``new_inits`` join."""
+    rebuilt: list[onnx.NodeProto] = []
+    for node in graph.node:
+        swap = node.op_type == "MatMul" and node.output[0] in replacement
+        rebuilt.extend(replacement[node.output[0]] if swap else [node])
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
 
 
 def repack_q4_blocks(

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.build.pipeline.export import ONNX_FILE, copy_sidecars
+from models.build.pipeline.repack import replace_matmuls
 
 if TYPE_CHECKING:
     import onnx
@@ -129,17 +130,10 @@ def w8a8_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[int, i
         replacement[o] = nodes
         n_q += 1
 
-    rebuilt: list[onnx.NodeProto] = []
-    for node in graph.node:
-        swap = node.op_type == "MatMul" and node.output[0] in replacement
-        rebuilt.extend(replacement[node.output[0]] if swap else [node])
-    del graph.node[:]
-    graph.node.extend(rebuilt)
-    still = {i for nd in graph.node for i in nd.input}
+    still = {i for nd in graph.node
+             if not (nd.op_type == "MatMul" and nd.output[0] in replacement) for i in nd.input}
     gone = {w for w in done if w not in still and w not in outputs}  # a tied Gather keeps its copy
-    kept = [t for t in graph.initializer if t.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    replace_matmuls(graph, replacement, gone, new_inits)
     return n_q, n_kept
 
 
