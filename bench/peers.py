@@ -192,7 +192,7 @@ def report(f: dict[str, Any]) -> str:
             a, b = per.get(f"ours {ours_v}"), per.get(f"llama.cpp {kind}")
             if b and not a:
                 lines.append(f"    ours {ours_v}: not in this ladder (the build did not earn it); "
-                             f"llama.cpp {kind} stands beside ours int8")
+                             f"llama.cpp {kind} is shown beside the rungs it has")
             if a and b:
                 lines.append(f"    ours {ours_v} / llama.cpp {kind}: {a['tok_s'] / b['tok_s']:.2f}x"
                              f" tok/s, {a['j_per_token'] / b['j_per_token']:.2f}x J/token")

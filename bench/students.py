@@ -213,11 +213,11 @@ def svg(f: dict[str, Any]) -> str:
             cx, cy = at(x, y)
             colour = "#c33" if f["variants"][n]["scored"] == "here" else "#236"
             parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{colour}"/>')
-            tx, ty = cx + 6, cy - 5
-            while any(abs(ty - py) < LABEL_LINE and tx < px + pw and px < tx + _label_width(n)
+            tx, ty, tw = cx + 6, cy - 5, _label_width(n)
+            while any(abs(ty - py) < LABEL_LINE and tx < px + pw and px < tx + tw
                       for px, py, pw in placed):  # two points at one place: the next line down
                 ty += LABEL_LINE
-            placed.append((tx, ty, _label_width(n)))
+            placed.append((tx, ty, tw))
             parts.append(f'<text x="{tx:.1f}" y="{ty:.1f}">{n}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
