@@ -50,10 +50,11 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 # Programs (Debian packages) that tests drive for real: a Prometheus server scraping the service,
-# headless Chromium and its WebDriver driving the web page. `program:package` where the names
+# headless Chromium and its WebDriver driving the web page, qemu-user running kernel checks on an
+# emulated AVX2-only CPU (tests/models/test_exactness.py). `program:package` where the names
 # differ. Installed with apt-get when missing and we are root (or have sudo); otherwise their
 # tests say what to install (skipped outside CI, failed under CI=true).
-SYSTEM_TOOLS ?= prometheus chromium chromedriver:chromium-driver
+SYSTEM_TOOLS ?= prometheus chromium chromedriver:chromium-driver qemu-x86_64:qemu-user
 system-deps:
 	@missing=""; for spec in $(SYSTEM_TOOLS); do \
 	  command -v $${spec%%:*} >/dev/null || missing="$$missing $${spec#*:}"; done; \

@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry
 from app.observer import ServiceObserver
 from app.service import GenerationService
 from app.settings import Settings
-from models.runtime.calibrate import CALIBRATION_PROMPT, calibrate, cpu_name, measure_step_widths
+from models.runtime.calibrate import CALIBRATION_PROMPT, calibrate, measure_step_widths
 from models.runtime.chat import TOKENIZER_CONFIG, ChatTemplate
+from models.runtime.host import cpu_name
 from models.runtime.ladder import LoadedLadder, load_ladder
 from routing.cost import CostModel
 from routing.router import Router

@@ -37,6 +37,14 @@ TINY_TRAIN = {
 }
 
 
+def pytest_report_header() -> str:
+    """Which instruction sets this run exercised: onnxruntime (and greenroute's kernels) pick
+    their code by them, so a result says where it holds."""
+    from models.runtime.host import isa_summary
+
+    return f"cpu: {isa_summary()}"
+
+
 @pytest.fixture(scope="session")
 def tiny_texts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(train, eval) texts for tiny models: the committed held-out file split 2:1 by lines."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from models.runtime.engine.base import Engine, GenerationParams
@@ -73,17 +71,6 @@ def calibrate(engine: Engine, prompt_ids: Sequence[int], new_tokens: int = 64, r
     """Median over ``repeats`` runs after one warm-up run."""
     return calibrate_many({"engine": engine}, prompt_ids, new_tokens, repeats, threads,
                           device)["engine"]
-
-
-def cpu_name() -> str:
-    """The host CPU's model name (calibrations from another CPU are re-measured at start-up)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 STEP_WIDTHS = (1, 2, 3, 4, 8, 16)  # batch widths measured at start-up (linear in between)

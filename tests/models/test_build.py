@@ -55,7 +55,10 @@ def test_sizes_and_precisions(manifest: Manifest, tiny_ladder: Path) -> None:
 
 def test_int8_method_is_the_measured_choice(manifest: Manifest) -> None:
     choice = manifest.quantization_choice["int8"]
-    trials = choice["candidates"]
+    for t in choice["candidates"].values():  # each checked before timing; a rejected one untimed
+        assert t["check"]["integer_kernels"] == "exact" or "rejected" in t
+        assert ("rejected" in t) == (not t["check"]["ok"]) == ("speed" not in t)
+    trials = {k: t for k, t in choice["candidates"].items() if "rejected" not in t}
     eight = {k: t for k, t in trials.items() if t["bits"] == 8}
     assert len(eight) >= 2
     smaller = {k: t for k, t in eight.items() if t["bytes"] < choice["source_bytes"]}

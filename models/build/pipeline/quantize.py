@@ -87,8 +87,9 @@ def quantize(src_dir: Path, dst_dir: Path, method: QuantMethod) -> Path:
     if method.family == "dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        # reduce_range: 7-bit weights, so AVX2's saturating u8 x s8 pairs stay exact (w8a8.py)
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8)
+                         reduce_range=True, weight_type=QuantType.QInt8)
     elif method.family == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -25,8 +25,10 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from models.build.errors import BuildError
 from models.build.pipeline import quantize as q
 from models.build.pipeline.checkpoint import count_parameters
+from models.build.pipeline.exactness import check_candidate
 from models.build.pipeline.export import GENAI_BUILDER, ONNX_FILE, onnx_bytes
 from models.build.pipeline.genai_config import adapt_builder_genai_config, write_genai_config
 from models.build.pipeline.options import BuildOptions, Log
@@ -34,10 +36,11 @@ from models.build.pipeline.quality import QualityReport, agreement, evaluate
 from models.build.pipeline.tasks import MAX_NEW_TOKENS as TASK_TOKENS
 from models.build.pipeline.tasks import TaskReport, load_tasks, task_score
 from models.build.pipeline.verify import export_verified
-from models.runtime.calibrate import calibrate_many, cpu_name, measure_wide_many
+from models.runtime.calibrate import calibrate_many, measure_wide_many
 from models.runtime.chat import ChatTemplate
 from models.runtime.engine.base import Engine
 from models.runtime.engine.ort import OrtEngine
+from models.runtime.host import cpu_name, isa_flags
 from models.runtime.manifest import Calibration, Manifest, VariantInfo
 
 # A race's speed is the geometric mean of a candidate's decode tokens/s with one row and with
@@ -123,25 +126,39 @@ def _race(b: Build, base: str, qname: str,
           candidates: list[q.QuantMethod]) -> tuple[dict[str, Any], dict[str, OrtEngine]]:
     """Every candidate built from ``base``, evaluated, then timed taking turns."""
     engines: dict[str, OrtEngine] = {}
+    trials: dict[str, Any] = {}
+    prompts = _check_prompts(b)
     for method in candidates:
         tdir = b.work / f"{qname}-{method.name}"
         q.quantize(b.out / base, tdir, method)
         # timed on the service's path: without its config a builder graph's copy would run
         # the loop for graphs without a shared KV buffer, and could not batch
         _genai_config(b, tdir, base)
-        engines[method.name] = b.engine_for(tdir)
-        b.reports[f"{qname}:{method.name}"] = evaluate(engines[method.name], b.heldout,
-                                                       b.opts.eval_window)
+        engine = b.engine_for(tdir)
+        check = check_candidate(tdir / ONNX_FILE, engine, b.engines[base], prompts)
+        if not check["ok"]:  # wrong on this CPU: never timed, never picked
+            trials[method.name] = {"bits": method.bits, "rejected": check["reason"],
+                                   "check": check}
+            b.log(f"  {qname} candidate {method.name}: rejected, {check['reason']}")
+            continue
+        engines[method.name] = engine
+        trials[method.name] = {"check": check}
+        b.reports[f"{qname}:{method.name}"] = evaluate(engine, b.heldout, b.opts.eval_window)
+    if not engines:
+        raise BuildError(f"no {qname} candidate computes correctly on this CPU: "
+                         + "; ".join(f"{n}: {t['rejected']}" for n, t in trials.items()))
     costs = b.measure(engines)
-    wide = (measure_wide_many(engines, b.prompt, rows=RACE_ROWS) if len(candidates) > 1
+    wide = (measure_wide_many(engines, b.prompt, rows=RACE_ROWS) if len(engines) > 1
             else {})
-    trials: dict[str, Any] = {}
     for method in candidates:
+        if method.name not in engines:
+            continue
         key = f"{qname}:{method.name}"
         rep, cost = b.reports[key], costs[method.name]
         loaded = wide.get(method.name)
         trials[method.name] = {
-            "bits": method.bits, "perplexity": rep.perplexity, "quality": b.quality(key),
+            **trials[method.name], "bits": method.bits, "perplexity": rep.perplexity,
+            "quality": b.quality(key),
             "decode_tokens_per_s": cost.decode_tokens_per_s,
             f"tokens_per_s_{RACE_ROWS}_rows": loaded,
             "speed": (math.sqrt(cost.decode_tokens_per_s * loaded) if loaded
@@ -154,12 +171,23 @@ def _race(b: Build, base: str, qname: str,
     return trials, engines
 
 
+def _check_prompts(b: Build) -> list[list[int]]:
+    """A few prompts for :func:`check_candidate`: the calibration prompt and two held-out
+    windows (real text, so the activations have their real outliers)."""
+    n = 48
+    return [list(b.prompt), b.heldout[:n], b.heldout[len(b.heldout) // 2:][:n]]
+
+
 def pick_8bit(trials: dict[str, Any], candidates: list[q.QuantMethod],
               base_bytes: int) -> q.QuantMethod:
     """The rule of :data:`EIGHT_BIT_RULE`. A copy no smaller than its source is no quantized
     rung: blocks wider than a small model's matrices pad every row (a 32-wide tiny model at
     block 128 grew 1.4x)."""
-    all_eight = [m for m in candidates if m.bits == 8]
+    all_eight = [m for m in candidates if m.bits == 8 and "rejected" not in trials[m.name]]
+    if not all_eight:
+        raise BuildError("every 8-bit candidate failed the exactness check on this CPU: "
+                         + "; ".join(f"{m.name}: {trials[m.name].get('rejected')}"
+                                     for m in candidates if m.bits == 8))
     eight = [m for m in all_eight if trials[m.name]["bytes"] < base_bytes] or all_eight
     best_q = max(trials[m.name]["quality"] for m in eight)
     ok = [m for m in eight if trials[m.name]["quality"] >= best_q - 0.02]
@@ -169,16 +197,18 @@ def pick_8bit(trials: dict[str, Any], candidates: list[q.QuantMethod],
 
 
 def pick_4bit(trials: dict[str, Any], candidates: list[q.QuantMethod], int8: q.QuantMethod,
-              floor: float) -> tuple[q.QuantMethod, bool]:
+              floor: float) -> tuple[q.QuantMethod | None, bool]:
     """The rule of :data:`FOUR_BIT_RULE`: a 4-bit rung earns its place only if no other rung
     dominates it (clearly faster than int8, better than the student's quality ``floor``).
     Returns the pick and whether it earns the rung."""
-    fours = [m for m in candidates if m.bits == 4]
+    fours = [m for m in candidates if m.bits == 4 and "rejected" not in trials[m.name]]
     speed = trials[int8.name]["speed"]
     earning = [m for m in fours
                if trials[m.name]["speed"] >= 1.1 * speed
                and trials[m.name]["quality"] > floor
                and trials[m.name]["bytes"] < trials[int8.name]["bytes"]]
+    if not fours:  # every 4-bit candidate rejected by the exactness check
+        return None, False
     pick = max(earning or fours, key=lambda m: (round(trials[m.name]["quality"], 2),
                                                 trials[m.name]["speed"]))
     return pick, bool(earning)
@@ -210,9 +240,11 @@ def quantize_rungs(b: Build) -> None:
             candidates = [b.methods["int8"]]
         trials, engines = _race(b, base, qname, candidates)
         base_bytes = onnx_bytes(b.out / base)
-        if len(candidates) == 1 and trials[candidates[0].name]["bytes"] >= base_bytes:
+        if len(candidates) == 1 and trials[candidates[0].name].get("bytes",
+                                                                   base_bytes) >= base_bytes:
             # int8's method does not shrink the student (a tiny model's fixed overheads can
-            # outweigh its weights): race every 8-bit method for it after all
+            # outweigh its weights), or fails the exactness check on it: race every 8-bit
+            # method for it after all
             candidates = list(q.CANDIDATES_8BIT)
             trials, engines = _race(b, base, qname, candidates)
         pick = pick_8bit(trials, candidates, base_bytes)
@@ -222,9 +254,10 @@ def quantize_rungs(b: Build) -> None:
         if four:
             floor = b.quality("distilled") if "distilled" in b.reports else 0.0
             pick4, earns = pick_4bit(trials, candidates, pick, floor)
-            b.quant_choice["int4"] = {"added": earns, "chosen": pick4.name if earns else None,
-                                      "rule": FOUR_BIT_RULE, "measured": trials[pick4.name]}
-            if earns:
+            b.quant_choice["int4"] = {
+                "added": earns, "chosen": pick4.name if pick4 and earns else None,
+                "rule": FOUR_BIT_RULE, "measured": trials[pick4.name] if pick4 else None}
+            if pick4 and earns:
                 _adopt(b, "int4", "int8", pick4, "full", engines)
 
 
@@ -296,7 +329,7 @@ def make_manifest(b: Build, key: str, sources: dict[str, Any],
     return Manifest(
         build_key=key, source=sources, build_config=config,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        host={"machine": platform.machine(), "processor": cpu_name(),
+        host={"machine": platform.machine(), "processor": cpu_name(), "isa": isa_flags(),
               "cpu_count": os.cpu_count(), "threads": b.opts.threads,
               "onnxruntime": onnxruntime.__version__},
         tokenizer=b.tokenizer_file.name, context_length=b.context, eos_token_ids=b.eos,

@@ -12,9 +12,19 @@ grid (quality 0.65 on SmolLM2-135M). Here each row (token) gets its own scale::
     y = float(MatMulInteger(q, Wq, 128)) * s * w_scale
 
 so a row's result does not depend on the other rows, and the weights are int8 with one scale
-per output column (``w_scale = max |W[:, n]| / 127``). The quantization of one activation is
-shared by every ``MatMul`` that reads it (q/k/v, gate/up). ``keep`` names substrings of MatMul
-node names that stay fp32 (the MLP's ``down_proj`` reads activations with the largest outliers).
+per output column (``w_scale = max |W[:, n]| / 63``) and only 7 bits used (|q| <= 63).
+
+Why 7 bits: without VNNI, onnxruntime's u8s8 kernel multiplies with AVX2 ``vpmaddubsw``, which
+adds two u8 x s8 products into a *saturating* int16: 255 x 127 x 2 overflows it, and the graph
+computes wrong sums on AVX2-only CPUs (perplexity 21.4 instead of about 18.5 on SmolLM2-135M).
+With |q| <= 63 the pair is at most 255 x 63 x 2 = 32130 and every x86 kernel is exact;
+onnxruntime's own quantizer does the same (``reduce_range``). uint8 weights with a zero point of
+128 are exact too but take the slower u8u8 kernel (5.5x u8s8 at 16 rows, K=576, N=1536, on a
+Xeon with AMX).
+
+The quantization of one activation is shared by every ``MatMul`` that reads it (q/k/v,
+gate/up). ``keep`` names substrings of MatMul node names that stay fp32 (the MLP's ``down_proj``
+reads activations with the largest outliers).
 """
 
 from __future__ import annotations
@@ -35,12 +45,16 @@ if TYPE_CHECKING:
 _EPS = 1e-8
 
 
+W_MAX = 63  # weights use 7 bits: exact on AVX2's saturating u8 x s8 pairs (module doc)
+
+
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output column of ``w`` [K, N]: ``(q int8 [K, N], scale fp32 [N])`` with
-    ``w ≈ q * scale``; an all-zero column gets scale 1 (its q are 0)."""
+    """Symmetric int8 per output column of ``w`` [K, N] within ±:data:`W_MAX`:
+    ``(q int8 [K, N], scale fp32 [N])`` with ``w ≈ q * scale``; an all-zero column gets scale 1
+    (its q are 0)."""
     amax = np.abs(w).max(axis=0)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    scale = np.where(amax > 0, amax / W_MAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -W_MAX, W_MAX).astype(np.int8)
     return q, scale
 
 
