@@ -57,9 +57,22 @@ RUN --mount=type=secret,id=ca \
     && rm -rf models/default models/build bench \
     && pip wheel --no-deps --wheel-dir /wheels .
 
+# ---- kernels: greenroute's own onnxruntime operators (kernels/), compiled with g++ against
+# onnxruntime's API headers from Debian's libonnxruntime-dev (fetched, not installed) ----------
+FROM base AS kernels
+WORKDIR /src
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ make \
+    && rm -rf /var/lib/apt/lists/*
+COPY Makefile ./
+COPY kernels/ kernels/
+RUN rm -rf kernels/build && make kernels && test -f kernels/build/libgreenroute_kernels.so
+
 # ---- build: install the build extra (torch's CPU wheel) and build the default ladder --------
 FROM base AS build
 WORKDIR /src
+COPY --from=kernels /src/kernels/build/libgreenroute_kernels.so /opt/greenroute/lib/
+ENV GREENROUTE_KERNELS_LIB=/opt/greenroute/lib/libgreenroute_kernels.so
 COPY pyproject.toml ./
 COPY deploy/docker/requirements.py deploy/docker/requirements.py
 # torch's CPU build: from the PyTorch CPU index, or from TORCH_FIND_LINKS (a directory bound into
@@ -117,11 +130,13 @@ RUN --mount=type=secret,id=ca \
     && chown greenroute:greenroute /var/cache/greenroute
 # Largest and least often changed first: the ladder, then the application's wheel.
 COPY --from=build /opt/greenroute/ladder /opt/greenroute/ladder
+COPY --from=kernels /src/kernels/build/libgreenroute_kernels.so /opt/greenroute/lib/
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN pip install --no-deps /tmp/wheels/greenroute-*.whl && rm -rf /tmp/wheels
 
 # The ladder is baked in; the cache directory is where a mounted volume can hold other ladders.
 ENV GREENROUTE_LADDER_DIR=/opt/greenroute/ladder \
+    GREENROUTE_KERNELS_LIB=/opt/greenroute/lib/libgreenroute_kernels.so \
     GREENROUTE_CACHE_DIR=/var/cache/greenroute \
     GREENROUTE_SHUTDOWN_GRACE_S=30
 USER 10001:10001

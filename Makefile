@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 LADDER ?= $(or $(GREENROUTE_CACHE_DIR),$(HOME)/.cache/greenroute)/ladder
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run build test lint typecheck bench clean system-deps image-test
+.PHONY: run build test lint typecheck bench clean system-deps image-test kernels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,23 @@ $(BUILDER_VENV)/.installed: $(BUILDER_REQ)
 	$(BUILDER_VENV)/bin/pip install -q -r $(BUILDER_REQ)
 	touch $@
 
+# greenroute's own onnxruntime kernels (kernels/: C++17, g++, onnxruntime's API headers from
+# Debian's libonnxruntime-dev). Without a compiler or the headers this says so in one line and
+# the ladder races onnxruntime's operators only.
+KERNELS_LIB := kernels/build/libgreenroute_kernels.so
+CXX ?= g++
+$(KERNELS_LIB): kernels/rowquant.cc kernels/fetch-ort-headers.sh
+	@mkdir -p kernels/build
+	@if command -v $(CXX) >/dev/null && kernels/fetch-ort-headers.sh kernels/build/include; then \
+	  $(CXX) -std=c++17 -O3 -fPIC -shared -fvisibility=hidden -Wall -Wextra \
+	    -Ikernels/build/include -o $@ kernels/rowquant.cc \
+	  && echo "built $@"; \
+	else echo "greenroute kernels not built (no $(CXX) or no onnxruntime headers): the ladder uses onnxruntime's operators only"; fi
+
+kernels: $(KERNELS_LIB)
+
 ## build the default ladder if missing or stale (skipped when up to date)
-build: $(VENV)/.installed-build $(BUILDER_VENV)/.installed
+build: $(VENV)/.installed-build $(BUILDER_VENV)/.installed kernels
 	$(BIN)/greenroute build --out $(LADDER) > /dev/null
 
 ## install, build the default ladder if needed, start the service on :$(PORT)
@@ -66,7 +81,7 @@ system-deps:
 	  --no-install-recommends $$missing > /dev/null
 
 ## install everything and run lint, type check and the whole test suite
-test: system-deps lint typecheck $(BUILDER_VENV)/.installed
+test: system-deps lint typecheck $(BUILDER_VENV)/.installed kernels
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 ## build the CPU image from the Dockerfile with podman and smoke-test it (deploy/image-smoke.sh:
@@ -78,4 +93,4 @@ bench: build
 	$(BIN)/greenroute bench models --ladder $(LADDER)
 
 clean:
-	rm -rf $(VENV) $(BUILDER_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BUILDER_VENV) .pytest_cache .mypy_cache .ruff_cache kernels/build

@@ -72,7 +72,8 @@ def _candidates(ladder: Path, work: Path, teacher: Path, out: Path,
                          manifest.eos_token_ids, threads=opts.threads)
 
     full = evaluate(engine_for(ladder / "full"), held, opts.eval_window)
-    method = next(m for m in q.CANDIDATES_8BIT if m.name == manifest.variants["int8"].quantization)
+    int8 = manifest.variants["int8"].quantization
+    method = next(m for m in q.candidates_8bit() if m.name == int8)
     found: dict[str, dict[str, Any]] = {}
     for cdir in sorted(p for p in (work / "candidates").iterdir() if p.is_dir()):
         record = json.loads((cdir / STUDENT_META).read_text())

@@ -112,10 +112,18 @@ def _energy(args: argparse.Namespace) -> int:
     return _emit(figures, report, args.json)
 
 
+def _kernels(args: argparse.Namespace) -> int:
+    from bench.kernels import report, run_bench
+
+    figures = run_bench(k=args.k, n=args.n, rows=tuple(int(m) for m in args.rows.split(",")),
+                        rounds=args.rounds, threads=args.threads)
+    return _emit(figures, report, args.json)
+
+
 SUITES: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _models, "serve": _serve, "route": _route, "spec": _spec, "energy": _energy,
     "soak": _soak, "peers": _peers, "threads": _threads,
-    "students": _students}
+    "students": _students, "kernels": _kernels}
 
 
 def run(args: argparse.Namespace) -> int:

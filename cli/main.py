@@ -141,6 +141,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--rounds", type=int, default=5)
     b.add_argument("--json", default=None)
+    b = bench.add_parser("kernels", help="greenroute's RowQuantMatMul vs onnxruntime's fp32 "
+                                         "MatMul and 8-bit MatMulNBits, each ISA path")
+    b.add_argument("--k", type=int, default=576)
+    b.add_argument("--n", type=int, default=1536)
+    b.add_argument("--rows", default="1,16", help="comma-separated row counts (M)")
+    b.add_argument("--rounds", type=int, default=7)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--json", default=None)
     b = bench.add_parser("energy", help="meter overhead per request window; on a GPU, energy "
                                         "counter vs integrated power samples")
     b.add_argument("--ladder", default=None)

@@ -79,10 +79,30 @@ def test_build_stage_ladder_layer_depends_on_the_build_code_only() -> None:
     """The ladder (a long build) is cached across app, routing and telemetry changes: the build
     stage copies dependency lists, then cli/ and models/ only, and builds from the source tree."""
     build = {s.name: s for s in stages()}["build"]
-    sources = {src for copy in build.args("COPY") for src in copy.split()[:-1]}
+    copies = build.args("COPY")
+    sources = {src for copy in copies if not copy.startswith("--from=")
+               for src in copy.split()[:-1]}
     assert sources == {"pyproject.toml", "deploy/docker/requirements.py",
                        "models/build/pipeline/genai-builder-requirements.txt", "cli/", "models/"}
-    assert "README.md" not in " ".join(build.args("COPY"))  # README edits keep every layer
+    assert "README.md" not in " ".join(copies)  # README edits keep every layer
+    # greenroute's kernels, compiled in their own stage, join the race of the ladder build
+    assert [c for c in copies if c.startswith("--from=")] == [
+        "--from=kernels /src/kernels/build/libgreenroute_kernels.so /opt/greenroute/lib/"]
+
+
+def test_the_kernels_are_compiled_in_their_own_stage_and_served() -> None:
+    """The library is built from kernels/ (g++ and onnxruntime's API headers in that stage
+    only) and found by the build and the runtime through GREENROUTE_KERNELS_LIB."""
+    by_name = {s.name: s for s in stages()}
+    kernels = by_name["kernels"]
+    assert {c.split()[0] for c in kernels.args("COPY")} == {"Makefile", "kernels/"}
+    assert any("make kernels" in r and "test -f kernels/build/libgreenroute_kernels.so" in r
+               for r in kernels.args("RUN"))
+    lib = "/opt/greenroute/lib/libgreenroute_kernels.so"
+    for name in ("build", "runtime"):
+        assert any(f"GREENROUTE_KERNELS_LIB={lib}" in e for e in by_name[name].args("ENV"))
+    assert ("--from=kernels /src/kernels/build/libgreenroute_kernels.so /opt/greenroute/lib/"
+            in by_name["runtime"].args("COPY"))
 
 
 def test_pip_runs_get_the_optional_ca_secret_and_no_certificate_is_copied() -> None:

@@ -57,7 +57,7 @@ class BuildOptions:
             "consider_int4": self.consider_int4,
             "distill_layers": self.distill_layers,
             "distill_steps": self.distill_steps if self.distill_layers else None,
-            "quant_candidates": [asdict(m) for m in (*q.CANDIDATES_8BIT, *q.CANDIDATES_4BIT)],
+            "quant_candidates": [asdict(m) for m in (*q.candidates_8bit(), *q.CANDIDATES_4BIT)],
             "onnxruntime": onnxruntime.__version__,
             "exporter": "genai-builder, else optimum" if self.genai_builder else "optimum",
             "heldout_sha256": hashlib.sha256(self.heldout.read_bytes()).hexdigest(),

@@ -1,9 +1,11 @@
 """8-bit (and 4-bit) quantization candidates for an exported fp32 decoder.
 
-Three families, chosen between by measurement in :mod:`models.build.pipeline.ladder`:
+Four families, chosen between by measurement in :mod:`models.build.pipeline.ladder`:
 ``dynamic-int8`` (``MatMulInteger`` with activations quantized at run time, one scale per
-tensor), ``w8a8`` (the same kernel with one activation scale per row) and weight-only
-``MatMulNBits`` (block-wise int8/int4 weights; compute in int8 with ``accuracy_level=4``).
+tensor), ``w8a8`` (the same kernel with one activation scale per row), weight-only
+``MatMulNBits`` (block-wise int8/int4 weights; compute in int8 with ``accuracy_level=4``) and
+``rowquant``, greenroute's own operator (``kernels/``: per-row int8 activations inside the
+operator, exact int32 sums on AVX2 and VNNI), raced where its library is built.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ class QuantMethod:
     """One quantization recipe; ``name`` is what the manifest records."""
 
     name: str
-    family: str  # "dynamic", "nbits", "w8a8", "q4repack" or "q4repack-offset"
+    family: str  # "dynamic", "nbits", "w8a8", "rowquant", "q4repack" or "q4repack-offset"
     bits: int
     block_size: int = 32
     accuracy_level: int | None = 4
-    keep_fp32: tuple[str, ...] = ()  # "w8a8": MatMul node names holding these stay fp32
+    keep_fp32: tuple[str, ...] = ()  # w8a8, rowquant: MatMul names holding these stay fp32
 
     @property
     def precision(self) -> str:
@@ -47,6 +49,12 @@ class QuantMethod:
 CANDIDATE_W8A8 = QuantMethod("w8a8-rowwise-int8", "w8a8", 8, 0, None)
 CANDIDATE_W8A8_KEEP_DOWN = QuantMethod("w8a8-rowwise-int8-fp32-down", "w8a8", 8, 0, None,
                                        ("down_proj",))
+# greenroute's own operator (models.build.pipeline.rowquant), every MatMul including the tied LM
+# head (a fifth of the weight bytes), and a copy with the head left fp32 to measure what
+# quantizing it costs; raced only where kernels/ is built (models.runtime.kernels).
+CANDIDATE_ROWQUANT = QuantMethod("rowquant-int8", "rowquant", 8, 0, None)
+CANDIDATE_ROWQUANT_FP32_HEAD = QuantMethod("rowquant-int8-fp32-head", "rowquant", 8, 0, None,
+                                           ("lm_head",))
 CANDIDATES_8BIT = (
     QuantMethod("dynamic-int8-matmulinteger", "dynamic", 8),
     QuantMethod("matmulnbits-int8-block32", "nbits", 8, 32),
@@ -54,6 +62,16 @@ CANDIDATES_8BIT = (
     QuantMethod("matmulnbits-int8-block128", "nbits", 8, 128),
     CANDIDATE_W8A8_KEEP_DOWN,
 )
+
+
+def candidates_8bit() -> tuple[QuantMethod, ...]:
+    """The 8-bit race: :data:`CANDIDATES_8BIT`, and greenroute's operator where it is built."""
+    from models.runtime import kernels
+
+    own = (CANDIDATE_ROWQUANT, CANDIDATE_ROWQUANT_FP32_HEAD) if kernels.available() else ()
+    return (*CANDIDATES_8BIT, *own)
+
+
 CANDIDATE_4BIT = QuantMethod("matmulnbits-int4-block32", "nbits", 4, 32)
 # Exact repacking of weights that came from a Q4_1 GGUF (models.build.pipeline.repack), not a
 # re-quantization: float zero points (exact, but onnxruntime's CPU kernel dequantizes the
@@ -77,6 +95,10 @@ def quantize(src_dir: Path, dst_dir: Path, method: QuantMethod) -> Path:
         from models.build.pipeline.w8a8 import quantize_w8a8
 
         return quantize_w8a8(src_dir, dst_dir, method.keep_fp32)
+    if method.family == "rowquant":
+        from models.build.pipeline.rowquant import quantize_rowquant
+
+        return quantize_rowquant(src_dir, dst_dir, method.keep_fp32)
     import onnx
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)

@@ -232,7 +232,7 @@ def quantize_rungs(b: Build) -> None:
         if base not in b.sources:
             continue
         four = base == "full" and b.opts.consider_int4
-        candidates = [*q.CANDIDATES_8BIT, *(q.CANDIDATES_4BIT if four else ())]
+        candidates = [*q.candidates_8bit(), *(q.CANDIDATES_4BIT if four else ())]
         if base == "distilled" and "int8" in b.methods:
             # the student has the teacher's matrix shapes, so the kernels rank the same way:
             # its copy takes the method int8's race chose (racing again cost 87 s of a build
@@ -245,7 +245,7 @@ def quantize_rungs(b: Build) -> None:
             # int8's method does not shrink the student (a tiny model's fixed overheads can
             # outweigh its weights), or fails the exactness check on it: race every 8-bit
             # method for it after all
-            candidates = list(q.CANDIDATES_8BIT)
+            candidates = list(q.candidates_8bit())
             trials, engines = _race(b, base, qname, candidates)
         pick = pick_8bit(trials, candidates, base_bytes)
         b.quant_choice[qname] = {"chosen": pick.name, "rule": EIGHT_BIT_RULE,

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from models.runtime import kernels
 from models.runtime.engine.base import Engine, GenerationParams, VariantLoadError
 from models.runtime.engine.sampling import make_rng, select_token
 from models.runtime.engine.session import aligned_zeros, providers_for, session_options
@@ -101,6 +102,9 @@ class OrtEngine(Engine):
                     str(model_path), session_options(wide_threads),
                     providers=providers_for(device))
         except Exception as err:  # onnxruntime raises several unrelated types for bad files
+            if kernels.OP_ROW_QUANT in str(err) and not kernels.available():
+                raise VariantLoadError(f"{model_path} uses greenroute's kernels and they are "
+                                       "not built: run `make kernels`") from err
             raise VariantLoadError(f"cannot load {model_path}: {err}".splitlines()[0]) from err
         self.wide_threads = wide_threads if self.wide_session is not None else 0
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from models.runtime import kernels
+
 _global_pool_threads: int | None = None  # onnxruntime's environment is one per process
 SPIN_US = 1000  # how long an idle thread of a session's own pool spins before it sleeps
 
@@ -68,6 +70,7 @@ def session_options(threads: int) -> ort.SessionOptions:
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "1")
         so.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+    kernels.register(so)  # greenroute's own operators, where a graph uses them
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3

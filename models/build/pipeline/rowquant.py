@@ -1,0 +1,116 @@
+"""The ``rowquant`` family: every fp32 ``MatMul`` with a constant weight becomes greenroute's own
+``RowQuantMatMul`` (``kernels/rowquant.cc``): int8 weights with one scale per output channel,
+each activation row quantized to int8 with its own scale inside the operator, exact int32
+sums. MatMuls that read the same activation (gate/up; the builder already fuses q/k/v) become
+one operator with one output each, so one quantization of the activation serves them.
+
+Everything the kernel would otherwise redo per call is done here, once: the weights are
+transposed to output-channel-major rows, padded to a multiple of 64 along K, and their row sums
+(the VNNI paths' offset correction) are stored beside them. ``keep`` names substrings of MatMul
+node names that stay fp32 (e.g. ``lm_head``, to measure what quantizing the head costs).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from models.build.pipeline.export import ONNX_FILE, copy_sidecars
+from models.build.pipeline.repack import replace_matmuls
+from models.runtime.kernels import DOMAIN, OP_ROW_QUANT
+
+if TYPE_CHECKING:
+    import onnx
+
+K_PAD = 64  # the kernel's K step (AVX-512: 64 int8 lanes)
+W_MAX = 127
+
+
+def pack_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``w`` [K, N] fp32 to the kernel's inputs: ``(q int8 [N, Kp], scale fp32 [N], sums int32
+    [N])`` with ``w[:, n] ≈ q[n, :K] * scale[n]`` (symmetric, all 8 bits) and ``q[:, K:] = 0``."""
+    k, n = w.shape
+    amax = np.abs(w).max(axis=0)
+    scale = np.where(amax > 0, amax / W_MAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -W_MAX, W_MAX).astype(np.int8).T
+    kp = -(-k // K_PAD) * K_PAD
+    packed = np.zeros((n, kp), np.int8)
+    packed[:, :k] = q
+    return packed, scale, packed.astype(np.int32).sum(axis=1).astype(np.int32)
+
+
+def reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The operator in numpy, float op for float op (the tests hold the kernel to it exactly):
+    ``x`` [..., K] fp32 → [..., N]."""
+    k = x.shape[-1]
+    m = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-8)).astype(np.float32)
+    q = np.rint(x * (np.float32(127.0) / m)).astype(np.int64)
+    acc = q @ packed[:, :k].astype(np.int64).T
+    sx = (m / np.float32(127.0)).astype(np.float32)
+    return acc.astype(np.float32) * (sx * scale)
+
+
+def rowquant_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[int, int]:
+    """Rewrite ``model`` in place; returns (MatMuls now in a ``RowQuantMatMul``, operators)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    keep = tuple(keep)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    groups: dict[str, list[onnx.NodeProto]] = {}  # activation → its MatMuls, in graph order
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = inits.get(node.input[1])
+        if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
+            continue
+        if any(k in node.name for k in keep):
+            continue
+        groups.setdefault(node.input[0], []).append(node)
+
+    replacement: dict[str, list[onnx.NodeProto]] = {}
+    new_inits: list[onnx.TensorProto] = []
+    replaced_weights: set[str] = set()
+    for i, (x, nodes) in enumerate(groups.items()):
+        parts = [pack_weight(numpy_helper.to_array(inits[n.input[1]])) for n in nodes]
+        base = f"rowquant/{i}"
+        new_inits += [
+            numpy_helper.from_array(np.concatenate([p[0] for p in parts]), f"{base}/w"),
+            numpy_helper.from_array(np.concatenate([p[1] for p in parts]), f"{base}/scale"),
+            numpy_helper.from_array(np.concatenate([p[2] for p in parts]), f"{base}/sums")]
+        fused = helper.make_node(
+            OP_ROW_QUANT, [x, f"{base}/w", f"{base}/scale", f"{base}/sums"],
+            [n.output[0] for n in nodes], name=f"{nodes[0].name}_rowquant", domain=DOMAIN,
+            splits=[int(p[0].shape[0]) for p in parts])
+        replacement[nodes[0].output[0]] = [fused]
+        for n in nodes[1:]:
+            replacement[n.output[0]] = []
+        replaced_weights.update(n.input[1] for n in nodes)
+
+    still = {i for nd in graph.node
+             if not (nd.op_type == "MatMul" and nd.output[0] in replacement) for i in nd.input}
+    gone = {w for w in replaced_weights if w not in still and w not in outputs}  # tied Gather
+    replace_matmuls(graph, replacement, gone, new_inits)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return sum(len(n) for n in groups.values()), len(groups)
+
+
+def quantize_rowquant(src_dir: Path, dst_dir: Path, keep: Iterable[str] = ()) -> Path:
+    """Write the ``rowquant`` copy of ``src_dir/model.onnx`` to ``dst_dir``; returns its path."""
+    import onnx
+
+    if dst_dir.exists():
+        shutil.rmtree(dst_dir)
+    dst_dir.mkdir(parents=True)
+    model = onnx.load(str(src_dir / ONNX_FILE))
+    rowquant_graph(model, keep)
+    dst = dst_dir / ONNX_FILE
+    onnx.save(model, str(dst))
+    copy_sidecars(src_dir, dst_dir)
+    return dst
