@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from models.build.pipeline.exactness import check_candidate, integer_kernel_errors
 from models.build.pipeline.quantize import CANDIDATES_8BIT, QuantMethod, quantize
+from models.runtime import kernels
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.host import isa_summary
 
@@ -122,3 +123,22 @@ def test_the_check_rejects_a_wrong_scale_and_passes_a_sound_copy(
     onnx.save(bad_model, str(bad))
     record = check_candidate(bad, OrtEngine(bad, tok, 128, [0]), ref, prompts)
     assert not record["ok"] and "greedy tokens agree" in str(record["reason"]), record
+
+
+@pytest.mark.skipif(kernels.active_isa() not in ("avxvnni", "avx512vnni"),
+                    reason="only the VNNI paths read the weight sums")
+def test_greenroutes_operator_is_checked_bit_for_bit() -> None:
+    """Each RowQuantMatMul runs alone against its numpy reference: sound, it passes; with one
+    weight sum off by one (the VNNI paths' offset correction), the node is named."""
+    from models.build.pipeline.rowquant import rowquant_graph
+    from tests.models.test_rowquant import mlp_model
+
+    model = mlp_model()
+    rowquant_graph(model)
+    assert integer_kernel_errors(model) == []
+    sums = next(t for t in model.graph.initializer if t.name.endswith("/sums"))
+    wrong = numpy_helper.to_array(sums).copy()
+    wrong[0] += 1
+    sums.CopyFrom(numpy_helper.from_array(wrong, sums.name))
+    errors = integer_kernel_errors(model)
+    assert len(errors) == 1 and errors[0].startswith("mlp/gate_proj/MatMul_rowquant: ")

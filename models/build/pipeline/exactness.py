@@ -5,8 +5,9 @@ Two checks, both against references that cannot be wrong the same way:
 
 1. **Integer kernels, exactly.** Every ``MatMulInteger`` whose weights are constant is run
    alone, with its real weights, on adversarial activations (all 255, all 0, 255 where the
-   weight column is positive, random) and compared with numpy's int64 product: an integer GEMM
-   has one right answer, so any difference is a kernel that saturates or drops bits (AVX2's
+   weight column is positive, random) and compared with numpy's int64 product, and every
+   greenroute ``RowQuantMatMul`` likewise against its numpy reference, bit for bit: an integer
+   GEMM has one right answer, so any difference is a kernel that saturates or drops bits (AVX2's
    ``vpmaddubsw`` on full-range int8 weights did: perplexity 21.4 and 10,356,927 instead of
    about 18.5 for the W8A8 and dynamic families on SmolLM2-135M).
 2. **Logits, a gross-error gate.** The candidate's greedy choice at every position of a few
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from models.runtime import kernels
 
 if TYPE_CHECKING:
     import onnx
@@ -82,6 +85,13 @@ def integer_kernel_errors(model: onnx.ModelProto | Path, limit: int = 3) -> list
     errors: list[str] = []
     seen: set[str] = set()
     for node in model.graph.node:
+        if node.op_type == kernels.OP_ROW_QUANT and node.domain == kernels.DOMAIN:
+            error = _row_quant_error(node, inits, rng)
+            if error:
+                errors.append(error)
+            if len(errors) >= limit:
+                break
+            continue
         if node.op_type != "MatMulInteger" or node.input[1] in seen:
             continue
         w = _const(inits, node.input[1])
@@ -105,6 +115,45 @@ def integer_kernel_errors(model: onnx.ModelProto | Path, limit: int = 3) -> list
             if len(errors) >= limit:
                 break
     return errors
+
+
+def _row_quant_error(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+                     rng: np.random.Generator) -> str | None:
+    """greenroute's ``RowQuantMatMul`` run alone, with its real weights, on rows that push its
+    sums to their extremes, against its numpy reference bit for bit."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from models.build.pipeline.rowquant import reference
+
+    packed, scale = _const(inits, node.input[1]), _const(inits, node.input[2])
+    if packed is None or scale is None:
+        return None
+    k = packed.shape[1]  # the padded width: the operator takes any K it pads to that
+    x = np.stack([np.sign(packed[0, :k]).astype(np.float32) * 3, -np.ones(k, np.float32),
+                  rng.standard_normal(k, dtype=np.float32) * 50,
+                  np.zeros(k, np.float32)])
+    outs = [f"y{i}" for i in range(len(node.output))]
+    probe = helper.make_node(node.op_type, ["x", *node.input[1:]], outs, domain=node.domain)
+    for a in node.attribute:
+        probe.attribute.append(a)
+    used = [inits[n] for n in node.input[1:]]
+    graph = helper.make_graph(
+        [probe], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], used)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid(kernels.DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    kernels.require(opts, node.name)
+    got = np.concatenate(ort.InferenceSession(model.SerializeToString(), opts,
+                                              providers=["CPUExecutionProvider"]
+                                              ).run(None, {"x": x}), axis=-1)
+    want = reference(x, packed, scale)
+    if np.array_equal(got, want):
+        return None
+    bad = int(np.count_nonzero(got != want))
+    return f"{node.name}: {bad} of {got.size} outputs differ from the reference"
 
 
 def logits_agreement(candidate: OrtEngine, reference: OrtEngine,
