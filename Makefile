@@ -42,7 +42,7 @@ CXX ?= g++
 $(KERNELS_LIB): kernels/rowquant.cc kernels/fetch-ort-headers.sh
 	@mkdir -p kernels/build
 	@if command -v $(CXX) >/dev/null && kernels/fetch-ort-headers.sh kernels/build/include; then \
-	  $(CXX) -std=c++17 -O3 -fPIC -shared -fvisibility=hidden -Wall -Wextra \
+	  $(CXX) -std=c++17 -O3 -ffp-contract=off -fPIC -shared -fvisibility=hidden -Wall -Wextra \
 	    -Ikernels/build/include -o $@ kernels/rowquant.cc \
 	  && echo "built $@"; \
 	else echo "greenroute kernels not built (no $(CXX) or no onnxruntime headers): the ladder uses onnxruntime's operators only"; fi

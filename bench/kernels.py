@@ -1,6 +1,7 @@
-"""``greenroute bench kernels``: greenroute's ``RowQuantMatMul`` against onnxruntime's fp32
-``MatMul`` and 8-bit ``MatMulNBits`` (block 64, ``accuracy_level=4``: int8 compute) on one
-matrix, at one row and at many, taking turns round by round.
+"""``greenroute bench kernels``: greenroute's ``RowQuantMatMul`` (int8 weights; activations at
+8 bits, and at 16 as the ``a16`` ladder candidates use it) against onnxruntime's fp32 ``MatMul``
+and 8-bit ``MatMulNBits`` (block 64, ``accuracy_level=4``: int8 compute) on one matrix, at one
+row and at many, taking turns round by round.
 
 Each of our instruction-set paths this CPU has runs in a child process of its own (the library
 picks its path once per process; ``GREENROUTE_KERNEL_ISA`` forces a lesser one), and times the
@@ -26,7 +27,7 @@ from models.runtime import kernels
 from models.runtime.host import cpu_name, isa_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("fp32", "nbits8", "rowquant")
+OPS = ("fp32", "nbits8", "rowquant", "rowquant-a16")
 
 
 def _sessions(k: int, n: int, threads: int) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def _sessions(k: int, n: int, threads: int) -> dict[str, Any]:
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from models.build.pipeline.rowquant import pack_weight
+    from models.build.pipeline.rowquant import levels_for, pack_weight
 
     w = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
     x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])
@@ -53,17 +54,20 @@ def _sessions(k: int, n: int, threads: int) -> dict[str, Any]:
                                      bits=8, block_size=64, is_symmetric=True, accuracy_level=4)
     quantizer.process()
     q, scale, sums = pack_weight(w)
-    ours = model([helper.make_node(kernels.OP_ROW_QUANT, ["x", "w", "s", "sums"], ["y"],
-                                   domain=kernels.DOMAIN)],
-                 [numpy_helper.from_array(a, name)
-                  for a, name in ((q, "w"), (scale, "s"), (sums, "sums"))], ours=True)
+
+    def ours(bits: int) -> Any:
+        return model([helper.make_node(kernels.OP_ROW_QUANT, ["x", "w", "s", "sums"], ["y"],
+                                       domain=kernels.DOMAIN, levels=levels_for(k, bits))],
+                     [numpy_helper.from_array(a, name)
+                      for a, name in ((q, "w"), (scale, "s"), (sums, "sums"))], ours=True)
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     kernels.require(so, "bench kernels")
     return {name: ort.InferenceSession(m.SerializeToString(), so,
                                        providers=["CPUExecutionProvider"])
             for name, m in (("fp32", fp32), ("nbits8", quantizer.model.model),
-                            ("rowquant", ours))}
+                            ("rowquant", ours(8)), ("rowquant-a16", ours(16)))}
 
 
 def measure(k: int, n: int, rows: list[int], rounds: int, threads: int) -> dict[str, Any]:
@@ -125,11 +129,14 @@ def report(f: dict[str, Any]) -> str:
     lines = [f"RowQuantMatMul vs onnxruntime {f['onnxruntime']}, K={f['k']} N={f['n']}, "
              f"{f['threads']} thread(s), median of {f['rounds']} rounds taking turns (µs/call)",
              f"CPU: {f['cpu']} ({' '.join(f['isa_flags'])})",
-             "| our path | rows | fp32 MatMul | MatMulNBits 8-bit | RowQuantMatMul | "
-             "ours / fp32 | ours / NBits |", "|---|---|---|---|---|---|---|"]
+             "| our path | rows | fp32 MatMul | MatMulNBits 8-bit | ours, a8 | ours, a16 | "
+             "a8 / fp32 | a8 / NBits | a16 / fp32 | a16 / NBits |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in f["paths"].values():
         for m, us in r["us"].items():
+            a8, a16 = us["rowquant"], us["rowquant-a16"]
             lines.append(f"| {r['isa']} | {m} | {us['fp32']:.1f} | {us['nbits8']:.1f} | "
-                         f"{us['rowquant']:.1f} | {us['rowquant'] / us['fp32']:.2f} | "
-                         f"{us['rowquant'] / us['nbits8']:.2f} |")
+                         f"{a8:.1f} | {a16:.1f} | {a8 / us['fp32']:.2f} | "
+                         f"{a8 / us['nbits8']:.2f} | {a16 / us['fp32']:.2f} | "
+                         f"{a16 / us['nbits8']:.2f} |")
     return "\n".join(lines)

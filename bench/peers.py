@@ -34,6 +34,8 @@ from bench.live import free_port, http_process, live_service
 from models.runtime.manifest import Manifest, cache_root
 
 PAIRS = {"full": "f32", "int8": "q8_0", "int4": "q4_1"}
+# measured beside them, with no llama.cpp pair (llama.cpp has no such model)
+UNPAIRED = ("distilled-int8",)
 SOURCE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the default model's release (the build caches it)
 PROMPTS = [
     "The json module", "Return a new list of the items in", "Raise ValueError if the",
@@ -133,6 +135,7 @@ def run_bench(ladder: Path, clients: tuple[int, ...] = (1, 4, 16), rounds: int =
     server = server or os.environ.get("GREENROUTE_LLAMA_SERVER")
     built = Manifest.load(ladder).variants
     pairs = {v: kind for v, kind in PAIRS.items() if v in built}
+    pairs.update({v: "" for v in UNPAIRED if v in built})
     base = {"GREENROUTE_THREADS": str(threads), "GREENROUTE_QUEUE_SIZE": "64",
             "GREENROUTE_VARIANTS": ",".join(pairs)}
     configs = {"": {"GREENROUTE_VARIANT_THREADS": variant_threads,
@@ -198,6 +201,6 @@ def report(f: dict[str, Any]) -> str:
                              f" tok/s, {a['j_per_token'] / b['j_per_token']:.2f}x J/token")
         full = per.get("ours full")
         for name, m in per.items():
-            if full and name.startswith("ours int8"):
+            if full and name.startswith(("ours int8", "ours distilled-int8")):
                 lines.append(f"    {name} / ours full: {m['tok_s'] / full['tok_s']:.2f}x tok/s")
     return "\n".join(lines)

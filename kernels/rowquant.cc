@@ -1,35 +1,41 @@
-// greenroute's batched 8-bit GEMM as an onnxruntime custom operator (domain "greenroute",
-// op "RowQuantMatMul"). Each activation row is quantized symmetrically to int8 with its own
-// scale, multiplied by int8 weights with one scale per output channel, and accumulated exactly
-// in int32:
+// greenroute's batched 8-bit-weight GEMM as an onnxruntime custom operator (domain
+// "greenroute", op "RowQuantMatMul"). Each activation row is quantized symmetrically to
+// integers in [-L, L] with its own scale (L, the attribute "levels": 127 for int8, up to 32767),
+// multiplied by int8 weights with one scale per output channel, and accumulated exactly in
+// int32:
 //
-//   m = max(max|x|, 1e-8)   q = rint(x * (127 / m))   sx = m / 127      (per row)
-//   acc[n] = sum_k q[k] * W[n, k]                                       (exact int32)
-//   y[n] = float(acc[n]) * (sx * sw[n])
+//   m = max(max|x|, 1e-8)   q = rint(x * (L / m))   sx = m / L           (per row)
+//   acc[n] = sum_k q[k] * W[n, k]                                         (exact int32)
+//   y[n] = float(acc[n]) * (sx * sw[n])                                   (float32)
 //
 // Inputs:  X float [..., K]; W int8 [N, Kp] (output channel major, K zero-padded to Kp, a
-//          multiple of 64); SW float [N]; WSUM int32 [N] (sum_k W[n, k], for the VNNI paths).
+//          multiple of 64); SW float [N]; WSUM int32 [N] (sum_k W[n, k], the offset paths').
 // Outputs: one per entry of the "splits" attribute (columns of W in order), each [..., n_i]:
 //          projections that read one activation (q/k/v, gate/up) share one quantization.
+// L * 127 * Kp must stay below 2^31 (the build picks L from K); the operator refuses otherwise.
 //
 // Why our own: onnxruntime's AVX2 int8 kernels either saturate (u8 x s8 pairs in vpmaddubsw
 // overflow int16) or split every weight into low and high bytes and scale badly with rows.
-// Here AVX2 widens both sides to int16 (activations once per call, weights once per tile step
-// for all its rows) and multiplies with vpmaddwd, whose int32 pair sums cannot saturate, on a
-// 4-row x 2-column register tile; AVX-512 VNNI and AVX-VNNI use vpdpbusd on a + 128 with the
-// weight sums subtracted. Integer sums do not depend on order, so a row's result is the same
-// whatever M is and whichever rows share the call. Work is split by column blocks on
-// onnxruntime's own thread pool (KernelContext_ParallelFor); the library starts no threads.
+// Paths, chosen at run time from the CPU:
+//   avx2:        int16 activations (any L) x int8 weights widened to int16 once per step for
+//                all the tile's rows; vpmaddwd's int32 pair sums cannot saturate. An int8 row
+//                costs what a 15-bit one does here, so the build gives AVX2 the finer one.
+//   avx-vnni, avx-512 vnni: L = 127: vpdpbusd on a + 128, the weight sums subtracted;
+//                L > 127: vpdpwssd on int16 activations and widened weights.
+// Register tiles of 4 rows (and a 1-row path of 4 columns for one-row decode steps). Integer
+// sums do not depend on order, so a row's result is the same whatever M is and whichever rows
+// share the call. Work is split by column blocks on onnxruntime's own thread pool
+// (KernelContext_ParallelFor); the library starts no threads.
 //
 // GREENROUTE_KERNEL_ISA=scalar|avx2|avxvnni|avx512vnni forces a path (never one the CPU lacks);
 // greenroute_kernel_isa() says which one runs.
-
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
-// GCC 12's own _mm512_reduce_add_epi32 trips -Wuninitialized (_mm256_undefined_si256)
+// GCC 12's own _mm512_extracti64x4_epi64 trips -W(maybe-)uninitialized (_mm256_undefined_si256)
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <algorithm>
@@ -89,39 +95,40 @@ Isa ActiveIsa() {
   return isa;
 }
 
-// ---- activation rows, in the layout each path reads, one scale per row ----
-//   scalar: int8 q           avx2: int16 q (widened once here, not per tile)
-//   avx-vnni / avx-512 vnni: uint8 q + 128 (vpdpbusd's unsigned side; sums corrected by WSUM)
+// ---- activation rows, in the layout a path reads, one scale per row ----
+//   int16 q (scalar, avx2, and the VNNI paths when L > 127) or uint8 q + 128 (VNNI, L = 127)
 
-enum class Layout { kInt8, kInt16, kUint8 };
+enum class Layout { kInt16, kUint8 };
 
-Layout LayoutFor(Isa isa) {
-  if (isa == Isa::kAvx2) return Layout::kInt16;
-  return isa == Isa::kScalar ? Layout::kInt8 : Layout::kUint8;
+Layout LayoutFor(Isa isa, int64_t levels) {
+  return (isa == Isa::kAvxVnni || isa == Isa::kAvx512Vnni) && levels <= 127 ? Layout::kUint8
+                                                                           : Layout::kInt16;
 }
 
 size_t ElementBytes(Layout l) { return l == Layout::kInt16 ? 2 : 1; }
 
 inline void StoreScalar(Layout l, void* q, int64_t i, int v) {
-  switch (l) {
-    case Layout::kInt8: static_cast<int8_t*>(q)[i] = static_cast<int8_t>(v); break;
-    case Layout::kInt16: static_cast<int16_t*>(q)[i] = static_cast<int16_t>(v); break;
-    case Layout::kUint8: static_cast<uint8_t*>(q)[i] = static_cast<uint8_t>(v + 128); break;
+  if (l == Layout::kInt16) {
+    static_cast<int16_t*>(q)[i] = static_cast<int16_t>(v);
+  } else {
+    static_cast<uint8_t*>(q)[i] = static_cast<uint8_t>(v + 128);
   }
 }
 
 // The row's scale, computed exactly as numpy does in models/build/pipeline/rowquant.py.
-inline float RowInv(float amax, float* sx) {
+inline float RowInv(float amax, float levels, float* sx) {
   const float m = std::max(amax, 1e-8f);
-  *sx = m / 127.0f;
-  return 127.0f / m;
+  *sx = m / levels;
+  return levels / m;
 }
 
-void QuantizeRowScalar(const float* x, int64_t k, int64_t kp, Layout l, void* q, float* sx) {
+void QuantizeRowScalar(const float* x, int64_t k, int64_t kp, float levels, Layout l, void* q,
+                       float* sx) {
   float amax = 0.f;
   for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float inv = RowInv(amax, sx);
-  for (int64_t i = 0; i < k; ++i) StoreScalar(l, q, i, static_cast<int>(std::nearbyintf(x[i] * inv)));
+  const float inv = RowInv(amax, levels, sx);
+  for (int64_t i = 0; i < k; ++i)
+    StoreScalar(l, q, i, static_cast<int>(std::nearbyintf(x[i] * inv)));  // half to even
   for (int64_t i = k; i < kp; ++i) StoreScalar(l, q, i, 0);  // padding meets zero weights
 }
 
@@ -132,44 +139,47 @@ __attribute__((target("avx2,fma"))) inline __m256i Cvt8(const float* x, __m256 i
 }
 
 __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t k, int64_t kp,
-                                                         Layout l, void* q, float* sx) {
+                                                         float levels, Layout l, void* q,
+                                                         float* sx) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 vmax = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  for (; i + 8 <= k; i += 8)
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
   float amax = 0.f;
   for (float v : lanes) amax = std::max(amax, v);
   for (; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float inv = RowInv(amax, sx);
-  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 inv = _mm256_set1_ps(RowInv(amax, levels, sx));
   i = 0;
   if (l == Layout::kInt16) {
     int16_t* out = static_cast<int16_t*>(q);
     for (; i + 16 <= k; i += 16) {
-      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(Cvt8(x + i, vinv), Cvt8(x + i + 8, vinv)), 0xD8);
+      const __m256i p = _mm256_permute4x64_epi64(
+          _mm256_packs_epi32(Cvt8(x + i, inv), Cvt8(x + i + 8, inv)), 0xD8);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), p);
     }
-  } else if (l == Layout::kUint8) {
+  } else {
     uint8_t* out = static_cast<uint8_t*>(q);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
     for (; i + 32 <= k; i += 32) {
-      const __m256i a = _mm256_packs_epi32(Cvt8(x + i, vinv), Cvt8(x + i + 8, vinv));
-      const __m256i b = _mm256_packs_epi32(Cvt8(x + i + 16, vinv), Cvt8(x + i + 24, vinv));
+      const __m256i a = _mm256_packs_epi32(Cvt8(x + i, inv), Cvt8(x + i + 8, inv));
+      const __m256i b = _mm256_packs_epi32(Cvt8(x + i + 16, inv), Cvt8(x + i + 24, inv));
       const __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_xor_si256(p, offset));
     }
   }
-  for (; i < k; ++i) StoreScalar(l, q, i, static_cast<int>(std::nearbyintf(x[i] * inv)));
+  const float inv1 = _mm256_cvtss_f32(inv);
+  for (; i < k; ++i) StoreScalar(l, q, i, static_cast<int>(std::nearbyintf(x[i] * inv1)));
   for (; i < kp; ++i) StoreScalar(l, q, i, 0);
 }
 
 // ---- the tiles: R rows x C columns over all of K, int32 sums into acc[r * C + c] ----
 
 void TileScalar(const void* qv, int64_t kp, const int8_t* w, int r, int c, int32_t* acc) {
-  const int8_t* q = static_cast<const int8_t*>(qv);
+  const int16_t* q = static_cast<const int16_t*>(qv);
   for (int i = 0; i < r; ++i)
     for (int j = 0; j < c; ++j) {
       int32_t s = 0;
@@ -178,29 +188,38 @@ void TileScalar(const void* qv, int64_t kp, const int8_t* w, int r, int c, int32
     }
 }
 
-// Sums of the 8 int32 lanes of each of n vectors, four at a time with hadd.
+// The 8 int32 lanes of each of n vectors summed, four vectors at a time.
 __attribute__((target("avx2,fma"))) inline void Reduce256(const __m256i* v, int n,
                                                            int32_t* out) {
   for (int g = 0; g < n; g += 4) {
     const __m256i z = _mm256_setzero_si256();
     const __m256i a = v[g], b = g + 1 < n ? v[g + 1] : z, c = g + 2 < n ? v[g + 2] : z,
                   d = g + 3 < n ? v[g + 3] : z;
-    const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-    alignas(16) int32_t s[4];
-    _mm_store_si128(reinterpret_cast<__m128i*>(s),
-                    _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1)));
-    for (int j = 0; j < 4 && g + j < n; ++j) out[g + j] = s[j];
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    alignas(16) int32_t lanes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes),
+                    _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
+    for (int j = 0; j < 4 && g + j < n; ++j) out[g + j] = lanes[j];
   }
 }
 
-// AVX2: int16 activations x int8 weights widened to int16 once per tile step (shared by the
-// R rows); vpmaddwd adds pairs of exact int16 products into int32: no saturation anywhere.
+template <int N>
+__attribute__((target("avx512f,avx512bw"))) inline void Reduce512(const __m512i* v,
+                                                                  int32_t* out) {
+  __m256i half[N];
+  for (int i = 0; i < N; ++i)
+    half[i] = _mm256_add_epi32(_mm512_castsi512_si256(v[i]), _mm512_extracti64x4_epi64(v[i], 1));
+  Reduce256(half, N, out);
+}
+
+// AVX2: int16 activations x int8 weights widened to int16 once per step (shared by the R
+// rows); vpmaddwd adds pairs of exact products into int32.
 template <int R, int C>
 __attribute__((target("avx2,fma"))) void TileAvx2(const void* qv, int64_t kp, const int8_t* w,
                                                    int32_t* acc) {
   const int16_t* q = static_cast<const int16_t*>(qv);
   __m256i sum[R * C];
-  for (int i = 0; i < R * C; ++i) sum[i] = _mm256_setzero_si256();
+  for (auto& v : sum) v = _mm256_setzero_si256();
   for (int64_t t = 0; t < kp; t += 16) {
     __m256i b[C];
     for (int j = 0; j < C; ++j)
@@ -214,12 +233,32 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const void* qv, int64_t kp, co
   Reduce256(sum, R * C, acc);
 }
 
+// AVX-VNNI, int16 activations: vpdpwssd (vpmaddwd and the add in one instruction).
 template <int R, int C>
-__attribute__((target("avx2,fma,avxvnni"))) void TileAvxVnni(const void* qv, int64_t kp,
-                                                              const int8_t* w, int32_t* acc) {
+__attribute__((target("avx2,fma,avxvnni"))) void TileAvxVnni16(const void* qv, int64_t kp,
+                                                                const int8_t* w, int32_t* acc) {
+  const int16_t* q = static_cast<const int16_t*>(qv);
+  __m256i sum[R * C];
+  for (auto& v : sum) v = _mm256_setzero_si256();
+  for (int64_t t = 0; t < kp; t += 16) {
+    __m256i b[C];
+    for (int j = 0; j < C; ++j)
+      b[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * kp + t)));
+    for (int i = 0; i < R; ++i) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * kp + t));
+      for (int j = 0; j < C; ++j) sum[i * C + j] = _mm256_dpwssd_avx_epi32(sum[i * C + j], a, b[j]);
+    }
+  }
+  Reduce256(sum, R * C, acc);
+}
+
+// AVX-VNNI, uint8 activations (a + 128): vpdpbusd.
+template <int R, int C>
+__attribute__((target("avx2,fma,avxvnni"))) void TileAvxVnni8(const void* qv, int64_t kp,
+                                                               const int8_t* w, int32_t* acc) {
   const uint8_t* q = static_cast<const uint8_t*>(qv);
   __m256i sum[R * C];
-  for (int i = 0; i < R * C; ++i) sum[i] = _mm256_setzero_si256();
+  for (auto& v : sum) v = _mm256_setzero_si256();
   for (int64_t t = 0; t < kp; t += 32) {
     __m256i b[C];
     for (int j = 0; j < C; ++j)
@@ -232,12 +271,32 @@ __attribute__((target("avx2,fma,avxvnni"))) void TileAvxVnni(const void* qv, int
   Reduce256(sum, R * C, acc);
 }
 
+// AVX-512 VNNI, int16 activations: vpdpwssd on 32 values a step.
 template <int R, int C>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileAvx512Vnni(
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileAvx512Vnni16(
+    const void* qv, int64_t kp, const int8_t* w, int32_t* acc) {
+  const int16_t* q = static_cast<const int16_t*>(qv);
+  __m512i sum[R * C];
+  for (auto& v : sum) v = _mm512_setzero_si512();
+  for (int64_t t = 0; t < kp; t += 32) {
+    __m512i b[C];
+    for (int j = 0; j < C; ++j)
+      b[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * kp + t)));
+    for (int i = 0; i < R; ++i) {
+      const __m512i a = _mm512_loadu_si512(q + i * kp + t);
+      for (int j = 0; j < C; ++j) sum[i * C + j] = _mm512_dpwssd_epi32(sum[i * C + j], a, b[j]);
+    }
+  }
+  Reduce512<R * C>(sum, acc);
+}
+
+// AVX-512 VNNI, uint8 activations (a + 128): vpdpbusd on 64 values a step.
+template <int R, int C>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileAvx512Vnni8(
     const void* qv, int64_t kp, const int8_t* w, int32_t* acc) {
   const uint8_t* q = static_cast<const uint8_t*>(qv);
   __m512i sum[R * C];
-  for (int i = 0; i < R * C; ++i) sum[i] = _mm512_setzero_si512();
+  for (auto& v : sum) v = _mm512_setzero_si512();
   for (int64_t t = 0; t < kp; t += 64) {
     __m512i b[C];
     for (int j = 0; j < C; ++j) b[j] = _mm512_loadu_si512(w + j * kp + t);
@@ -246,14 +305,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void TileAvx512Vnni(
       for (int j = 0; j < C; ++j) sum[i * C + j] = _mm512_dpbusd_epi32(sum[i * C + j], a, b[j]);
     }
   }
-  __m256i half[R * C];
-  for (int i = 0; i < R * C; ++i)
-    half[i] = _mm256_add_epi32(_mm512_castsi512_si256(sum[i]), _mm512_extracti64x4_epi64(sum[i], 1));
-  Reduce256(half, R * C, acc);
+  Reduce512<R * C>(sum, acc);
 }
 
 using TileFn = void (*)(const void*, int64_t, const int8_t*, int32_t*);
-using QuantizeFn = void (*)(const float*, int64_t, int64_t, Layout, void*, float*);
+using QuantizeFn = void (*)(const float*, int64_t, int64_t, float, Layout, void*, float*);
 
 // fn[r][c]: a tile of r rows (1..4) and c columns; nullptr where a path has no such tile
 struct Tiles {
@@ -271,21 +327,27 @@ struct Tiles {
     t.cols_for_rows[2] = t.cols_for_rows[3] = t.cols_for_rows[4] = CN;         \
   }
 
-Tiles MakeTiles(Isa isa) {
+// Register budgets: 16 ymm (R*C sums + C weights + 1 row + a temporary), 32 zmm.
+Tiles MakeTiles(Isa isa, Layout layout) {
   Tiles t;
-  switch (isa) {  // register budgets: 16 ymm (R*C sums + C weights + 1 row), 32 zmm
+  const bool u8 = layout == Layout::kUint8;
+  switch (isa) {
     case Isa::kAvx2: GR_TILES(TileAvx2, 4, 3) break;
-    case Isa::kAvxVnni: GR_TILES(TileAvxVnni, 4, 2) break;
-    case Isa::kAvx512Vnni: GR_TILES(TileAvx512Vnni, 4, 4) break;
+    case Isa::kAvxVnni:
+      if (u8) GR_TILES(TileAvxVnni8, 4, 3) else GR_TILES(TileAvxVnni16, 4, 3)
+      break;
+    case Isa::kAvx512Vnni:
+      if (u8) GR_TILES(TileAvx512Vnni8, 4, 4) else GR_TILES(TileAvx512Vnni16, 4, 4)
+      break;
     default: break;
   }
   return t;
 }
 
 struct Job {
-  Isa isa;
   const Tiles* tiles;
-  const uint8_t* q;  // rows in LayoutFor(isa), each kp elements
+  bool offset;       // uint8 rows: subtract 128 * WSUM
+  const uint8_t* q;  // rows in the layout, each kp elements
   size_t row_bytes;
   const float* sx;
   const int8_t* w;
@@ -299,7 +361,6 @@ struct Job {
 void RunBlock(void* data, size_t index) {
   const Job& job = *static_cast<const Job*>(data);
   const Job::Block& blk = job.blocks[index];
-  const bool offset = LayoutFor(job.isa) == Layout::kUint8;
   int32_t acc[16];
   for (int64_t r0 = 0; r0 < job.m; r0 += 4) {
     const int rows = static_cast<int>(std::min<int64_t>(4, job.m - r0));
@@ -308,7 +369,7 @@ void RunBlock(void* data, size_t index) {
       int cols = job.tiles->cols_for_rows[rows];
       if (c + cols > blk.col + blk.cols) cols = 1;
       const int8_t* w = job.w + c * job.kp;
-      if (TileFn fn = job.tiles->fn[rows][cols]) {
+      if (const TileFn fn = job.tiles->fn[rows][cols]) {
         fn(q, job.kp, w, acc);
       } else {
         TileScalar(q, job.kp, w, rows, cols, acc);
@@ -317,7 +378,7 @@ void RunBlock(void* data, size_t index) {
         float* yr = blk.y + (r0 + i) * blk.ldy + (c - blk.first);
         const float sx = job.sx[r0 + i];
         for (int j = 0; j < cols; ++j) {
-          const int32_t s = acc[i * cols + j] - (offset ? 128 * job.wsum[c + j] : 0);
+          const int32_t s = acc[i * cols + j] - (job.offset ? 128 * job.wsum[c + j] : 0);
           yr[j] = static_cast<float>(s) * (sx * job.sw[c + j]);
         }
       }
@@ -336,8 +397,13 @@ struct RowQuantKernel {
       Ort::ThrowOnError(
           api_.KernelInfoGetAttributeArray_int64(info, "splits", splits_.data(), &n));
     }
+    st = api_.KernelInfoGetAttribute_int64(info, "levels", &levels_);
+    if (st != nullptr) api_.ReleaseStatus(st);  // absent: int8 activations
+    if (levels_ < 1 || levels_ > 32767)
+      ORT_CXX_API_THROW("RowQuantMatMul: levels must be in 1..32767", ORT_INVALID_ARGUMENT);
     isa_ = ActiveIsa();
-    tiles_ = MakeTiles(isa_);
+    layout_ = isa_ == Isa::kScalar ? Layout::kInt16 : LayoutFor(isa_, levels_);
+    tiles_ = MakeTiles(isa_, layout_);
   }
 
   void Compute(OrtKernelContext* context) {
@@ -349,6 +415,8 @@ struct RowQuantKernel {
     const int64_t k = xs.back(), n = ws[0], kp = ws[1];
     if (kp % kPad != 0 || kp < k || kp - k >= kPad)
       ORT_CXX_API_THROW("RowQuantMatMul: W's K is not X's K padded to 64", ORT_FAIL);
+    if (levels_ * 127 * kp >= (int64_t{1} << 31))
+      ORT_CXX_API_THROW("RowQuantMatMul: levels x 127 x K could overflow int32", ORT_FAIL);
     std::vector<int64_t> splits = splits_.empty() ? std::vector<int64_t>{n} : splits_;
     int64_t total = 0;
     for (int64_t s : splits) total += s;
@@ -358,8 +426,8 @@ struct RowQuantKernel {
     for (size_t i = 0; i + 1 < xs.size(); ++i) m *= xs[i];
 
     Job job;
-    job.isa = isa_;
     job.tiles = &tiles_;
+    job.offset = layout_ == Layout::kUint8;
     job.m = m;
     job.kp = kp;
     job.w = w.GetTensorData<int8_t>();
@@ -379,14 +447,15 @@ struct RowQuantKernel {
     // scratch per calling thread: a session may run on several threads at once
     thread_local std::vector<uint8_t> q;
     thread_local std::vector<float> sx;
-    const Layout layout = LayoutFor(isa_);
-    job.row_bytes = static_cast<size_t>(kp) * ElementBytes(layout);
+    job.row_bytes = static_cast<size_t>(kp) * ElementBytes(layout_);
     q.resize(static_cast<size_t>(m) * job.row_bytes);
     sx.resize(static_cast<size_t>(m));
     const float* xd = x.GetTensorData<float>();
     const QuantizeFn quantize = isa_ == Isa::kScalar ? QuantizeRowScalar : QuantizeRowAvx2;
-    for (int64_t r = 0; r < m; ++r)
-      quantize(xd + r * k, k, kp, layout, q.data() + r * job.row_bytes, &sx[r]);
+    for (int64_t r = 0; r < m; ++r) {
+      quantize(xd + r * k, k, kp, static_cast<float>(levels_), layout_,
+               q.data() + r * job.row_bytes, &sx[r]);
+    }
     job.q = q.data();
     job.sx = sx.data();
     Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, RunBlock, job.blocks.size(), 0, &job));
@@ -395,7 +464,9 @@ struct RowQuantKernel {
  private:
   const OrtApi& api_;
   std::vector<int64_t> splits_;
+  int64_t levels_ = 127;  // the activations' largest quantized magnitude
   Isa isa_;
+  Layout layout_;
   Tiles tiles_;
 };
 

@@ -19,8 +19,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer
 
-from models.build.pipeline.quantize import CANDIDATE_ROWQUANT, quantize
-from models.build.pipeline.rowquant import pack_weight, rowquant_graph
+from models.build.pipeline.quantize import (
+    CANDIDATE_ROWQUANT,
+    CANDIDATE_ROWQUANT_A16,
+    QuantMethod,
+    quantize,
+)
+from models.build.pipeline.rowquant import levels_for, pack_weight, rowquant_graph
 from models.runtime import kernels
 from models.runtime.engine.base import GenerationParams
 from models.runtime.engine.batch import generate_many
@@ -40,13 +45,14 @@ SHAPES = [(576, [960]), (576, [1536, 1536]), (576, [576]), (1536, [576]), (172, 
           (64, [1, 3]), (100, [65])]
 
 
-def op_model(ws: list[np.ndarray]) -> tuple[onnx.ModelProto, list[tuple[np.ndarray, ...]]]:
+def op_model(ws: list[np.ndarray], levels: int = 127
+             ) -> tuple[onnx.ModelProto, list[tuple[np.ndarray, ...]]]:
     """One ``RowQuantMatMul`` over ``ws`` (all [K, n_i]), one output each."""
     parts = [pack_weight(w) for w in ws]
     k = ws[0].shape[0]
     node = helper.make_node(
         "RowQuantMatMul", ["x", "w", "s", "sums"], [f"y{i}" for i in range(len(ws))],
-        domain=kernels.DOMAIN, splits=[p[0].shape[0] for p in parts])
+        domain=kernels.DOMAIN, splits=[p[0].shape[0] for p in parts], levels=levels)
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
         [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(ws))],
@@ -64,34 +70,37 @@ import numpy as np
 import onnxruntime as ort
 from models.runtime import kernels
 from tests.models.test_rowquant import SHAPES, inputs, op_model
-from models.build.pipeline.rowquant import reference
+from models.build.pipeline.rowquant import levels_for, reference
 so = ort.SessionOptions()
 so.intra_op_num_threads = 2
 kernels.register(so)
 bad, checked = [], 0
 rng = np.random.default_rng(0)
 for k, widths in SHAPES:
+  for bits in (8, 16):
+    levels = levels_for(k, bits)
     for kind in ("random", "adversarial"):
         ws = [w for w, _ in (inputs(rng, kind, k, n, 1) for n in widths)]
-        model, parts = op_model(ws)
+        model, parts = op_model(ws, levels)
         sess = ort.InferenceSession(model.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
         for m in range(1, 18):
             x = inputs(rng, kind, k, widths[0], m, ws[0])[1]
             for y, p in zip(sess.run(None, {"x": x}), parts):
                 checked += 1
-                want = reference(x, p[0], p[1])
+                want = reference(x, p[0], p[1], levels)
                 if not np.array_equal(y, want):
-                    bad.append([k, widths, kind, m, float(np.abs(y - want).max())])
+                    bad.append([k, bits, widths, kind, m, float(np.abs(y - want).max())])
 print(json.dumps({"isa": kernels.active_isa(), "checked": checked, "bad": bad[:5]}))
 """
 
 
 def inputs(rng: np.random.Generator, kind: str, k: int, n: int, m: int,
            w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(w [k, n], x [m, k]). ``adversarial``: every weight and activation quantizes to ±127,
-    the activations' signs those of the first column's weights, so that column's sum is
-    127 x 127 x k (the largest an int8 dot product can be; int16 pairs would saturate)."""
+    """(w [k, n], x [m, k]). ``adversarial``: every weight and activation quantizes to its
+    largest magnitude, the activations' signs those of the first column's weights, so that
+    column's sum is the largest the levels allow (int16 pairs of int8 products would saturate;
+    at 16 bits, int32 is all but full)."""
     if kind == "random":
         return (rng.normal(size=(k, n)).astype(np.float32),
                 (rng.normal(size=(m, k)) * rng.uniform(0.1, 10, (m, 1))).astype(np.float32))
@@ -123,7 +132,7 @@ def test_every_path_matches_the_reference_exactly(isa: str) -> None:
     """Bit for bit: integer sums are exact on every path, so only a wrong kernel differs."""
     result = run_check({"GREENROUTE_KERNEL_ISA": isa})
     assert result["isa"] == isa, f"asked for {isa} on {isa_summary()}"
-    assert result["checked"] == 2 * 17 * sum(len(w) for _, w in SHAPES)
+    assert result["checked"] == 2 * 2 * 17 * sum(len(w) for _, w in SHAPES)
     assert result["bad"] == [], result
 
 
@@ -140,12 +149,31 @@ def test_the_avx2_path_is_exact_on_an_avx2_only_cpu() -> None:
     assert result["bad"] == [], result
 
 
-def test_a_row_does_not_depend_on_the_rows_beside_it() -> None:
+def test_the_levels_keep_int32_exact() -> None:
+    """16-bit activations as fine as int32 sums allow: levels x 127 x Kp < 2^31, the default
+    model's K of 576 and 1536 included; the operator refuses a graph past that bound."""
+    import onnxruntime as ort
+
+    for k in (64, 576, 1536, 8192, 14336):
+        lv, kp = levels_for(k, 16), -(-k // 64) * 64
+        assert lv * 127 * kp < 2**31
+        assert lv == 32767 or (lv + 1) * 127 * kp >= 2**31  # and no finer level would fit
+    assert (levels_for(576, 16), levels_for(1536, 16), levels_for(576, 8)) == (29356, 11008, 127)
+    model, _ = op_model([np.ones((1536, 8), np.float32)], levels=12000)
+    so = ort.SessionOptions()
+    kernels.require(so, "the test graph")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="overflow int32"):
+        sess.run(None, {"x": np.ones((1, 1536), np.float32)})
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_a_row_does_not_depend_on_the_rows_beside_it(bits: int) -> None:
     import onnxruntime as ort
 
     rng = np.random.default_rng(1)
     w = rng.normal(size=(576, 200)).astype(np.float32)
-    model, _ = op_model([w])
+    model, _ = op_model([w], levels_for(576, bits))
     so = ort.SessionOptions()
     kernels.require(so, "the test graph")
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -183,9 +211,12 @@ def test_the_rewrite_fuses_shared_inputs_and_keeps_what_it_must() -> None:
 
     model = mlp_model()
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert rowquant_graph(model) == (4, 3)  # gate+up one operator, down, head
+    assert rowquant_graph(model, act_bits=16) == (4, 3)  # gate+up one operator, down, head
     ops = [n for n in model.graph.node if n.domain == kernels.DOMAIN]
     assert [list(n.output) for n in ops] == [["g", "u"], ["d"], ["logits"]]
+    levels = [next(a.i for a in n.attribute if a.name == "levels") for n in ops]
+    assert levels == [levels_for(64, 16), levels_for(40, 16), levels_for(64, 16)] == [
+        32767, 32767, 32767]  # K of 64: int16's own limit binds before int32's
     assert not any(n.op_type == "MatMul" for n in model.graph.node)
     inits = {t.name for t in model.graph.initializer}
     assert "head" in inits and not {"gate", "up", "down"} & inits  # the Gather keeps its fp32
@@ -196,20 +227,22 @@ def test_the_rewrite_fuses_shared_inputs_and_keeps_what_it_must() -> None:
     logits, e = sess.run(None, {"x": x, "ids": np.array([1, 2])})
     np.testing.assert_array_equal(e, before["head"].T[[1, 2]])
     exact = ((x @ before["gate"]) * (x @ before["up"])) @ before["down"] @ before["head"]
-    assert np.linalg.norm(logits - exact) / np.linalg.norm(exact) < 0.05
+    assert np.linalg.norm(logits - exact) / np.linalg.norm(exact) < 0.02
 
     kept = mlp_model()
     assert rowquant_graph(kept, keep=("lm_head",)) == (3, 2)
     assert [n.name for n in kept.graph.node if n.op_type == "MatMul"] == ["lm_head/MatMul"]
 
 
+@pytest.mark.parametrize("method", [CANDIDATE_ROWQUANT, CANDIDATE_ROWQUANT_A16],
+                         ids=lambda m: m.name)
 def test_the_tiny_llama_alone_and_in_a_batch_of_16(random_llama_builder: tuple[Path, Path],
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, method: QuantMethod) -> None:
     """Quantized whole; close to fp32; and every request's greedy text is the same alone as in
     a continuous batch of 16 rows: every MatMul is the row-exact operator."""
     ckpt, src = random_llama_builder
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    out = quantize(src, tmp_path / "rq", CANDIDATE_ROWQUANT)
+    out = quantize(src, tmp_path / "rq", method)
     graph = onnx.load(str(out)).graph
     assert not any(n.op_type == "MatMul" for n in graph.node)
     fp32 = OrtEngine(src / "model.onnx", tok, 128, [0])

@@ -1,12 +1,13 @@
 """The ``rowquant`` family: every fp32 ``MatMul`` with a constant weight becomes greenroute's own
 ``RowQuantMatMul`` (``kernels/rowquant.cc``): int8 weights with one scale per output channel,
-each activation row quantized to int8 with its own scale inside the operator, exact int32
+each activation row quantized inside the operator with its own scale to ``levels`` (127: int8;
+up to 32767: int16, the finest that keeps ``levels x 127 x K`` within int32), exact int32
 sums. MatMuls that read the same activation (gate/up; the builder already fuses q/k/v) become
 one operator with one output each, so one quantization of the activation serves them.
 
 Everything the kernel would otherwise redo per call is done here, once: the weights are
-transposed to output-channel-major rows, padded to a multiple of 64 along K, and their row sums
-(the VNNI paths' offset correction) are stored beside them. ``keep`` names substrings of MatMul
+transposed to output-channel-major rows, padded along K to a multiple of 64, and their sums
+(the int8 VNNI paths' offset correction) are stored beside them. ``keep`` names substrings of MatMul
 node names that stay fp32 (e.g. ``lm_head``, to measure what quantizing the head costs).
 """
 
@@ -30,6 +31,19 @@ K_PAD = 64  # the kernel's K step (AVX-512: 64 int8 lanes)
 W_MAX = 127
 
 
+def padded(k: int) -> int:
+    """K padded for the kernel: to a multiple of 64."""
+    return -(-k // K_PAD) * K_PAD
+
+
+def levels_for(k: int, bits: int) -> int:
+    """The activations' largest quantized magnitude for ``bits`` (8: 127; 16: as fine as int16
+    and exact int32 sums over ``k`` allow: ``levels x 127 x Kp < 2^31``)."""
+    if bits <= 8:
+        return 127
+    return min(32767, ((1 << 31) - 1) // (W_MAX * padded(k)))
+
+
 def pack_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``w`` [K, N] fp32 to the kernel's inputs: ``(q int8 [N, Kp], scale fp32 [N], sums int32
     [N])`` with ``w[:, n] ≈ q[n, :K] * scale[n]`` (symmetric, all 8 bits) and ``q[:, K:] = 0``."""
@@ -37,25 +51,28 @@ def pack_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     amax = np.abs(w).max(axis=0)
     scale = np.where(amax > 0, amax / W_MAX, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale), -W_MAX, W_MAX).astype(np.int8).T
-    kp = -(-k // K_PAD) * K_PAD
-    packed = np.zeros((n, kp), np.int8)
+    packed = np.zeros((n, padded(k)), np.int8)
     packed[:, :k] = q
     return packed, scale, packed.astype(np.int32).sum(axis=1).astype(np.int32)
 
 
-def reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def reference(x: np.ndarray, packed: np.ndarray, scale: np.ndarray,
+              levels: int = 127) -> np.ndarray:
     """The operator in numpy, float op for float op (the tests hold the kernel to it exactly):
     ``x`` [..., K] fp32 → [..., N]."""
     k = x.shape[-1]
+    lv = np.float32(levels)
     m = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-8)).astype(np.float32)
-    q = np.rint(x * (np.float32(127.0) / m)).astype(np.int64)
+    q = np.rint(x * (lv / m)).astype(np.int64)
     acc = q @ packed[:, :k].astype(np.int64).T
-    sx = (m / np.float32(127.0)).astype(np.float32)
+    sx = (m / lv).astype(np.float32)
     return acc.astype(np.float32) * (sx * scale)
 
 
-def rowquant_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[int, int]:
-    """Rewrite ``model`` in place; returns (MatMuls now in a ``RowQuantMatMul``, operators)."""
+def rowquant_graph(model: onnx.ModelProto, keep: Iterable[str] = (),
+                   act_bits: int = 8) -> tuple[int, int]:
+    """Rewrite ``model`` in place (activations to 8 or up to 16 bits, :func:`levels_for`);
+    returns (MatMuls now in a ``RowQuantMatMul``, operators)."""
     from onnx import TensorProto, helper, numpy_helper
 
     keep = tuple(keep)
@@ -83,10 +100,11 @@ def rowquant_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[in
             numpy_helper.from_array(np.concatenate([p[0] for p in parts]), f"{base}/w"),
             numpy_helper.from_array(np.concatenate([p[1] for p in parts]), f"{base}/scale"),
             numpy_helper.from_array(np.concatenate([p[2] for p in parts]), f"{base}/sums")]
+        k = int(inits[nodes[0].input[1]].dims[0])
         fused = helper.make_node(
             OP_ROW_QUANT, [x, f"{base}/w", f"{base}/scale", f"{base}/sums"],
             [n.output[0] for n in nodes], name=f"{nodes[0].name}_rowquant", domain=DOMAIN,
-            splits=[int(p[0].shape[0]) for p in parts])
+            splits=[int(p[0].shape[0]) for p in parts], levels=levels_for(k, act_bits))
         replacement[nodes[0].output[0]] = [fused]
         for n in nodes[1:]:
             replacement[n.output[0]] = []
@@ -101,7 +119,8 @@ def rowquant_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[in
     return sum(len(n) for n in groups.values()), len(groups)
 
 
-def quantize_rowquant(src_dir: Path, dst_dir: Path, keep: Iterable[str] = ()) -> Path:
+def quantize_rowquant(src_dir: Path, dst_dir: Path, keep: Iterable[str] = (),
+                      act_bits: int = 8) -> Path:
     """Write the ``rowquant`` copy of ``src_dir/model.onnx`` to ``dst_dir``; returns its path."""
     import onnx
 
@@ -109,7 +128,7 @@ def quantize_rowquant(src_dir: Path, dst_dir: Path, keep: Iterable[str] = ()) ->
         shutil.rmtree(dst_dir)
     dst_dir.mkdir(parents=True)
     model = onnx.load(str(src_dir / ONNX_FILE))
-    rowquant_graph(model, keep)
+    rowquant_graph(model, keep, act_bits)
     dst = dst_dir / ONNX_FILE
     onnx.save(model, str(dst))
     copy_sidecars(src_dir, dst_dir)
