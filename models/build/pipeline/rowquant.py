@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.build.pipeline.export import ONNX_FILE, copy_sidecars
-from models.build.pipeline.repack import replace_matmuls
+from models.build.pipeline.repack import fp32_matmuls, replace_matmuls, unused_after
 from models.runtime.kernels import DOMAIN, OP_ROW_QUANT
 
 if TYPE_CHECKING:
@@ -73,21 +73,13 @@ def rowquant_graph(model: onnx.ModelProto, keep: Iterable[str] = (),
                    act_bits: int = 8) -> tuple[int, int]:
     """Rewrite ``model`` in place (activations to 8 or up to 16 bits, :func:`levels_for`);
     returns (MatMuls now in a ``RowQuantMatMul``, operators)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     keep = tuple(keep)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
     groups: dict[str, list[onnx.NodeProto]] = {}  # activation → its MatMuls, in graph order
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        w = inits.get(node.input[1])
-        if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
-            continue
-        if any(k in node.name for k in keep):
-            continue
+    for node in fp32_matmuls(graph, keep):
         groups.setdefault(node.input[0], []).append(node)
 
     replacement: dict[str, list[onnx.NodeProto]] = {}
@@ -110,10 +102,8 @@ def rowquant_graph(model: onnx.ModelProto, keep: Iterable[str] = (),
             replacement[n.output[0]] = []
         replaced_weights.update(n.input[1] for n in nodes)
 
-    still = {i for nd in graph.node
-             if not (nd.op_type == "MatMul" and nd.output[0] in replacement) for i in nd.input}
-    gone = {w for w in replaced_weights if w not in still and w not in outputs}  # tied Gather
-    replace_matmuls(graph, replacement, gone, new_inits)
+    replace_matmuls(graph, replacement, unused_after(graph, replacement, replaced_weights),
+                    new_inits)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return sum(len(n) for n in groups.values()), len(groups)

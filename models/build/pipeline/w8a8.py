@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.build.pipeline.export import ONNX_FILE, copy_sidecars
-from models.build.pipeline.repack import replace_matmuls
+from models.build.pipeline.repack import fp32_matmuls, replace_matmuls, unused_after
 
 if TYPE_CHECKING:
     import onnx
@@ -74,7 +74,6 @@ def w8a8_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[int, i
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
 
     new_inits = [
         numpy_helper.from_array(np.array(_EPS, np.float32), "w8a8.eps"),
@@ -88,7 +87,7 @@ def w8a8_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[int, i
     quantized: dict[str, tuple[str, str]] = {}  # activation → (uint8 rows, row scales)
     replacement: dict[str, list[onnx.NodeProto]] = {}
     done: dict[str, str] = {}  # weight → its int8 initializer's base name
-    n_q = n_kept = 0
+    n_q = 0
 
     def rows(x: str) -> tuple[tuple[str, str], list[onnx.NodeProto]]:
         if x in quantized:
@@ -114,17 +113,11 @@ def w8a8_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[int, i
         quantized[x] = (f"{b}/q", f"{b}/scale")
         return quantized[x], nodes
 
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        w = inits.get(node.input[1])
-        if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
-            continue
-        if any(k in node.name for k in keep):
-            n_kept += 1
-            continue
+    matmuls = fp32_matmuls(graph)
+    n_kept = len(matmuls) - len(chosen := fp32_matmuls(graph, keep))
+    for node in chosen:
         if node.input[1] not in done:
-            q, scale = quantize_weight(numpy_helper.to_array(w))
+            q, scale = quantize_weight(numpy_helper.to_array(inits[node.input[1]]))
             base = f"{node.input[1]}_w8"
             new_inits += [numpy_helper.from_array(q, base),
                           numpy_helper.from_array(scale, f"{base}_scale")]
@@ -144,10 +137,7 @@ def w8a8_graph(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[int, i
         replacement[o] = nodes
         n_q += 1
 
-    still = {i for nd in graph.node
-             if not (nd.op_type == "MatMul" and nd.output[0] in replacement) for i in nd.input}
-    gone = {w for w in done if w not in still and w not in outputs}  # a tied Gather keeps its copy
-    replace_matmuls(graph, replacement, gone, new_inits)
+    replace_matmuls(graph, replacement, unused_after(graph, replacement, set(done)), new_inits)
     return n_q, n_kept
 
 
