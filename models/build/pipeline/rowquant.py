@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.build.pipeline.export import ONNX_FILE, copy_sidecars
-from models.build.pipeline.repack import fp32_matmuls, replace_matmuls, unused_after
+from models.build.pipeline.rewrite import fp32_matmuls, replace_matmuls, unused_after
 from models.runtime.kernels import DOMAIN, OP_ROW_QUANT
 
 if TYPE_CHECKING:
