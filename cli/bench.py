@@ -14,7 +14,16 @@ from cli.main import ladder_path
 
 def _emit(figures: dict[str, Any], report: Callable[[dict[str, Any]], str],
           json_path: str | None) -> int:
-    """Print a benchmark's report; also write its figures as JSON when asked."""
+    """Print a benchmark's report under the machine it ran on (CPU model, the ISA flags that
+    pick kernels, onnxruntime's version); also write its figures, with the machine, as JSON
+    when asked."""
+    import onnxruntime
+
+    from models.runtime.host import cpu_name, isa_flags, isa_summary
+
+    figures.setdefault("host", {"cpu": cpu_name(), "isa_flags": isa_flags(),
+                                "onnxruntime": onnxruntime.__version__})
+    print(f"host: {isa_summary()}, onnxruntime {onnxruntime.__version__}")
     print(report(figures))
     if json_path:
         Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")

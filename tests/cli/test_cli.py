@@ -111,3 +111,24 @@ sys.exit(main({argv!r}))
     assert out.returncode == 2, out.stderr
     assert "has no build or benchmark code" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_every_benchmark_names_the_machine_it_ran_on(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The report's first line and the JSON carry the CPU, its ISA flags and onnxruntime's
+    version: figures from different CPUs are not comparable."""
+    import json
+
+    import onnxruntime
+
+    from cli.bench import _emit
+    from models.runtime.host import cpu_name, isa_flags
+
+    out = tmp_path / "figures.json"
+    assert _emit({"x": 1}, lambda f: f"x = {f['x']}", str(out)) == 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first.startswith(f"host: {cpu_name()}") and onnxruntime.__version__ in first
+    assert second == "x = 1"
+    host = json.loads(out.read_text())["host"]
+    assert host == {"cpu": cpu_name(), "isa_flags": isa_flags(),
+                    "onnxruntime": onnxruntime.__version__}
