@@ -15,12 +15,21 @@ import onnxruntime as ort
 DOMAIN = "greenroute"
 OP_ROW_QUANT = "RowQuantMatMul"
 LIBRARY_NAME = "libgreenroute_kernels.so"
+# the quantization methods (manifest names) whose graphs use our operators
+METHOD_PREFIX = "rowquant"
 _DEFAULT = Path(__file__).resolve().parents[2] / "kernels" / "build" / LIBRARY_NAME
 ENV_LIBRARY = "GREENROUTE_KERNELS_LIB"  # another build of the library (the image sets none)
 
 
 class KernelsMissingError(RuntimeError):
     """A graph needs greenroute's kernels and the library is not built."""
+
+
+def uses_kernels(quantization: str | None) -> bool:
+    """Whether a variant quantized by ``quantization`` (the manifest's method) needs the
+    library. onnxruntime-genai cannot load it (its sessions take custom operators only from
+    inside the model's directory), so such variants always run on our engine."""
+    return bool(quantization) and str(quantization).startswith(METHOD_PREFIX)
 
 
 def library_path() -> Path | None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from models.runtime import kernels
 from models.runtime.engine.base import Engine, VariantLoadError
 from models.runtime.engine.ort import shares_kv_buffer
 from models.runtime.manifest import Manifest, VariantInfo, onnx_bytes
@@ -52,6 +54,11 @@ def load_engine(ladder_dir: Path, manifest: Manifest, variant: VariantInfo, toke
     if runtime == "onnxruntime-genai":
         from models.runtime.engine.genai import GenaiEngine
 
+        if kernels.uses_kernels(variant.quantization):
+            raise VariantLoadError(f"{variant.name} runs greenroute's own operator "
+                                   f"({variant.quantization}), which onnxruntime-genai cannot "
+                                   "load: serve it with --runtime onnxruntime (or auto)")
+
         return GenaiEngine(vdir, tokenizer, manifest.context_length, manifest.eos_token_ids,
                            device=device)
     from models.runtime.engine.ort import OrtEngine
@@ -59,6 +66,18 @@ def load_engine(ladder_dir: Path, manifest: Manifest, variant: VariantInfo, toke
     return OrtEngine(vdir / variant.file, tokenizer, manifest.context_length,
                      manifest.eos_token_ids, device=device, threads=threads,
                      wide_threads=wide_threads, wide_from_rows=wide_from_rows)
+
+
+def runtime_for(requested: str, built: str, quantization: str | None,
+                shares_kv: Callable[[], bool]) -> str:
+    """The runtime a variant loads on: ``requested`` unless it is ``auto``, where our engine
+    takes the builder's shared-KV graphs (it batches them continuously; onnxruntime-genai's
+    Generator runs one sequence at a time on CPU, whatever its batch-1 race said) and every
+    graph on greenroute's own operator (genai cannot load it), and the build's choice
+    ``built`` the rest."""
+    if requested != "auto":
+        return requested
+    return "onnxruntime" if kernels.uses_kernels(quantization) or shares_kv() else built
 
 
 def load_ladder(
@@ -114,12 +133,8 @@ def load_ladder(
             ladder.failed[variant.name] = changed
             log.error("variant %s not loaded: %s", variant.name, changed)
             continue
-        chosen = runtime
-        if runtime == "auto":
-            # our engine batches the builder's shared-KV graphs continuously; onnxruntime-genai's
-            # Generator runs one sequence at a time on CPU, whatever its batch-1 race said
-            batches = shares_kv_buffer(ladder_dir / variant.dir)
-            chosen = "onnxruntime" if batches else manifest.runtime
+        chosen = runtime_for(runtime, manifest.runtime, variant.quantization,
+                             functools.partial(shares_kv_buffer, ladder_dir / variant.dir))
         try:
             own = (variant_threads or {}).get(variant.name, threads)
             engine = load_engine(ladder_dir, manifest, variant, tokenizer, chosen, device, own,

@@ -24,7 +24,8 @@ def test_our_rungs_are_measured_and_the_missing_peer_is_said(tiny_ladder: Path) 
     assert f["skipped"] and "GREENROUTE_LLAMA_SERVER" in f["skipped"]
     for n in ("1", "2"):
         engines = f["medians"][n]
-        int8 = {"ours int8", "ours int8 (served)", "ours int8 (served, no wide session)"}
+        int8 = {f"ours {v}{label}" for v in ("int8", "distilled-int8")  # the tiny ladder has both
+                for label in ("", " (served)", " (served, no wide session)")}
         assert {"ours full"} | int8 <= set(engines)
         assert {e for e in engines if "int8" in e} == int8
         for name, m in engines.items():
@@ -35,3 +36,4 @@ def test_our_rungs_are_measured_and_the_missing_peer_is_said(tiny_ladder: Path) 
     text = report(f)
     assert "llama-server not measured" in text and "ours int8 / ours full" in text
     assert "ours int8 (served) / ours full" in text
+    assert "ours distilled-int8 / ours full" in text  # no llama.cpp pair, measured beside

@@ -256,12 +256,39 @@ def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "onnxruntime-genai"])
 def test_every_variant_generates(tiny_ladder: Path, runtime: str) -> None:
+    """Under either runtime; but onnxruntime-genai cannot load greenroute's own operator, so a
+    variant the race put on it fails there with a message that says what to run instead
+    (under ``auto`` it runs on our engine: test_auto_runs_our_operator_on_our_engine)."""
+    from models.runtime import kernels
+    from models.runtime.manifest import Manifest
+
+    ours = {n for n, v in Manifest.load(tiny_ladder).variants.items()
+            if kernels.uses_kernels(v.quantization)}
     loaded = load_ladder(tiny_ladder, runtime=runtime)
-    assert not loaded.failed
+    if runtime == "onnxruntime-genai":
+        assert set(loaded.failed) == ours
+        assert all("--runtime onnxruntime" in why for why in loaded.failed.values())
+    else:
+        assert not loaded.failed
     for engine in loaded.engines.values():
         assert engine.runtime == runtime
         out = engine.generate(PROMPT, GenerationParams(max_new_tokens=5, ignore_eos=True))
         assert len(out.token_ids) == 5
+
+
+@pytest.mark.parametrize(("requested", "quantization", "shares_kv", "want"), [
+    ("auto", "rowquant-int8-a16", False, "onnxruntime"),  # genai cannot load our operator
+    ("auto", "matmulnbits-int8-block64", False, "onnxruntime-genai"),  # the build's choice
+    ("auto", "matmulnbits-int8-block64", True, "onnxruntime"),  # ours batches shared KV
+    ("auto", None, False, "onnxruntime-genai"),
+    ("onnxruntime-genai", "rowquant-int8", False, "onnxruntime-genai"),  # asked: fails clearly
+    ("onnxruntime", None, False, "onnxruntime"),
+])
+def test_auto_runs_our_operator_on_our_engine(requested: str, quantization: str | None,
+                                              shares_kv: bool, want: str) -> None:
+    from models.runtime.ladder import runtime_for
+
+    assert runtime_for(requested, "onnxruntime-genai", quantization, lambda: shares_kv) == want
 
 
 def test_a_session_cannot_leave_the_process_pool(monkeypatch: pytest.MonkeyPatch) -> None:

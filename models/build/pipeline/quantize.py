@@ -54,6 +54,7 @@ CANDIDATE_W8A8_KEEP_DOWN = QuantMethod("w8a8-rowwise-int8-fp32-down", "w8a8", 8,
 # activations per row at 8 bits (the VNNI paths' fastest; on SmolLM2-135M quality 0.968) or as
 # fine as int16 allows (free on AVX2, where both widen to int16), the tied LM head (a fifth of
 # the weight bytes) quantized too or kept fp32. Raced only where kernels/ is built.
+# (names start with models.runtime.kernels.METHOD_PREFIX: the loader runs them on our engine)
 CANDIDATE_ROWQUANT = QuantMethod("rowquant-int8", "rowquant", 8, 0, None)
 CANDIDATE_ROWQUANT_A16 = QuantMethod("rowquant-int8-a16", "rowquant", 8, 0, None, act_bits=16)
 CANDIDATE_ROWQUANT_A16_FP32_HEAD = QuantMethod("rowquant-int8-a16-fp32-head", "rowquant", 8, 0,
