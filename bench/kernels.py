@@ -27,7 +27,6 @@ from models.runtime import kernels
 from models.runtime.host import cpu_name, isa_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("fp32", "nbits8", "rowquant", "rowquant-a16")
 
 
 def _sessions(k: int, n: int, threads: int) -> dict[str, Any]:

@@ -354,13 +354,17 @@ struct Job {
   const float* sw;
   const int32_t* wsum;
   int64_t m, kp;
-  struct Block { float* y; int64_t ldy, col, cols, first; };
-  std::vector<Block> blocks;  // one parallel task each: columns of one output
+  // one parallel task each: columns [col, col + cols) of W, in output `out` (whose first
+  // column is W's `first` and whose rows are `ldy` wide); fixed per node, laid out once
+  struct Block { int64_t out, ldy, col, cols, first; };
+  const std::vector<Block>* blocks;
+  float* const* y;  // this call's outputs
 };
 
 void RunBlock(void* data, size_t index) {
   const Job& job = *static_cast<const Job*>(data);
-  const Job::Block& blk = job.blocks[index];
+  const Job::Block& blk = (*job.blocks)[index];
+  float* const y = job.y[blk.out];
   int32_t acc[16];
   for (int64_t r0 = 0; r0 < job.m; r0 += 4) {
     const int rows = static_cast<int>(std::min<int64_t>(4, job.m - r0));
@@ -375,7 +379,7 @@ void RunBlock(void* data, size_t index) {
         TileScalar(q, job.kp, w, rows, cols, acc);
       }
       for (int i = 0; i < rows; ++i) {
-        float* yr = blk.y + (r0 + i) * blk.ldy + (c - blk.first);
+        float* yr = y + (r0 + i) * blk.ldy + (c - blk.first);
         const float sx = job.sx[r0 + i];
         for (int j = 0; j < cols; ++j) {
           const int32_t s = acc[i * cols + j] - (job.offset ? 128 * job.wsum[c + j] : 0);
@@ -433,20 +437,20 @@ struct RowQuantKernel {
     job.w = w.GetTensorData<int8_t>();
     job.sw = sw.GetTensorData<float>();
     job.wsum = wsum.GetTensorData<int32_t>();
-    int64_t first = 0;
-    for (size_t o = 0; o < splits.size(); ++o) {
-      std::vector<int64_t> shape(xs.begin(), xs.end());
-      shape.back() = splits[o];
-      float* y = ctx.GetOutput(o, shape).GetTensorMutableData<float>();
-      for (int64_t c = 0; c < splits[o]; c += kBlockCols)
-        job.blocks.push_back({y, splits[o], first + c, std::min(kBlockCols, splits[o] - c), first});
-      first += splits[o];
-    }
-    if (m == 0) return;
-
     // scratch per calling thread: a session may run on several threads at once
     thread_local std::vector<uint8_t> q;
     thread_local std::vector<float> sx;
+    thread_local std::vector<float*> ys;
+    ys.resize(splits.size());
+    std::vector<int64_t> shape(xs.begin(), xs.end());
+    for (size_t o = 0; o < splits.size(); ++o) {
+      shape.back() = splits[o];
+      ys[o] = ctx.GetOutput(o, shape).GetTensorMutableData<float>();
+    }
+    job.y = ys.data();
+    job.blocks = &BlocksFor(splits);
+    if (m == 0) return;
+
     job.row_bytes = static_cast<size_t>(kp) * ElementBytes(layout_);
     q.resize(static_cast<size_t>(m) * job.row_bytes);
     sx.resize(static_cast<size_t>(m));
@@ -458,16 +462,34 @@ struct RowQuantKernel {
     }
     job.q = q.data();
     job.sx = sx.data();
-    Ort::ThrowOnError(api_.KernelContext_ParallelFor(context, RunBlock, job.blocks.size(), 0, &job));
+    Ort::ThrowOnError(
+        api_.KernelContext_ParallelFor(context, RunBlock, job.blocks->size(), 0, &job));
   }
 
  private:
+  // The node's column blocks: its weights (and so its splits) never change, so they are laid
+  // out on the first call and reused by every later one.
+  const std::vector<Job::Block>& BlocksFor(const std::vector<int64_t>& splits) {
+    std::call_once(blocks_once_, [&] {
+      int64_t first = 0;
+      for (size_t o = 0; o < splits.size(); ++o) {
+        for (int64_t c = 0; c < splits[o]; c += kBlockCols)
+          blocks_.push_back({static_cast<int64_t>(o), splits[o], first + c,
+                             std::min(kBlockCols, splits[o] - c), first});
+        first += splits[o];
+      }
+    });
+    return blocks_;
+  }
+
   const OrtApi& api_;
   std::vector<int64_t> splits_;
   int64_t levels_ = 127;  // the activations' largest quantized magnitude
   Isa isa_;
   Layout layout_;
   Tiles tiles_;
+  std::once_flag blocks_once_;
+  std::vector<Job::Block> blocks_;
 };
 
 struct RowQuantOp : Ort::CustomOpBase<RowQuantOp, RowQuantKernel> {

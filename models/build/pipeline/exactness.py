@@ -32,6 +32,7 @@ from models.runtime import kernels
 
 if TYPE_CHECKING:
     import onnx
+    import onnxruntime as ort
 
     from models.runtime.engine.ort import OrtEngine
 
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 # copy (4-bit, block 128, quality 0.65) 0.53, the per-tensor dynamic copy 0.61, 8-bit blocks
 # 0.92-0.95 (docs/ladder.md).
 MIN_TOP1_AGREEMENT = 0.35
-PROBE_ROWS = 4  # adversarial activation rows per MatMulInteger
 
 
 def _const(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
@@ -50,7 +50,7 @@ def _const(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
 
 
 def _probe_rows(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [PROBE_ROWS, K] rows that push an integer dot product to its extremes."""
+    """Four uint8 [K] rows that push an integer dot product to its extremes."""
     k = w.shape[0]
     return np.stack([np.full(k, 255, np.uint8), np.zeros(k, np.uint8),
                      np.where(w[:, 0] > 0, 255, 0).astype(np.uint8),
@@ -80,13 +80,15 @@ def integer_kernel_errors(model: onnx.ModelProto | Path, limit: int = 3) -> list
         model = onnx.load(str(model))
     inits = {t.name: t for t in model.graph.initializer}
     rng = np.random.default_rng(0)
-    opts = ort.SessionOptions()
+    opts = ort.SessionOptions()  # one probe session a node, all on these options
     opts.intra_op_num_threads = 1
+    if any(n.domain == kernels.DOMAIN for n in model.graph.node):
+        kernels.require(opts, "the candidate's graph")
     errors: list[str] = []
     seen: set[str] = set()
     for node in model.graph.node:
         if node.op_type == kernels.OP_ROW_QUANT and node.domain == kernels.DOMAIN:
-            error = _row_quant_error(node, inits, rng)
+            error = _row_quant_error(node, inits, rng, opts)
             if error:
                 errors.append(error)
             if len(errors) >= limit:
@@ -118,7 +120,7 @@ def integer_kernel_errors(model: onnx.ModelProto | Path, limit: int = 3) -> list
 
 
 def _row_quant_error(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
-                     rng: np.random.Generator) -> str | None:
+                     rng: np.random.Generator, opts: ort.SessionOptions) -> str | None:
     """greenroute's ``RowQuantMatMul`` run alone, with its real weights, on rows that push its
     sums to their extremes, against its numpy reference bit for bit."""
     import onnxruntime as ort
@@ -143,9 +145,6 @@ def _row_quant_error(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], used)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid(kernels.DOMAIN, 1)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    kernels.require(opts, node.name)
     got = np.concatenate(ort.InferenceSession(model.SerializeToString(), opts,
                                               providers=["CPUExecutionProvider"]
                                               ).run(None, {"x": x}), axis=-1)

@@ -4,8 +4,9 @@ Four families, chosen between by measurement in :mod:`models.build.pipeline.ladd
 ``dynamic-int8`` (``MatMulInteger`` with activations quantized at run time, one scale per
 tensor), ``w8a8`` (the same kernel with one activation scale per row), weight-only
 ``MatMulNBits`` (block-wise int8/int4 weights; compute in int8 with ``accuracy_level=4``) and
-``rowquant``, greenroute's own operator (``kernels/``: per-row int8 activations inside the
-operator, exact int32 sums on AVX2 and VNNI), raced where its library is built.
+``rowquant``, greenroute's own operator (``kernels/``: activations quantized per row inside the
+operator to 8 or up to 16 bits, exact int32 sums on AVX2 and VNNI), raced where its library is
+built.
 """
 
 from __future__ import annotations

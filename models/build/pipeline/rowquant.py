@@ -22,13 +22,14 @@ import numpy as np
 
 from models.build.pipeline.export import ONNX_FILE, copy_sidecars
 from models.build.pipeline.rewrite import fp32_matmuls, replace_matmuls, unused_after
+from models.build.pipeline.w8a8 import quantize_weight
 from models.runtime.kernels import DOMAIN, OP_ROW_QUANT
 
 if TYPE_CHECKING:
     import onnx
 
 K_PAD = 64  # the kernel's K step (AVX-512: 64 int8 lanes)
-W_MAX = 127
+W_MAX = 127  # all 8 bits: our kernels cannot saturate (unlike w8a8's 7)
 
 
 def padded(k: int) -> int:
@@ -48,11 +49,9 @@ def pack_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``w`` [K, N] fp32 to the kernel's inputs: ``(q int8 [N, Kp], scale fp32 [N], sums int32
     [N])`` with ``w[:, n] ≈ q[n, :K] * scale[n]`` (symmetric, all 8 bits) and ``q[:, K:] = 0``."""
     k, n = w.shape
-    amax = np.abs(w).max(axis=0)
-    scale = np.where(amax > 0, amax / W_MAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -W_MAX, W_MAX).astype(np.int8).T
+    q, scale = quantize_weight(w, W_MAX)
     packed = np.zeros((n, padded(k)), np.int8)
-    packed[:, :k] = q
+    packed[:, :k] = q.T
     return packed, scale, packed.astype(np.int32).sum(axis=1).astype(np.int32)
 
 

@@ -48,13 +48,13 @@ _EPS = 1e-8
 W_MAX = 63  # weights use 7 bits: exact on AVX2's saturating u8 x s8 pairs (module doc)
 
 
-def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output column of ``w`` [K, N] within ±:data:`W_MAX`:
+def quantize_weight(w: np.ndarray, w_max: int = W_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column of ``w`` [K, N] within ±``w_max``:
     ``(q int8 [K, N], scale fp32 [N])`` with ``w ≈ q * scale``; an all-zero column gets scale 1
     (its q are 0)."""
     amax = np.abs(w).max(axis=0)
-    scale = np.where(amax > 0, amax / W_MAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -W_MAX, W_MAX).astype(np.int8)
+    scale = np.where(amax > 0, amax / w_max, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -w_max, w_max).astype(np.int8)
     return q, scale
 
 
