@@ -47,7 +47,16 @@ $(KERNELS_LIB): kernels/rowquant.cc kernels/fetch-ort-headers.sh
 	  && echo "built $@"; \
 	else echo "greenroute kernels not built (no $(CXX) or no onnxruntime headers): the ladder uses onnxruntime's operators only"; fi
 
-kernels: $(KERNELS_LIB)
+# kernels/avx2only.c: hides every x86 extension above AVX2 + FMA from CPUID (where the CPU has
+# CPUID faulting), so AVX2 code paths can be measured natively on a bigger CPU: kernels/avx2only CMD
+AVX2ONLY_LIB := kernels/build/libavx2only.so
+CC ?= cc
+$(AVX2ONLY_LIB): kernels/avx2only.c
+	@mkdir -p kernels/build
+	@if command -v $(CC) >/dev/null; then $(CC) -O2 -fPIC -shared -Wall -Wextra -o $@ $< \
+	  && echo "built $@"; else echo "kernels/avx2only not built (no $(CC))"; fi
+
+kernels: $(KERNELS_LIB) $(AVX2ONLY_LIB)
 
 ## build the default ladder if missing or stale (skipped when up to date)
 build: $(VENV)/.installed-build $(BUILDER_VENV)/.installed kernels

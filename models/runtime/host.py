@@ -4,6 +4,7 @@ onnxruntime (and greenroute's own) run. Every benchmark table and the manifest r
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -31,12 +32,34 @@ def cpu_name() -> str:
     return _cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
-def isa_flags() -> list[str]:
-    """Those of :data:`ISA_FLAGS` this CPU has (empty off x86 or without /proc/cpuinfo)."""
+# kernels/avx2only.c (loaded with LD_PRELOAD) hides every extension above AVX2 + FMA from CPUID
+# and says so in this variable; code in this process then runs its AVX2 paths.
+AVX2_ONLY = ("avx2", "fma")
+
+
+def cpuid_masked() -> bool:
+    """Whether kernels/avx2only hides this CPU's extensions above AVX2 from this process."""
+    return (os.environ.get("GREENROUTE_CPUID_MASK") == "avx2"
+            and "avx2only" in os.environ.get("LD_PRELOAD", ""))
+
+
+def _proc_flags() -> list[str]:
     have = set(_cpuinfo().get("flags", "").split())
     return [f for f in ISA_FLAGS if f in have]
 
 
+def isa_flags() -> list[str]:
+    """Those of :data:`ISA_FLAGS` code in this process sees (empty off x86 or without
+    /proc/cpuinfo): the CPU's, less those a CPUID mask hides."""
+    flags = _proc_flags()
+    return [f for f in flags if f in AVX2_ONLY] if cpuid_masked() else flags
+
+
 def isa_summary() -> str:
-    """One line for a table's caption or a test header: ``NAME (avx2 fma ...)``."""
-    return f"{cpu_name()} ({' '.join(isa_flags()) or 'no x86 SIMD flags read'})"
+    """One line for a table's caption or a test header: ``NAME (avx2 fma ...)``, naming the
+    flags a CPUID mask hides."""
+    seen = " ".join(isa_flags()) or "no x86 SIMD flags read"
+    hidden = [f for f in _proc_flags() if f not in isa_flags()]
+    if hidden:
+        seen += f"; {' '.join(hidden)} hidden by the avx2only CPUID mask"
+    return f"{cpu_name()} ({seen})"

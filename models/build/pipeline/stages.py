@@ -40,7 +40,7 @@ from models.runtime.calibrate import calibrate_many, measure_wide_many
 from models.runtime.chat import ChatTemplate
 from models.runtime.engine.base import Engine
 from models.runtime.engine.ort import OrtEngine
-from models.runtime.host import cpu_name, isa_flags
+from models.runtime.host import cpu_name, cpuid_masked, isa_flags
 from models.runtime.manifest import Calibration, Manifest, VariantInfo
 
 # A race's speed is the geometric mean of a candidate's decode tokens/s with one row and with
@@ -331,7 +331,9 @@ def make_manifest(b: Build, key: str, sources: dict[str, Any],
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         host={"machine": platform.machine(), "processor": cpu_name(), "isa": isa_flags(),
               "cpu_count": os.cpu_count(), "threads": b.opts.threads,
-              "onnxruntime": onnxruntime.__version__},
+              "onnxruntime": onnxruntime.__version__,
+              # built under kernels/avx2only: "isa" is what the build's code saw
+              **({"cpuid_mask": "avx2"} if cpuid_masked() else {})},
         tokenizer=b.tokenizer_file.name, context_length=b.context, eos_token_ids=b.eos,
         runtime=b.runtime_choice["chosen"], runtime_choice=b.runtime_choice,
         quantization_choice=b.quant_choice,
