@@ -205,6 +205,9 @@ class VariantList(BaseModel):
     power_watts: float
     power_capped: bool
     energy_meter: EnergyMeterOut
+    # per max_tokens class (rounded up to a power of two): the share of it answers used, which
+    # energy is priced over (latency keeps the bound); empty until answers have ended
+    answer_lengths: dict[str, dict[str, float | int]] = {}
 
 
 class Health(BaseModel):

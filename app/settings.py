@@ -59,9 +59,11 @@ class Settings(BaseSettings):
                                       "scheduling turn, between steps (at least one request)")
     queue_size: int = Field(8, ge=1, description="requests waiting for a row per lane before "
                             "429")
-    speculate_below_rows: int = Field(1, ge=0, description="the speculative rung is offered "
-                                      "only while fewer rows than this run on the device "
-                                      "(0: never); under load full's batch is cheaper")
+    speculate_below_rows: int | None = Field(None, ge=0, description="unset: the speculative "
+                                             "rung is always offered, priced by its measured "
+                                             "steps like every rung (its rounds batch); N: "
+                                             "only while fewer rows than N run on the device "
+                                             "(0: never)")
     request_timeout_s: float = Field(120.0, gt=0)
     exit_on_lane_failure: bool = Field(True, description="end the process (SIGTERM to itself) "
                                        "when the device lane dies, for its supervisor to "

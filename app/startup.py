@@ -17,7 +17,7 @@ from app.service import GenerationService
 from app.settings import Settings
 from models.runtime.calibrate import CALIBRATION_PROMPT, calibrate, measure_step_widths
 from models.runtime.chat import TOKENIZER_CONFIG, ChatTemplate
-from models.runtime.host import cpu_name
+from models.runtime.host import cpu_name, isa_flags
 from models.runtime.ladder import LoadedLadder, load_ladder
 from routing.cost import CostModel
 from routing.router import Router
@@ -166,9 +166,10 @@ def seed_costs(ladder: LoadedLadder, meter: EnergyMeter,
                max_batch: int = 16) -> dict[str, CostModel]:
     """Start-up calibration: a short measured run per loaded variant gives its watts (and its
     per-token times when this host is not the one the manifest was calibrated on), and its
-    step time at a few batch widths seeds the router's step table."""
+    step time and power at a few batch widths seed the router's step and power tables."""
     host_matches = (ladder.manifest.host.get("processor") == cpu_name()
-                    and ladder.manifest.host.get("cpu_count") == os.cpu_count())
+                    and ladder.manifest.host.get("cpu_count") == os.cpu_count()
+                    and ladder.manifest.host.get("isa", isa_flags()) == isa_flags())
     costs: dict[str, CostModel] = {}
     for name, engine in ladder.engines.items():
         prompt = engine.encode(CALIBRATION_PROMPT)
@@ -180,11 +181,14 @@ def seed_costs(ladder: LoadedLadder, meter: EnergyMeter,
         if (not host_matches or cal is None
                 or (threads is not None and cal.threads != threads)):
             cal = measured
-        widths = measure_step_widths(engine, prompt, max_batch=max_batch)
+        widths = measure_step_widths(engine, prompt, max_batch=max_batch, meter=meter)
         costs[name] = CostModel(cal.prefill_ms_per_token, cal.decode_ms_per_token,
                                 watts=max(reading.avg_watts, 1e-3),
                                 # rows that share no forward cost a whole step each
                                 step_ms_per_row=cal.decode_ms_per_token,
-                                widths=widths,
+                                widths=widths.ms if widths else None,
+                                watts_widths={w: max(x, 1e-3) for w, x in widths.watts.items()}
+                                if widths else None,
+                                prefill_watts=max(reading.avg_watts, 1e-3),
                                 max_rows=max_batch)
     return costs

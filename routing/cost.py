@@ -14,8 +14,16 @@ It is learnt only from such steps, and the table only from steps that followed t
 variant, so interleaving under load never inflates the per-token time: the cost of switching
 is priced separately, on the decision that causes it (see :mod:`routing.timeline`).
 
-A prefill of ``n`` prompt tokens takes ``step_ms(1) + prefill_ms_per_token × n``. No I/O, no
-clock.
+A prefill of ``n`` prompt tokens takes ``step_ms(1) + prefill_ms_per_token × n``.
+
+Power is priced per width too: ``watts_at(rows)`` is a second table, the device's average power
+while a step of that width runs. One number per variant is wrong wherever a variant's wide
+steps run on another session than its narrow ones (the quantized rungs step on a one-thread
+session below a few rows and a two-thread one above: the wide steps draw about twice the
+power), and a router believing the narrow figure sends load to the rung whose wide steps cost
+the most. The table is seeded from measured energy at a few widths (start-up), and each step's
+measured energy is attributed to that step (``observe_energy``), moving its width's entry;
+prefills have their own power (``prefill_watts``). No I/O, no clock.
 """
 
 from __future__ import annotations
@@ -40,7 +48,10 @@ class CostModel:
     observations: int = 0  # steps and prefills folded in
     widths: Mapping[int, float] | None = None  # measured step ms by width (a calibration)
     max_rows: int = 64  # widths the table holds (wider: extrapolated)
+    watts_widths: Mapping[int, float] | None = None  # measured power by width (a calibration)
+    prefill_watts: float = -1.0  # < 0: the one-row step's
     _table: np.ndarray = field(init=False, repr=False)
+    _watts: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.step_ms_per_row < 0:
@@ -57,6 +68,13 @@ class CostModel:
         # index 0: no rows, no step
         self._table = np.maximum.accumulate(np.concatenate(([0.0], table)))
         self.decode_ms_per_token = float(self._table[1])
+        # power by width: linear between measured widths, flat beyond them
+        power = {1: self.watts, **dict(self.watts_widths or {})}
+        px = sorted(w for w in power if 1 <= w <= self.max_rows)
+        self._watts = np.concatenate(([0.0], np.interp(grid, px, [power[w] for w in px])))
+        self.watts = float(self._watts[1])
+        if self.prefill_watts < 0:
+            self.prefill_watts = self.watts
 
     # -- predictions ------------------------------------------------------------------------
     def _slope(self) -> float:
@@ -78,6 +96,20 @@ class CostModel:
         inside = self._table[np.minimum(rows, last)]
         return np.where(rows <= last, inside,
                         self._table[last] + self._slope() * (rows - last))
+
+    def watts_at(self, rows: int) -> float:
+        """The device's power while a step of ``rows`` rows runs (wider than the table: its
+        widest entry)."""
+        return float(self._watts[min(max(rows, 1), len(self._watts) - 1)])
+
+    def watts_many(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`watts_at` of every entry of an integer array (0 rows: 0 W)."""
+        last = len(self._watts) - 1
+        return np.where(rows > 0, self._watts[np.clip(rows, 1, last)], 0.0)
+
+    def step_mj(self, rows: int) -> float:
+        """The energy of one step of ``rows`` rows (millijoules)."""
+        return self.step_ms(rows) * self.watts_at(rows)
 
     def prefill_ms(self, prompt_tokens: int) -> float:
         return self.decode_ms_per_token + self.prefill_ms_per_token * prompt_tokens
@@ -120,17 +152,28 @@ class CostModel:
         self.prefill_ms_per_token += self.alpha * (per_token - self.prefill_ms_per_token)
         self.observations += 1
 
-    def observe_power(self, joules: float, seconds: float) -> None:
-        """The device drew ``joules`` over ``seconds`` while only this variant ran."""
-        if seconds > 0 and joules >= 0:
-            self.watts += self.alpha * (joules / seconds - self.watts)
+    def observe_energy(self, width: int, joules: float, seconds: float) -> None:
+        """A step of ``width`` rows (0: a prefill) took ``seconds`` and the device spent
+        ``joules`` on it: its power moves that width's entry."""
+        if seconds <= 0 or joules < 0:
+            return
+        w = joules / seconds
+        if width < 1:
+            self.prefill_watts += self.alpha * (w - self.prefill_watts)
+            return
+        t = self._watts
+        if width >= len(t):  # grow to it, as the step table does
+            t = self._watts = np.concatenate((t, np.full(width + 1 - len(t), t[-1])))
+        t[width] += self.alpha * (w - t[width])
+        self.watts = float(t[1])
 
     def copy(self) -> CostModel:
         """An independent snapshot (the router decides on copies, outside its lock)."""
         out = CostModel(self.prefill_ms_per_token, self.decode_ms_per_token, self.watts,
                         self.step_ms_per_row, self.overhead_ms, self.switch_ms, self.alpha,
-                        self.observations, None, self.max_rows)
+                        self.observations, None, self.max_rows, None, self.prefill_watts)
         out._table = self._table.copy()
+        out._watts = self._watts.copy()
         return out
 
     def as_dict(self) -> dict[str, float | int | list[float]]:
@@ -138,4 +181,7 @@ class CostModel:
                 "decode_ms_per_token": self.decode_ms_per_token,
                 "step_ms_per_row": self._slope(), "switch_ms": self.switch_ms,
                 "step_ms_by_rows": self.table(16), "watts": self.watts,
+                "watts_by_rows": [round(self.watts_at(w), 3) for w in range(1, 17)],
+                "step_mj_by_rows": [round(self.step_mj(w), 3) for w in range(1, 17)],
+                "prefill_watts": self.prefill_watts,
                 "overhead_ms": self.overhead_ms, "observations": self.observations}

@@ -21,7 +21,7 @@ not an improvement.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from routing.cost import CostModel
@@ -95,15 +95,26 @@ def offered(v: VariantState, floor: float) -> bool:
 
 
 def evaluate(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
-             new_tokens: int, load: Mapping[str, Load] | None = None) -> list[Candidate]:
+             new_tokens: int, load: Mapping[str, Load] | None = None,
+             expected_tokens: int | None = None) -> list[Candidate]:
     """Every variant's lifetime predictions under ``load`` (default: an idle device) and
-    whether (and why not) it is eligible."""
+    whether (and why not) it is eligible. Latency (and the energy cap) on the bounds
+    (``new_tokens``, each row's tokens left); the joules minimised and reported over the
+    expected lengths (``expected_tokens``, each row's ``Load.expected``) where known."""
     load = load or {}
-    timeline = Timeline({v.name: v.cost for v in variants}, load, new_tokens)
+    costs = {v.name: v.cost for v in variants}
+    timeline = Timeline(costs, load, new_tokens)
+    expected = expected_tokens or new_tokens
+    energy = (Timeline(costs, load, expected, expected=True)
+              if expected != new_tokens or any(lo.expected for lo in load.values())
+              else timeline)
     out = []
     for v in variants:
         lo = load.get(v.name, Load())
-        p = timeline.price(v.name, prompt_tokens, new_tokens, lo.queue_wait_ms)
+        bound = timeline.price(v.name, prompt_tokens, new_tokens, lo.queue_wait_ms)
+        likely = (energy.price(v.name, prompt_tokens, expected, lo.queue_wait_ms)
+                  if energy is not timeline else bound)
+        p = replace(bound, marginal_joules=likely.marginal_joules)
         if not v.available:
             why = "unavailable"
         elif not meets_floor(v, budget.min_quality):
@@ -118,7 +129,7 @@ def evaluate(variants: Sequence[VariantState], budget: Budget, prompt_tokens: in
             why = "would_make_running_rows_late"
         else:
             why = "ok"
-        out.append(Candidate(v.name, v.quality, p.latency_ms, p.attributed_joules,
+        out.append(Candidate(v.name, v.quality, p.latency_ms, likely.attributed_joules,
                              p.marginal_joules, lo.occupancy, p.rows_made_late, p.delay_ms,
                              why == "ok", why))
     return out
@@ -146,9 +157,10 @@ def best_effort(cands: Sequence[Candidate]) -> Candidate:
 def decide(variants: Sequence[VariantState], budget: Budget, prompt_tokens: int,
            new_tokens: int, pinned: str | None = None,
            on_infeasible: OnInfeasible = "best_effort", power_capped: bool = False,
-           load: Mapping[str, Load] | None = None) -> Decision:
+           load: Mapping[str, Load] | None = None,
+           expected_tokens: int | None = None) -> Decision:
     """Choose the variant for one request (pure; well under a millisecond)."""
-    cands = evaluate(variants, budget, prompt_tokens, new_tokens, load)
+    cands = evaluate(variants, budget, prompt_tokens, new_tokens, load, expected_tokens)
     by_name = {c.variant: c for c in cands}
     if pinned is not None:
         c = by_name[pinned]

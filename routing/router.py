@@ -9,6 +9,7 @@ import threading
 from collections.abc import Collection, Mapping
 
 from routing.cost import CostModel
+from routing.lengths import LengthModel
 from routing.policy import Budget, Decision, OnInfeasible, VariantState, decide
 from routing.timeline import Load
 
@@ -21,16 +22,16 @@ class Router:
     def __init__(self, qualities: Mapping[str, float], costs: Mapping[str, CostModel],
                  reference: str | Collection[str] = "full",
                  on_infeasible: OnInfeasible = "best_effort",
-                 speculative: Collection[str] = (), speculate_below_rows: int = 1) -> None:
+                 speculative: Collection[str] = (),
+                 speculate_below_rows: int | None = None) -> None:
         """``reference``: the variant(s) that give the reference model's exact output (full,
         and a speculative rung): the only ones a quality floor of 1.0 accepts.
 
-        ``speculative``: rungs that buy speed with spare compute (a draft's tokens verified
-        in one pass of the target, row by row). They are offered only while fewer than
-        ``speculate_below_rows`` rows run on the device: under load the target's continuous
-        batch serves a new row for a fraction of a step, while a speculative row pays whole
-        draft and verify passes and holds up every other row's step (vLLM turns speculation
-        off by batch size for the same reason)."""
+        ``speculative``: rungs that buy speed with spare compute (drafts verified by the
+        target). Their rounds batch across rows, so they are priced like every rung, by their
+        measured step table and power per width. ``speculate_below_rows`` (None: no limit)
+        offers them only while fewer rows than that run on the device, for hosts where an
+        operator measured that speculation does not pay under load (0: never)."""
         self._lock = threading.Lock()
         self._quality = dict(qualities)
         self._costs = dict(costs)
@@ -38,12 +39,14 @@ class Router:
         self.on_infeasible: OnInfeasible = on_infeasible
         self._speculative = set(speculative)
         self.speculate_below_rows = speculate_below_rows
+        self._lengths = LengthModel()
 
     def states(self, available: set[str], load: Mapping[str, Load]) -> list[VariantState]:
         """Each variant's profile now (copies: deciding needs no lock)."""
         with self._lock:
             costs = {name: cost.copy() for name, cost in self._costs.items()}
-        busy = sum(lo.occupancy for lo in load.values()) >= self.speculate_below_rows
+        limit = self.speculate_below_rows
+        busy = limit is not None and sum(lo.occupancy for lo in load.values()) >= limit
         return [VariantState(name, self._quality[name], cost, name in available,
                              name in self._reference,
                              paused=busy and name in self._speculative)
@@ -52,9 +55,24 @@ class Router:
     def decide(self, budget: Budget, prompt_tokens: int, new_tokens: int, available: set[str],
                load: Mapping[str, Load], pinned: str | None = None,
                power_capped: bool = False) -> Decision:
-        """``load``: per variant, its rows now (a variant missing from it is idle)."""
+        """``load``: per variant, its rows now (a variant missing from it is idle).
+        ``new_tokens`` is the request's bound; its energy is priced over its expected
+        length (:mod:`routing.lengths`)."""
+        with self._lock:
+            expected = self._lengths.expected(new_tokens)
         return decide(self.states(available, load), budget, prompt_tokens, new_tokens,
-                      pinned, self.on_infeasible, power_capped, load)
+                      pinned, self.on_infeasible, power_capped, load, expected)
+
+    def observe_length(self, max_tokens: int, produced: int) -> None:
+        """An answer bounded by ``max_tokens`` ended by itself (EOS, a stop sequence or its
+        bound) after ``produced`` tokens."""
+        with self._lock:
+            self._lengths.observe(max_tokens, produced)
+
+    def expected_left(self, max_tokens: int, produced: int) -> int:
+        """A running answer's expected tokens still to come."""
+        with self._lock:
+            return self._lengths.expected_left(max_tokens, produced)
 
     def observe_step(self, variant: str, width: int, ms: float, switched: bool = False) -> None:
         """A step of ``width`` rows took ``ms`` per token; ``switched``: the device's previous
@@ -70,9 +88,11 @@ class Router:
         with self._lock:
             self._costs[variant].observe_prefill(prompt_tokens, ms)
 
-    def observe_power(self, variant: str, joules: float, seconds: float) -> None:
+    def observe_energy(self, variant: str, width: int, joules: float, seconds: float) -> None:
+        """A step of ``width`` rows (0: a prefill) of ``variant`` was measured to cost
+        ``joules`` over ``seconds``."""
         with self._lock:
-            self._costs[variant].observe_power(joules, seconds)
+            self._costs[variant].observe_energy(width, joules, seconds)
 
     def step_ms(self, variant: str, rows: int) -> float:
         with self._lock:
@@ -81,3 +101,8 @@ class Router:
     def coefficients(self) -> dict[str, dict[str, float | int | list[float]]]:
         with self._lock:
             return {name: cost.as_dict() for name, cost in self._costs.items()}
+
+    def lengths(self) -> dict[str, dict[str, float | int]]:
+        """Per length class (max_tokens rounded up to a power of two): the share used."""
+        with self._lock:
+            return self._lengths.as_dict()

@@ -8,13 +8,14 @@ variant ``u`` steps over ``rows_u(t)`` rows (those with ``r >= t``), and the tur
 
     D(t) = Σ_u step_u(rows_u(t)) + Σ_{u busy} switch_u   (the switches only while >= 2 are busy)
 
-and costs ``E(t) = Σ_u (step_u(rows_u(t)) [+ switch_u]) × watts_u``. A request of ``p`` prompt
+and costs ``E(t) = Σ_u (step_u(rows_u(t)) [+ switch_u]) × watts_u(rows_u(t))``: power is
+priced at the step's width, as measured (:class:`routing.cost.CostModel`). A request of ``p`` prompt
 tokens and ``n`` new tokens on variant ``v`` is prefilled once (``prefill_v(p)``, which delays
 every running row by as much) and then holds a row of ``v`` for ``n − 1`` turns. So:
 
 * its latency: ``wait + prefill_v(p) + Σ_{t < n} D'(t)`` (``'``: with the request);
 * its marginal joules (what the device spends because of it; what routing minimises):
-  ``prefill_v(p) × watts_v + Σ_t (E'(t) − E(t))``: joining a busy batch costs the row's
+  ``prefill_v(p) × prefill_watts_v + Σ_t (E'(t) − E(t))``: joining a busy batch costs the row's
   increments for as long as that batch keeps running and whole steps once it would have
   drained; starting an idle variant costs its whole steps *and* the switches it adds to every
   turn of the variants already busy;
@@ -28,10 +29,12 @@ A batched step runs over the prefix of rows up to the highest one in use, so fre
 (``holes``) cost as much as used ones; a new request fills the lowest free row, so it takes a
 hole first. The timeline keeps the holes while the batch runs.
 
-Remaining tokens are each row's ``max_new_tokens`` left: an upper bound (a row may end at EOS
-sooner), so latencies are conservative and a busy batch's life is never underestimated by much
-more than its early stops. Pure numpy over at most ``max_new_tokens`` turns: well under a
-millisecond per decision.
+Remaining tokens are each row's ``max_new_tokens`` left, an upper bound (a row may end at EOS
+sooner), for latencies, which stay conservative; energy is priced on a second timeline over
+each row's *expected* tokens left and the request's expected length (:mod:`routing.lengths`),
+so a busy batch's life is not overstated by its early stops. Pure numpy over at most
+``max_new_tokens`` turns: well under a millisecond per decision (two timelines when lengths are
+known).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class Load:
     slack_ms: tuple[float, ...] = ()
     queue_wait_ms: float = 0.0
     holes: int = 0  # free rows inside the step's width (a step covers rows 0 .. highest)
+    expected: tuple[int, ...] = ()  # tokens each row is expected to still produce (empty:
+    # ``remaining``, the bound); what energy is priced over (routing.lengths)
 
     @property
     def occupancy(self) -> int:
@@ -87,13 +92,17 @@ class Timeline:
     """The device's next turns under ``load`` (see the module doc)."""
 
     def __init__(self, costs: Mapping[str, CostModel], load: Mapping[str, Load],
-                 horizon: int) -> None:
+                 horizon: int, expected: bool = False) -> None:
+        """``expected``: the rows run for their expected tokens left (``Load.expected``), not
+        their bounds: the timeline energy is priced on."""
         self.costs = costs
         self.load = load
-        longest = max((max(lo.remaining, default=0) for lo in load.values()), default=0)
+        left = {u: (lo.expected if expected and lo.expected else lo.remaining)
+                for u, lo in load.items()}
+        longest = max((max(r, default=0) for r in left.values()), default=0)
         self.horizon = max(1, horizon, longest)
         self._turns = np.arange(1, self.horizon + 1)
-        self.rows = {u: _rows_left(np.sort(np.asarray(load[u].remaining, dtype=np.int64)),
+        self.rows = {u: _rows_left(np.sort(np.asarray(left[u], dtype=np.int64)),
                                    self._turns) if u in load else np.zeros(self.horizon, int)
                      for u in costs}
         self.holes = {u: np.full(self.horizon, load[u].holes if u in load else 0)
@@ -109,8 +118,10 @@ class Timeline:
         energy = np.zeros(self.horizon)
         busy = np.zeros(self.horizon, dtype=np.int64)
         steps = {}
+        widths = {}
         for u, r in rows.items():
-            steps[u] = self.costs[u].steps_ms(r + holes[u] * (r > 0))
+            widths[u] = r + holes[u] * (r > 0)
+            steps[u] = self.costs[u].steps_ms(widths[u])
             busy += r > 0
         interleaved = busy >= 2
         for u, s in steps.items():
@@ -118,7 +129,7 @@ class Timeline:
             if cost.switch_ms > 0:
                 s = s + cost.switch_ms * ((rows[u] > 0) & interleaved)
             duration += s
-            energy += s * cost.watts
+            energy += s * cost.watts_many(widths[u])
         return duration, energy
 
     def price(self, variant: str, prompt_tokens: int, new_tokens: int,
@@ -135,14 +146,16 @@ class Timeline:
         duration, energy = self._run(rows, holes)
         latency = (cost.overhead_ms + queue_wait_ms + prefill_ms
                    + float(duration[holds].sum()))
-        marginal = (prefill_ms * cost.watts + float((energy - self.energy_mj).sum())) / 1000
+        prefill_mj = prefill_ms * cost.prefill_watts
+        marginal = (prefill_mj + float((energy - self.energy_mj).sum())) / 1000
         mine = rows[variant][holds]
-        step = cost.steps_ms(mine + holes[variant][holds])
+        width = mine + holes[variant][holds]
+        step = cost.steps_ms(width)
         if cost.switch_ms > 0:  # a switched step's extra lands in the rows of that step
             others = sum((r[holds] > 0).astype(np.int64) for u, r in rows.items()
                          if u != variant)
             step = step + cost.switch_ms * (np.asarray(others) > 0)
-        attributed = (prefill_ms + float((step / mine).sum())) * cost.watts / 1000
+        attributed = (prefill_mj + float((step / mine * cost.watts_many(width)).sum())) / 1000
         late, delay = self._effect(np.cumsum(duration) + prefill_ms)
         return Pricing(latency, max(0.0, marginal), attributed, late, delay)
 

@@ -46,7 +46,6 @@ class Lane:
         self.ledger = EnergyLedger(meter, ledger_interval_s)
         self.prefill_token_budget = prefill_token_budget
         self.observer = observer or LaneObserver()
-        self._speculated: dict[str, tuple[int, int]] = {}  # reported (drafted, accepted)
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
         self._waiting = 0  # submitted, not yet in a row (inbox + batches' waiting)
@@ -55,7 +54,8 @@ class Lane:
         self._order = list(batches)  # round-robin order (fixed)
         self._stepped: str | None = None  # the variant whose step ran last
         self._ran: str | None = None  # the variant whose forward (step or prefill) ran last
-        self._variant_in_interval: set[str] = set()
+        # the forwards since the ledger last settled: (variant, width (0: a prefill), seconds)
+        self._forwards: list[tuple[str, int, float]] = []
         self._thread = threading.Thread(target=self._loop, name=f"lane-{device}", daemon=True)
         self._thread.start()
 
@@ -88,8 +88,7 @@ class Lane:
         self._report(self.observer.queue_depth, self._waiting)
 
     @property
-    def alive(self) -> bool:
-        """The lane thread runs (false once stopped, or dead: see :attr:`failed`)."""
+    def alive(self) -> bool:  # the lane thread runs (false once stopped, or dead: ``failed``)
         return self._thread.is_alive()
 
     def stop(self, timeout_s: float) -> bool:
@@ -100,8 +99,7 @@ class Lane:
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
-    # -- the loop (lane thread) ----------------------------------------------------------------
-    def _busy(self) -> bool:
+    def _busy(self) -> bool:  # -- the loop (lane thread) -------------------------------------
         return bool(self._inbox) or any(b.running or b.waiting for b in self.batches.values())
 
     def _loop(self) -> None:
@@ -140,7 +138,7 @@ class Lane:
                 while not self._busy():
                     if self.ledger.is_open:  # run dry: idle time is nobody's
                         self.ledger.close()
-                        self._variant_in_interval.clear()
+                        self._forwards.clear()
                     if self._stopping:
                         return
                     self._cv.wait()
@@ -221,7 +219,7 @@ class Lane:
         self._ran = b.name
         self.router.observe_prefill(b.name, end - start, 1000 * (now - t0))
         self.ledger.record(seq.id, end - start)
-        self._variant_in_interval.add(b.name)
+        self._forwards.append((b.name, 0, now - t0))
         if token is not None:
             self._update(b, [seq], [[token]], now)
         else:
@@ -283,12 +281,9 @@ class Lane:
         self._ran = self._stepped = b.name
         for seq, done in zip(seqs, work, strict=True):
             self.ledger.record(seq.id, done)
-        if b.slots.speculation is not None:  # a speculative rung: report its new counts
-            drafted, accepted = b.slots.speculation
-            d0, a0 = self._speculated.get(b.name, (0, 0))
-            self._report(self.observer.speculated, b.name, drafted - d0, accepted - a0)
-            self._speculated[b.name] = (drafted, accepted)
-        self._variant_in_interval.add(b.name)
+        if (speculated := b.new_speculation()) is not None:
+            self._report(self.observer.speculated, b.name, *speculated)
+        self._forwards.append((b.name, width, now - t0))
         self._update(b, seqs, tokens, now)
 
     def _update(self, b: Batch, seqs: list[Sequence], tokens: list[list[int]],
@@ -312,20 +307,25 @@ class Lane:
             self._retire(b, seq.row)
 
     def _settle(self, force: bool = False) -> None:
-        settled = self.ledger.settle(force)
-        if settled is not None:
-            if len(self._variant_in_interval) == 1:  # the interval's power is that variant's
-                self.router.observe_power(next(iter(self._variant_in_interval)), *settled)
-            self._variant_in_interval.clear()
+        """Settle the ledger; the interval's joules price its forwards (variant and width),
+        shared by time where a slow counter's interval holds several (the update's work
+        between forwards is part of what a step costs)."""
+        if (settled := self.ledger.settle(force)) is None:
+            return
+        busy = sum(seconds for _, _, seconds in self._forwards) or 1.0
+        for variant, width, seconds in self._forwards:
+            self.router.observe_energy(variant, width, settled[0] * seconds / busy, seconds)
+        self._forwards.clear()
 
     def _retire(self, b: Batch, row: int) -> None:
         """Free the row at once; report the sequence's energy and timing."""
         seq, finished = self._release(b, row)
+        if finished.finish_reason in ("stop", "length"):  # it ended by itself: its length
+            self.router.observe_length(seq.request.params.max_new_tokens, finished.steps)
         seq.emit(finished)
 
     def _fail(self, b: Batch, row: int, err: Exception) -> None:
-        """The runtime failed on this row: its tokens so far, then the error (its cost is
-        still accounted)."""
+        """The runtime failed on this row: its tokens so far, then the error (cost kept)."""
         seq, _ = self._release(b, row)
         seq.flush(time.perf_counter())
         seq.emit(Failed(err))

@@ -1,5 +1,6 @@
-"""What the router needs to know of the lane: each variant's rows (tokens left, slack to their
-latency budgets), the predicted wait for a free row, and the free rows inside a batch's width.
+"""What the router needs to know of the lane: each variant's rows (tokens left to their bounds
+and expected, slack to their latency budgets), the predicted wait for a free row, and the free
+rows inside a batch's width.
 Read from the event loop without stopping the lane thread, so approximate by a step."""
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ def predict_load(batches: Mapping[str, Batch], inbox: Sequence[Seq], router: Rou
         seqs = running + waiting
         rows = list(b.running)
         holes = max(rows) + 1 - len(rows) if rows else 0
+        bounds = [s.request.params.max_new_tokens for s in seqs]
         out[name] = Load(tuple(max(0, s.remaining) for s in seqs),
                          tuple(s.request.slack_ms(now) for s in seqs),
                          wait_ms(b, len(waiting), cycle),
-                         max(0, holes - len(waiting)) if b.slots.batched else 0)
+                         max(0, holes - len(waiting)) if b.slots.batched else 0,
+                         tuple(router.expected_left(m, m - max(0, s.remaining))
+                               for m, s in zip(bounds, seqs, strict=True)))
     return out
 
 

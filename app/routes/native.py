@@ -113,5 +113,6 @@ async def variants(service: ServiceDep) -> Any:
         chat_template=service.chat_template.source,
         power_watts=service.power.watts(), power_capped=service.power_capped(),
         energy_meter=EnergyMeterOut(source=meter.source, device=meter.device,
-                                    estimated=meter.estimated, description=meter.describe()))
+                                    estimated=meter.estimated, description=meter.describe()),
+        answer_lengths=service.router.lengths())
     return JSONResponse(body.model_dump(mode="json"))

@@ -5,10 +5,22 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.manifest import Calibration
+
+if TYPE_CHECKING:
+    from telemetry.base import EnergyMeter
+
+@dataclass(frozen=True)
+class StepWidths:
+    """A batch's decode step measured at a few widths: ms, and watts where a meter read it."""
+
+    ms: dict[int, float]
+    watts: dict[int, float]
+
 
 # The prompt every calibration run decodes from (build time and service start-up alike).
 CALIBRATION_PROMPT = "The :mod:`json` module provides functions to encode and decode Python"
@@ -78,32 +90,48 @@ STEP_WIDTHS = (1, 2, 3, 4, 8, 16)  # batch widths measured at start-up (linear i
 
 def measure_step_widths(engine: Engine, prompt_ids: Sequence[int],
                         widths: Sequence[int] = STEP_WIDTHS, max_batch: int = 16,
-                        steps: int = 3) -> dict[int, float] | None:
+                        steps: int = 3, meter: EnergyMeter | None = None) -> StepWidths | None:
     """Milliseconds of one decode step of ``engine``'s continuous batch at each width up to
     ``max_batch`` (a start-up seed of the router's step table, which every observed step then
-    refines; not a line: an 8-bit graph's second row costs a kernel switch). ``None`` when the
-    engine's rows do not share a forward pass (each row then costs a whole step)."""
+    refines; not a line: an 8-bit graph's second row costs a kernel switch), and with a
+    ``meter`` the device's power over each width's steps (a quantized rung's wide steps run on
+    another session than its narrow ones and draw more). For the speculative rung, a round's
+    milliseconds per token it gave each row. ``None`` when the engine's rows do not share a
+    forward pass (each row then costs a whole step)."""
     from models.runtime.engine.slots import Sampler, slots_for
 
     widths = sorted({w for w in widths if 1 <= w <= max_batch})
     rows = widths[-1]
-    slots = slots_for(engine, rows, len(prompt_ids) + (len(widths) + 1) * steps + 2)
+    # room for a speculative round's several tokens a step
+    budget = (len(widths) + 1) * steps * 8 + 1
+    slots = slots_for(engine, rows, len(prompt_ids) + budget + 1)
     if not slots.batched:
         return None
-    params = GenerationParams(max_new_tokens=(len(widths) + 1) * steps + 1, ignore_eos=True)
+    params = GenerationParams(max_new_tokens=budget, ignore_eos=True)
     samplers = [Sampler(params) for _ in range(rows)]
     last = [slots.prefill(r, prompt_ids, samplers[r]) for r in range(rows)]
+    out = StepWidths({}, {})
 
-    def step_ms(n: int) -> float:
+    def measure(n: int) -> None:
         times = []
+        mark = meter.begin() if meter is not None else None
         for _ in range(steps):
             t0 = time.perf_counter()
-            last[:n] = slots.step(list(range(n)), last[:n], samplers[:n])
-            times.append(1000 * (time.perf_counter() - t0))
-        return statistics.median(times)
+            made = slots.step_many(list(range(n)), last[:n], samplers[:n])
+            times.append(1000 * (time.perf_counter() - t0) * n / sum(map(len, made)))
+            last[:n] = [m[-1] for m in made]  # per token: a speculative round gives several
+        out.ms[n] = statistics.median(times)
+        if meter is not None and mark is not None:
+            reading = meter.end(mark)
+            if reading.seconds > 0:
+                out.watts[n] = reading.joules / reading.seconds
 
-    step_ms(1)  # warm-up
-    return {w: step_ms(w) for w in widths}
+    measure(1)  # warm-up
+    out.ms.clear()
+    out.watts.clear()
+    for w in widths:
+        measure(w)
+    return out
 
 
 def measure_wide_many(engines: Mapping[str, Engine], prompt_ids: Sequence[int], rows: int = 16,

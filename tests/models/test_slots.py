@@ -157,6 +157,27 @@ def test_rollback_leaves_no_trace(engine: OrtEngine) -> None:
     assert got == want
 
 
+def test_a_prompt_part_way_in_below_a_stepping_row_keeps_its_kv(engine: OrtEngine) -> None:
+    """A step over rows [0, 2) where row 0 is a prompt part-way in (chunked prefill) and only
+    row 1 steps: the graph writes every row of the prefix, and row 0's write must land past
+    its tokens, not on its last one (it did: row 0 then continued from a corrupted prompt)."""
+    params = GenerationParams(max_new_tokens=8, ignore_eos=True)
+    a, b = engine.encode(PROMPTS[6]), engine.encode(PROMPTS[0])
+    want = solo(engine, a, params, 6)
+    s0, s1 = Sampler(params), Sampler(params)
+    slots = KVSlots(engine, 2, 64)
+    assert slots.prefill_part(0, a[:3], s0, final=False) is None
+    t1 = slots.prefill(1, b, s1)
+    for _ in range(3):
+        t1 = slots.step([1], [t1], [s1])[0]
+    got = [slots.prefill_part(0, a[3:], s0, final=True)]
+    for _ in range(5):
+        t0, t1 = slots.step([0, 1], [got[-1], t1], [s0, s1])
+        got.append(t0)
+    assert got == want
+    assert slots.mask[0].sum() == slots.length(0)  # the dummy positions were taken back
+
+
 def test_a_row_cannot_outgrow_its_length(engine: OrtEngine) -> None:
     slots = KVSlots(engine, 2, 8)
     s = Sampler(GenerationParams())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from routing.cost import CostModel
@@ -49,7 +50,7 @@ def test_prefill_and_power_observations() -> None:
     m = CostModel(prefill_ms_per_token=1.0, decode_ms_per_token=5.0, watts=10.0)
     for _ in range(60):  # 100 prompt tokens in 5 + 100 x 2 ms; 15 W
         m.observe_prefill(100, 205.0)
-        m.observe_power(1.5, 0.1)
+        m.observe_energy(1, 1.5, 0.1)
     assert m.prefill_ms_per_token == pytest.approx(2.0, rel=0.01)
     assert m.watts == pytest.approx(15.0, rel=0.01)
 
@@ -70,3 +71,21 @@ def test_a_variant_that_becomes_slow_loses_traffic() -> None:
     for _ in range(50):
         fast.observe_step(1, 8.0)
     assert decide(vs, Budget(10_000, 0.5), 10, 50).variant == "b"
+
+
+def test_power_is_a_table_by_width_seeded_and_learned_per_width() -> None:
+    m = CostModel(1.0, 8.0, 10.0, widths={4: 12.0, 16: 30.0}, watts_widths={4: 20.0},
+                  max_rows=16, alpha=0.5)
+    assert m.watts_at(1) == 10.0 and m.watts_at(4) == 20.0 and m.watts_at(16) == 20.0
+    assert m.watts_at(2) == pytest.approx(10.0 + 10.0 / 3)  # linear between measured widths
+    assert m.step_mj(16) == pytest.approx(30.0 * 20.0)
+    m.observe_energy(16, joules=3.0, seconds=0.1)  # 30 W measured on a 16-row step
+    assert m.watts_at(16) == pytest.approx(25.0)
+    assert m.watts_at(1) == 10.0 and m.watts_at(4) == 20.0  # other widths keep theirs
+    m.observe_energy(0, joules=4.0, seconds=0.1)  # a prefill: its own power
+    assert m.prefill_watts == pytest.approx(25.0) and m.watts == 10.0
+    snap = m.copy()
+    m.observe_energy(16, 0.0, 0.1)
+    assert snap.watts_at(16) == pytest.approx(25.0)  # a copy does not move with the original
+    row = np.array([0, 1, 16, 40])
+    assert list(m.watts_many(row)) == [0.0, 10.0, m.watts_at(16), m.watts_at(16)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from routing.cost import CostModel
@@ -129,3 +131,66 @@ def test_speculation_is_offered_on_a_quiet_device_and_paused_under_load() -> Non
     assert spec_router(0).decide(floor_one, 16, 64, names, {}).variant == "full"
     assert spec_router(4).decide(floor_one, 16, 64, names,
                                  {"int8": Load.rows(2, 64)}).variant == "full-speculative"
+
+
+def test_the_batched_speculative_rung_is_priced_at_the_widths_of_both_batches() -> None:
+    """Unpaused by default: a floor-1.0 request goes to the speculative rung where a row of it
+    costs less than a row of full's batch at the widths they run now, and to full where
+    full's batch is already wide (a row there costs a fraction of a step)."""
+    costs = {"full": CostModel(1.0, 20.0, 20.0, widths={4: 22.0, 8: 25.0, 16: 30.0}),
+             "full-speculative": CostModel(1.5, 12.0, 20.0,
+                                           widths={4: 14.0, 8: 20.0, 16: 35.0})}
+    router = Router({"full": 1.0, "full-speculative": 1.0}, costs,
+                    reference={"full", "full-speculative"}, speculative={"full-speculative"})
+    names, floor_one = set(costs), Budget(60_000, 1.0)
+    assert router.decide(floor_one, 16, 64, names, {}).variant == "full-speculative"
+    wide_full = router.decide(floor_one, 16, 64, names, {"full": Load.rows(8, 64)})
+    assert wide_full.variant == "full"
+    busy_spec = router.decide(floor_one, 16, 64, names, {"full-speculative": Load.rows(4, 64)})
+    assert busy_spec.variant == "full-speculative"
+    assert all(c.why != "speculation_paused_under_load" for c in busy_spec.candidates)
+
+
+def _stream(costs: dict[str, CostModel], n: int = 48) -> list[tuple[float, str]]:
+    """Requests arriving one every four turns, every sixth one at floor 1.0 (only ``full``;
+    the bench's mix), the rest at 0.9; each holds its row for 64 tokens. Returns (floor,
+    chosen) in order."""
+    router = Router({"full": 1.0, "int8": 0.99}, costs)
+    left: dict[str, list[int]] = {"full": [], "int8": []}
+    out = []
+    for i in range(n):
+        floor = 1.0 if i % 6 == 5 else 0.9
+        load = {u: Load(tuple(sorted(r)), (math.inf,) * len(r)) for u, r in left.items() if r}
+        d = router.decide(Budget(600_000, floor), 32, 64, {"full", "int8"}, load)
+        out.append((floor, d.variant))
+        left[d.variant].append(64)
+        left = {u: [t - 4 for t in r if t > 4] for u, r in left.items()}
+    return out
+
+
+def _full_and_int8(int8_widths: dict[int, float],
+                   int8_watts: dict[int, float] | None) -> dict[str, CostModel]:
+    return {"full": CostModel(0.5, 20.0, 20.0, widths={4: 24.0, 8: 30.0, 16: 40.0}),
+            "int8": CostModel(0.3, 8.0, 10.0, widths=int8_widths, watts_widths=int8_watts)}
+
+
+def test_under_load_the_router_consolidates_where_wide_steps_are_cheapest() -> None:
+    """int8 is cheap alone (8 ms at 10 W against 20 ms at 20 W). This machine's case: from four
+    rows int8 steps on its wide session at full's power and costs about full's time, so a
+    request joining int8 costs what joining full's batch does *and* keeps a second batch
+    alive; the quantized rows go where full's floor-1.0 rows already run. Where int8's wide
+    steps are really cheaper, they go to int8. Priced with one power per variant (the
+    narrow steps'), the router sent them to int8 on this machine too."""
+    wide = {4: 24.0, 8: 31.0, 16: 42.0}
+    costly = _stream(_full_and_int8(wide, {4: 20.0}))
+    cheap = _stream(_full_and_int8({4: 10.0, 8: 13.0, 16: 18.0}, None))
+    misread = _stream(_full_and_int8(wide, None))  # the old single-figure power
+
+    def on_int8(run: list[tuple[float, str]]) -> int:
+        return sum(1 for floor, v in run[8:] if floor < 1.0 and v == "int8")  # past warm-up
+
+    quantizable = sum(1 for floor, _ in costly[8:] if floor < 1.0)
+    assert all(v == "full" for floor, v in costly + cheap + misread if floor == 1.0)
+    assert on_int8(costly) <= quantizable // 4  # consolidated onto full
+    assert on_int8(cheap) >= 3 * quantizable // 4
+    assert on_int8(misread) >= 3 * quantizable // 4  # the bug this pricing fixes

@@ -10,9 +10,16 @@ the output is distributed exactly as the target's (``p``, ``q``: the target's an
 distributions after the request's temperature, top-k and top-p).
 
 Both models keep their rows in their own :class:`KVSlots` (the variants' sessions are shared,
-their buffers are not); rolling back rejected positions is lowering a row's length, no copy.
-Rows speculate one at a time inside a step (batch 1 per forward): the verify pass is a
-multi-token forward of one row. A row whose acceptance (a moving average over its rounds) falls
+their buffers are not); rolling back rejected positions is lowering a row's length, no copy. The
+draft's side of a round is batched across rows: the draft steps every drafting row together (one
+batched step per drafted position, rows leaving once they have their ``k``), and rows taking a
+plain step share one batched target step. The verify pass stays one forward per drafting row:
+onnxruntime's GroupQueryAttention (1.32, CPU) refuses several new positions with a past at batch
+> 1 ("batch_size must be 1 when sequence_length > 1 and past context is given"), so ``[rows, k +
+1]`` in one pass needs another attention graph. Under load a speculative row therefore still
+costs a narrow target forward a round; the router prices that from the rung's measured step
+table by width (:mod:`routing.cost`), not by a pause rule. Each row's ``k`` follows its
+acceptance (:func:`k_for`). A row whose acceptance (a moving average over its rounds) falls
 below ``min_acceptance``, where rounds stop paying for themselves, pauses: it decodes plainly
 for ``PAUSE_TOKENS`` tokens, then drafts again, and each further pause of that row is twice as
 long (up to ``MAX_PAUSE_TOKENS``). Text is easy to predict in stretches: a row that stopped for
@@ -37,6 +44,15 @@ PAUSE_TOKENS = 8  # plain tokens of a row's first pause; each further pause doub
 MAX_PAUSE_TOKENS = 128
 
 
+def k_for(acceptance: float, k_max: int) -> int:
+    """Tokens a row drafts next round: about the run of agreement its acceptance predicts
+    (with per-token acceptance ``a`` the target keeps ``a / (1 − a)`` drafts in a row on
+    average; drafting past the expected run mostly buys rejected positions), 1 .. ``k_max``."""
+    if acceptance >= 1.0:
+        return k_max
+    return max(1, min(k_max, int(1.0 / (1.0 - acceptance))))
+
+
 def rung_threads(target: int, draft: int) -> int:
     """The speculative rung's thread count as a calibration records it: the models' common
     count, or 0 when they differ (a one-core draft beside a two-thread target)."""
@@ -46,7 +62,7 @@ def rung_threads(target: int, draft: int) -> int:
 class SpecSlots(Slots):
     """Rows decoded speculatively: ``target``'s distribution, ``draft``'s proposals."""
 
-    batched = False  # rows run their rounds one after another
+    batched = True  # every row's round shares the draft's steps and one verify forward
     kind = "speculative"
 
     def __init__(self, target: OrtEngine, draft: OrtEngine, k: int, max_batch: int,
@@ -63,6 +79,8 @@ class SpecSlots(Slots):
         self._acceptance: dict[int, float] = {}  # moving average of kept / drafted
         self._plain: dict[int, int] = {}  # plain tokens left in the row's pause (0: drafting)
         self._pauses: dict[int, int] = {}  # pauses the row has taken
+        self._k: dict[int, int] = {}  # tokens the row drafts a round (adapts to acceptance)
+        self._base: dict[int, int] = {}  # the draft's length through the round's ``last``
         self.drafted = 0  # counters since start: drafted tokens, and those the target kept
         self.accepted = 0
 
@@ -84,6 +102,7 @@ class SpecSlots(Slots):
         self.draft.forward(row, prompt_ids)
         self._pending[row], self._acceptance[row] = [], 1.0
         self._plain[row] = self._pauses[row] = 0
+        self._k[row] = self.k
         return first
 
     def step(self, rows: Sequence[int], tokens: Sequence[int],
@@ -92,47 +111,84 @@ class SpecSlots(Slots):
 
     def step_many(self, rows: Sequence[int], tokens: Sequence[int],
                   samplers: Sequence[Sampler]) -> list[list[int]]:
+        """One round for every row in ``rows`` (newest kept tokens ``tokens``, which neither
+        model has seen): the draft steps all drafting rows together, rows taking a plain step
+        share one target step, and each drafting row's drafts are verified in a forward of its
+        own (onnxruntime's GroupQueryAttention takes several new positions with a past only at
+        batch 1). Returns each row's new tokens."""
+        ks = [0 if self._plain[r] > 0 else
+              max(0, min(self._k[r], self.target.max_len - int(self.target.lengths[r]) - 1))
+              for r in rows]
+        drafts, q, catch_up = self._draft(rows, tokens, samplers, ks)
+        starts = [int(self.target.lengths[r]) for r in rows]
+        verify: list[np.ndarray] = [np.empty(0)] * len(rows)
+        plain = [i for i, k in enumerate(ks) if k == 0]
+        if plain:
+            logits = self.target.step_logits([rows[i] for i in plain], [tokens[i] for i in plain])
+            for x, i in enumerate(plain):
+                verify[i] = logits[x : x + 1].copy()
+        for i, k in enumerate(ks):
+            if k > 0:
+                verify[i] = self.target.forward(rows[i], [tokens[i], *drafts[i]])
         out, self.work = [], []
-        for row, last, sampler in zip(rows, tokens, samplers, strict=True):
-            produced, work = self._round(row, last, sampler)
-            out.append(produced)
-            self.work.append(work)
+        for i, (row, last, sampler) in enumerate(zip(rows, tokens, samplers, strict=True)):
+            out.append(self._accept(row, last, sampler, drafts[i], q[i], verify[i], starts[i]))
+            self.work.append(ks[i] + 1 + catch_up[i] + ks[i])
         return out
 
-    def _round(self, row: int, last: int, sampler: Sampler) -> tuple[list[int], int]:
-        """One round for ``row`` whose newest kept token ``last`` neither model has seen;
-        returns (new tokens, tokens pushed through the two models)."""
-        room = self.target.max_len - int(self.target.lengths[row]) - 1
-        k = min(self.k, room)
-        if self._plain[row] > 0 or k < 1:  # paused, or no room: a plain step of the target
+    def _draft(self, rows: Sequence[int], tokens: Sequence[int], samplers: Sequence[Sampler],
+               ks: Sequence[int]) -> tuple[list[list[int]], list[list[np.ndarray]], list[int]]:
+        """Each drafting row's ``k`` proposals, the draft stepping the rows together (each row
+        leaves the steps once it has its ``k``); their distributions where sampling; the
+        catch-up tokens each row fed first."""
+        drafts: list[list[int]] = [[] for _ in rows]
+        q: list[list[np.ndarray]] = [[] for _ in rows]
+        catch_up = [0] * len(rows)
+        drafting = [i for i, k in enumerate(ks) if k > 0]
+        # catch the draft up on kept tokens it has not seen: one pending token (the last
+        # draft of a round that kept them all) in one batched step; more (after a pause)
+        # row by row
+        single = [i for i in drafting if len(self._pending[rows[i]]) == 1]
+        if single:
+            self.draft.step_logits([rows[i] for i in single],
+                                   [self._pending[rows[i]][0] for i in single])
+        for i in drafting:
+            pending = self._pending[rows[i]]
+            if len(pending) > 1:
+                self.draft.forward(rows[i], pending)
+            catch_up[i] = len(pending)
+            self._pending[rows[i]] = []
+        for r in (rows[i] for i in drafting):
+            self._base[r] = int(self.draft.lengths[r]) + 1  # the draft holds up to ``last``
+        feed = {i: tokens[i] for i in drafting}
+        for j in range(max(ks, default=0)):
+            now = [i for i in drafting if ks[i] > j]
+            logits = self.draft.step_logits([rows[i] for i in now], [feed[i] for i in now])
+            for x, i in enumerate(now):
+                params, rng = samplers[i].params, samplers[i].rng
+                if params.greedy:
+                    d = int(np.argmax(logits[x]))
+                else:
+                    q[i].append(distribution(logits[x], params))
+                    d = sample_from(q[i][-1], rng)
+                drafts[i].append(d)
+                feed[i] = d
+        return drafts, q, catch_up  # the draft was fed last, d1..d_{k-1}
+
+    def _accept(self, row: int, last: int, sampler: Sampler, drafts: list[int],
+                q: list[np.ndarray], verify: np.ndarray, start: int) -> list[int]:
+        """Keep the longest prefix of ``drafts`` the target agrees with, plus one token of its
+        own; roll both models back to it; update the row's acceptance and ``k``."""
+        k = len(drafts)
+        params, rng = sampler.params, sampler.rng
+        if k == 0:  # a plain step
+            self.target.truncate(row, start + 1)
+            self._pending[row].append(last)
             if self._plain[row] > 0:
                 self._plain[row] -= 1
                 if self._plain[row] == 0:  # the pause is over: the next round drafts afresh
                     self._acceptance[row] = 1.0
-            self._pending[row].append(last)
-            return [sampler(self.target.advance(row, last))], 1
-        params, rng = sampler.params, sampler.rng
-        # 1. draft k tokens (after catching the draft up on what it has not seen)
-        feed = [*self._pending[row], last]
-        self._pending[row] = []
-        if len(feed) == 1:
-            logits = self.draft.advance(row, last)
-        else:
-            logits = self.draft.forward(row, feed)[-1]
-        base = int(self.draft.lengths[row])  # the draft holds everything up to ``last``
-        drafts: list[int] = []
-        q: list[np.ndarray] = []
-        for i in range(k):
-            if params.greedy:
-                drafts.append(int(np.argmax(logits)))
-            else:
-                q.append(distribution(logits, params))
-                drafts.append(sample_from(q[-1], rng))
-            if i < k - 1:
-                logits = self.draft.advance(row, drafts[-1])
-        # 2. verify: the target over [last, d1..dk] in one pass
-        start = int(self.target.lengths[row])
-        verify = self.target.forward(row, [last, *drafts])
+            return [sampler(verify[0])]
         accepted, tail = 0, None
         for i, d in enumerate(drafts):
             if params.greedy:
@@ -153,21 +209,22 @@ class SpecSlots(Slots):
         if tail is None:  # every draft kept: a bonus token from the last position
             tail = sampler(verify[k]) if params.greedy else sample_from(
                 distribution(verify[k], params), rng)
-        kept = [*drafts[:accepted], tail]
-        # 3. roll both rows back to [.., last, d1..d_accepted]
         self.target.truncate(row, start + 1 + accepted)
+        # the draft holds last, d1..d_{k-1}: keep last, d1..d_accepted; after a full accept
+        # it never fed d_k, which waits for the next round
         if accepted < k:
-            self.draft.truncate(row, base + accepted)
-        else:  # it never fed d_k: catch up next round
+            self.draft.truncate(row, self._base[row] + accepted)
+        else:
             self._pending[row] = [drafts[-1]]
         self.drafted += k
         self.accepted += accepted
         a = self._acceptance[row] = (ACCEPTANCE_DECAY * self._acceptance[row]
                                      + (1 - ACCEPTANCE_DECAY) * accepted / k)
+        self._k[row] = k_for(a, self.k)
         if a < self.min_acceptance:  # drafting costs more than it saves here: pause
             self._plain[row] = min(MAX_PAUSE_TOKENS, PAUSE_TOKENS << self._pauses[row])
             self._pauses[row] += 1
-        return kept, (k + 1) + len(feed) + (k - 1)
+        return [*drafts[:accepted], tail]
 
     def release(self, row: int) -> None:
         self.target.release(row)
@@ -176,6 +233,8 @@ class SpecSlots(Slots):
         self._acceptance.pop(row, None)
         self._plain.pop(row, None)
         self._pauses.pop(row, None)
+        self._k.pop(row, None)
+        self._base.pop(row, None)
 
 
 class SpeculativeEngine(Engine):

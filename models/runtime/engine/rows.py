@@ -1,0 +1,101 @@
+"""The row API every batch implements (:class:`Slots`) and a sequence's sampler; see
+:mod:`models.runtime.engine.slots` for the implementations."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from models.runtime.engine.base import (
+    Engine,
+    GenerationParams,
+)
+from models.runtime.engine.sampling import make_rng, select_token
+
+
+class Sampler:
+    """A sequence's next-token choice: its decoding parameters and private random generator."""
+
+    def __init__(self, params: GenerationParams) -> None:
+        self.params = params
+        self.rng = make_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        token = select_token(logits, self.params, self.rng)
+        # a NaN anywhere wins argmax and poisons every sampled distribution: checked on the
+        # chosen logit (greedy) and the maximum (sampled), not over the whole vocabulary
+        if not np.isfinite(logits[token]) or (
+                not self.params.greedy and not np.isfinite(logits.max())):
+            raise BadLogitsError(f"non-finite logits (token {token}: {logits[token]})")
+        return token
+
+
+class BadLogitsError(ValueError):
+    """A row's logits hold NaN or infinity: that row cannot continue (the others can)."""
+
+
+class Slots(ABC):
+    """``max_batch`` rows of at most ``max_len`` tokens each (prompt + generated)."""
+
+    batched: bool  # whether one step runs its rows in one forward pass
+    kind: str  # for /v1/variants and logs
+    chunked = False  # whether a prompt can be prefilled in parts (prefill_part)
+
+    def __init__(self, engine: Engine, max_batch: int, max_len: int) -> None:
+        if max_batch < 1 or max_len < 2:
+            raise ValueError("max_batch must be >= 1 and max_len >= 2")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.work: list[int] = []  # tokens each row of the last step pushed through the device
+        self.failed: dict[int, Exception] = {}  # rows whose sampling failed in the last step
+
+    @property
+    def kv_bytes(self) -> int:
+        """Memory its KV cache takes with every row full (0 where the engine keeps its own)."""
+        return 0
+
+    @property
+    def kv_written_bytes(self) -> int:
+        """KV memory rows have written since start: with lazily-backed buffers, about what is
+        resident (0 where the engine keeps its own)."""
+        return 0
+
+    @property
+    def speculation(self) -> tuple[int, int] | None:
+        """Tokens drafted and tokens the target kept, since start (None: rows that do not
+        speculate)."""
+        return None
+
+    @abstractmethod
+    def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        """Process a new sequence's prompt in ``row``; return its first generated token."""
+
+    def prefill_part(self, row: int, token_ids: Sequence[int], sampler: Sampler,
+                     final: bool) -> int | None:
+        """Append the next part of a prompt to ``row``; on the ``final`` part return the first
+        generated token. Slots that are not :attr:`chunked` take the whole prompt as one final
+        part."""
+        if not final:
+            raise NotImplementedError(f"{type(self).__name__} prefills a prompt in one piece")
+        return self.prefill(row, token_ids, sampler)
+
+    @abstractmethod
+    def step(self, rows: Sequence[int], tokens: Sequence[int],
+             samplers: Sequence[Sampler]) -> list[int]:
+        """Feed each row its last token; return each row's next token (same order)."""
+
+    def step_many(self, rows: Sequence[int], tokens: Sequence[int],
+                  samplers: Sequence[Sampler]) -> list[list[int]]:
+        """Like :meth:`step`, but a row may get several tokens (speculative decoding); also
+        sets :attr:`work`, the tokens each row pushed through the device (energy shares)."""
+        self.work = [1] * len(rows)
+        return [[t] for t in self.step(rows, tokens, samplers)]
+
+    @abstractmethod
+    def release(self, row: int) -> None:
+        """Forget the row's sequence; the row is free at once."""
+
+
