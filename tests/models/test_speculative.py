@@ -17,6 +17,7 @@ from models.runtime.engine.speculative import (
     PAUSE_TOKENS,
     SpecSlots,
     SpeculativeEngine,
+    k_for,
 )
 from models.runtime.ladder import load_ladder
 from models.runtime.manifest import SpeculativeInfo, break_even
@@ -129,3 +130,51 @@ def test_break_even_acceptance() -> None:
                            min_acceptance=0.99)  # a stored value from older code is ignored
     assert info.min_acceptance == pytest.approx(0.45)
     assert info.model_dump()["min_acceptance"] == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("draft", ["int8", "distilled"])
+def test_batched_rounds_give_every_row_fulls_tokens_as_rows_come_and_go(
+        engines: dict[str, OrtEngine], draft: str) -> None:
+    """Rows share every round (the draft steps them together): rows join between rounds,
+    leave mid-way (released, their row reused), one is far ahead of the others; each row's
+    greedy tokens are full's alone. With the weak draft rows are rejected at their first
+    token; a row may get several tokens a round and the caller keeps only what it asked for."""
+    full = engines["full"]
+    slots = SpecSlots(full, engines[draft], 4, max_batch=4, max_len=96)
+    params = GenerationParams(max_new_tokens=40, ignore_eos=True)
+    want_n = {0: 24, 1: 16, 2: 30, 3: 26, 4: 20}  # per prompt: tokens it asks for
+    got: dict[int, list[int]] = {}
+    row_of: dict[int, int] = {}
+    samplers: dict[int, Sampler] = {}
+    pending = list(range(len(PROMPTS)))
+    free = [3, 2, 1, 0]
+    rounds = 0
+    while pending or row_of:
+        if pending and free and (rounds % 2 == 0 or not row_of):  # join every other round
+            p = pending.pop(0)
+            row_of[p] = free.pop()
+            samplers[p] = Sampler(params)
+            got[p] = [slots.prefill(row_of[p], full.encode(PROMPTS[p]), samplers[p])]
+        ps = [p for p in row_of if len(got[p]) < want_n[p]]
+        if ps:
+            made = slots.step_many([row_of[p] for p in ps], [got[p][-1] for p in ps],
+                                   [samplers[p] for p in ps])
+            assert all(1 <= len(m) <= slots.k + 1 for m in made)
+            for p, m in zip(ps, made, strict=True):
+                got[p] += m
+        for p in [p for p in row_of if len(got[p]) >= want_n[p]]:  # done: leave, row reused
+            slots.release(row_of[p])
+            free.append(row_of.pop(p))
+        rounds += 1
+    for p, prompt in enumerate(PROMPTS):
+        ids = full.encode(prompt)
+        mine = got[p][: want_n[p]]  # a stop inside a round's accepted tokens: the rest dropped
+        assert_same_but_near_ties(mine, *alone(full, ids, want_n[p]))
+    assert slots.drafted > 0
+    if draft == "distilled":
+        assert slots.accepted < slots.drafted
+
+
+def test_k_follows_the_run_of_agreement_acceptance_predicts() -> None:
+    assert [k_for(a, 5) for a in (1.0, 0.9, 0.75, 0.5, 0.2, 0.0)] == [5, 5, 4, 2, 1, 1]
+    assert k_for(0.95, 3) == 3

@@ -540,3 +540,29 @@ def test_a_long_prompt_is_prefilled_in_parts_between_the_running_rows_steps(
     assert fin is not None and fin.completion_tokens == 10
     assert_same_but_near_ties([c.token_id for c in chunks],
                               *alone(builder_engine, long_ids, 10))  # type: ignore[arg-type]
+
+
+def test_every_forward_teaches_the_router_its_power_at_its_width_and_lengths(
+        builder_engine: OrtEngine) -> None:
+    """The device draws 50 W (the meter); the router was seeded at 10 W. After four requests
+    in one batch of four, the power at the widths their steps ran at and for prefills has moved
+    toward 50 W, widths no step ran at have not, and the answers' lengths were learnt."""
+    ex = make_executor({"full": builder_engine})
+
+    async def main() -> None:
+        handles = [ex.submit(request(builder_engine, PROMPTS[i], 12)) for i in range(4)]
+        for h in handles:
+            await collect(h)
+
+    try:
+        asyncio.run(main())
+    finally:
+        ex.stop(10)
+    cost = ex.router.coefficients()["full"]
+    watts = cost["watts_by_rows"]
+    assert isinstance(watts, list)
+    assert max(watts[:4]) > 20.0  # some width from 1 to 4 ran and learnt the meter's 50 W
+    assert watts[15] == pytest.approx(10.0)  # nothing ran 16 wide
+    assert cost["prefill_watts"] > 20.0
+    # each used all of its bound of 12 (ignore_eos), in the class of bounds up to 16
+    assert ex.router.lengths() == {"16": {"fraction": 1.0, "answers": 4}}
