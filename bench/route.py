@@ -227,12 +227,35 @@ def report(f: dict[str, Any]) -> str:
             f" / {routed_device / t('static', 'device_joules'):.2f}; routed/always-full "
             f"{routed_ledger / t('always-full', 'ledger_joules'):.2f} / "
             f"{routed_device / t('always-full', 'device_joules'):.2f}")
-    lines.append("learned step ms by width (1..16), switch ms:")
+    lines += median_ratios(runs, f["clients"])
+    lines.append("learned step ms by width (1..16), switch ms; then watts by width:")
     for name, cost in f["learned_costs"].items():
         table = cost.get("step_ms_by_rows") or []
+        watts = cost.get("watts_by_rows") or []
         lines.append(f"  {name:<18}{' '.join(f'{x:.1f}' for x in table[:16])}; "
                      f"switch {cost.get('switch_ms', 0):.2f}")
+        if watts:
+            lines.append(f"  {'':<18}{' '.join(f'{x:.1f}' for x in watts[:16])} W")
     return "\n".join(lines)
+
+
+def median_ratios(runs: dict[str, list[dict[str, Any]]], clients: list[int]) -> list[str]:
+    """Per level, the median over rounds of each round's routed / baseline device joules (the
+    policies of one round ran minutes apart at most, so a round's ratio is side by side), and
+    of budgets met by policy."""
+    lines = ["median of rounds (device J ratio; budgets met routed / always-full / static):"]
+    for n in clients:
+        r, a, st = (runs[f"{p} @{n}"] for p in POLICIES)
+        def ratio(base: list[dict[str, Any]], r: list[dict[str, Any]] = r) -> float:
+            return statistics.median(x["device_joules"] / y["device_joules"]
+                                     for x, y in zip(r, base, strict=True))
+
+        full, stat = ratio(a), ratio(st)
+        met = [100 * statistics.median(x["budgets_met"] for x in rs) for rs in (r, a, st)]
+        lines.append(f"  {n:>2} clients: routed/always-full {full:.2f}, routed/static "
+                     f"{stat:.2f}; budgets met {met[0]:.1f} / {met[1]:.1f} / {met[2]:.1f} % "
+                     f"({len(r)} rounds)")
+    return lines
 
 
 def run_scaling(ladder: Path, threads: int = 2, requests: int = 48, new_tokens: int = 64,
