@@ -99,6 +99,12 @@ def _students(args: argparse.Namespace) -> int:
 
 
 def _spec(args: argparse.Namespace) -> int:
+    if args.rows > 1:
+        from bench.spec_rows import report_rows, run_rows
+
+        return _emit(run_rows(ladder_path(args), rows=args.rows, draft=args.draft, k=args.k,
+                              new_tokens=args.new_tokens, rounds=args.rounds,
+                              threads=args.threads), report_rows, args.json)
     from bench.spec import report, run_bench
 
     figures = run_bench(ladder_path(args), draft=args.draft, k=args.k,

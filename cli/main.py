@@ -130,6 +130,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--ladder", default=None)
     b.add_argument("--draft", default=None, help="draft variant (default: the manifest's)")
     b.add_argument("--k", type=int, default=None, help="draft length (default: the manifest's)")
+    b.add_argument("--rows", type=int, default=1, help="> 1: that many rows in one batch each "
+                   "(bench/spec_rows.py)")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--threads", type=int, default=2)
