@@ -119,6 +119,14 @@ def test_a_bad_limit_is_a_422_envelope(client: TestClient, limit: str) -> None:
                  "invalid_request_error", "limit")
 
 
+@pytest.mark.parametrize("query", ["limit=2&limit=3", "limit=00&limit=0&limit=&limit=%27x",
+                                   "limit=abc&limit=5"])
+def test_a_repeated_limit_is_a_422_envelope(client: TestClient, query: str) -> None:
+    """Schemathesis found repeated, non-integer values answered 200: the last one won."""
+    assert_error(client.get(f"/v1/requests/recent?{query}"), 422, "invalid_request_error",
+                 "limit")
+
+
 def test_ring_is_thread_safe_and_bounded() -> None:
     """Writers on many threads never push the ring past its bound, and it keeps each
     writer's entries in the order that writer added them."""
