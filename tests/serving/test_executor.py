@@ -398,7 +398,10 @@ def test_a_lane_that_dies_fails_what_it_holds_and_takes_nothing_new(
     meter.broken = True
 
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
-        handles = [ex.submit(request(builder_engine, p, 20)) for p in PROMPTS[:4]]
+        # all four are queued before the lane can take any (holding its lock; it is
+        # reentrant): otherwise the lane may die after the first and refuse the others
+        with ex.lane._cv:
+            handles = [ex.submit(request(builder_engine, p, 20)) for p in PROMPTS[:4]]
         return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 30)
 
     async def again() -> None:
