@@ -9,7 +9,6 @@ from serving.events import Finished
 from serving.observer import LaneObserver
 from serving.sequence import Request
 from telemetry.metrics import Metrics
-from telemetry.power import PowerWindow
 
 log = logging.getLogger("greenroute.requests")
 
@@ -17,10 +16,9 @@ log = logging.getLogger("greenroute.requests")
 class ServiceObserver(LaneObserver):
     """Called in the lane thread (see :class:`serving.observer.LaneObserver`)."""
 
-    def __init__(self, metrics: Metrics, device: str, power: PowerWindow) -> None:
+    def __init__(self, metrics: Metrics, device: str) -> None:
         self.metrics = metrics
         self.device = device
-        self.power = power
 
     def request_finished(self, request: Request, f: Finished) -> None:
         """Recorded when a request ends, even when its caller has gone away or the engine
@@ -38,7 +36,6 @@ class ServiceObserver(LaneObserver):
         m.energy_total.labels(variant).inc(reading.joules)
         m.prompt_tokens.labels(variant).inc(f.prompt_tokens)
         m.generated_tokens.labels(variant).inc(f.completion_tokens)
-        self.power.add(reading.joules)
         log.info("request %s variant=%s prompt_tokens=%d generated=%d finish=%s joules=%.4f "
                  "watts=%.2f seconds=%.3f source=%s device=%s%s", request.id, variant,
                  f.prompt_tokens, f.completion_tokens, f.finish_reason, reading.joules,

@@ -37,7 +37,7 @@ from serving.sequence import Request
 from telemetry.base import EnergyMeter, EnergyReading
 from telemetry.carbon import grams_co2e
 from telemetry.metrics import Metrics
-from telemetry.power import PowerWindow
+from telemetry.power import LivePower
 from telemetry.sampler import DeviceSampler
 
 log = logging.getLogger("greenroute.requests")
@@ -107,11 +107,11 @@ class GenerationService:
 
     def __init__(self, ladder: LoadedLadder, executor: Executor, meter: EnergyMeter,
                  metrics: Metrics, settings: Settings, device: str, router: Router,
-                 chat_template: ChatTemplate, power: PowerWindow,
+                 chat_template: ChatTemplate, power: LivePower,
                  sampler: DeviceSampler | None = None) -> None:
         self.router = router
         self.sampler = sampler  # keeps the device power/energy series current
-        self.power = power  # recent measured power (the observer adds each request's joules)
+        self.power = power  # the device's live measured power (the cap's signal)
         self.ladder = ladder
         self.chat_template = chat_template  # renders /v1/chat/completions messages
         self.executor = executor

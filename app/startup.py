@@ -25,7 +25,7 @@ from serving.executor import Executor, ExecutorConfig
 from telemetry.base import EnergyMeter
 from telemetry.factory import MeterConfig, create_meter
 from telemetry.metrics import Metrics
-from telemetry.power import PowerWindow
+from telemetry.power import LivePower
 from telemetry.sampler import DeviceSampler
 
 log = logging.getLogger("greenroute")
@@ -76,9 +76,8 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
         queue_size=settings.queue_size, prefill_token_budget=settings.prefill_token_budget,
         # a counter that moves every 20-100 ms is read no more often than it moves
         ledger_interval_s=settings.nvml_counter_period_s if meter.source == "nvml" else 0.0)
-    power = PowerWindow(settings.power_window_s)
     executor = Executor(ladder.engines, list(ladder.manifest.variants), router, meter, device,
-                        config, ServiceObserver(metrics, device, power))
+                        config, ServiceObserver(metrics, device))
     try:
         check_memory(executor, ladder, settings)
     except RuntimeError:
@@ -89,10 +88,14 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
              settings.ladder_dir, sorted(ladder.engines), ladder.failed or "none", device,
              chat_template.source)
     metrics.meter_opened(meter.device, meter.source)
-    sampler = DeviceSampler(
-        meter, lambda watts, joules: metrics.device_sample(meter.device, meter.source, watts,
-                                                           joules),
-        settings.device_sample_period_s)
+    power = LivePower(meter, settings.power_window_s)
+    power.observe(meter.total_joules())
+
+    def on_sample(watts: float, joules: float) -> None:
+        metrics.device_sample(meter.device, meter.source, watts, joules)
+        power.observe(meter.total_joules())
+
+    sampler = DeviceSampler(meter, on_sample, settings.device_sample_period_s)
     service = GenerationService(ladder, executor, meter, metrics, settings, device, router,
                                 chat_template, power, sampler)
     return service

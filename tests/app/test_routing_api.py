@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -97,6 +98,25 @@ def test_power_cap_routes_to_the_cheapest_allowed(make_client: Callable[..., Tes
     assert body["variant"] == min(cands, key=lambda x: x["predicted_joules"])["variant"]
     text = c.get("/metrics").text
     assert 'reason="power_cap"' in text
+
+
+def test_the_power_cap_reads_the_device_while_requests_run(
+        make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    """The cap's signal is the device's live power, not the joules of requests that ended: the
+    package counter (a fake sysfs RAPL tree, the hardware boundary) climbs 100 J while no
+    request has finished (as under a long generation), and the next request is shed at once.
+    Summing finished requests' joules (the old signal) read 0 W here."""
+    from tests.telemetry.fakes import make_powercap, set_energy
+
+    root = make_powercap(tmp_path / "powercap", {0: 1_000_000})
+    c = make_client(rapl_root=root, power_cap_watts=5.0, power_window_s=600.0)
+    first = gen(c, budget={"min_quality": 0.0})
+    assert first["route"]["reason"] == "cheapest_feasible"  # the counter has not moved: 0 W
+    assert c.get("/v1/variants").json()["power_watts"] == 0.0
+    set_energy(root, "intel-rapl:0", 101_000_000)  # the package spent 100 J meanwhile
+    body = gen(c, budget={"min_quality": 0.0})
+    assert body["route"]["reason"] == "power_cap"
+    assert c.get("/v1/variants").json()["power_watts"] > 5.0
 
 
 def test_variants_show_learned_coefficients(make_client: Callable[..., TestClient]) -> None:
