@@ -40,7 +40,8 @@ def _serve(slots: Slots, prompts: list[list[int]], new_tokens: int) -> list[list
         rows = [r for r in range(len(prompts)) if len(out[r]) < new_tokens]
         if not rows:
             break
-        made = slots.step_many(rows, [out[r][-1] for r in rows], [samplers[r] for r in rows])
+        made = slots.step_many(rows, [out[r][-1] for r in rows],
+                               [samplers[r] for r in rows]).tokens
         for r, m in zip(rows, made, strict=True):
             out[r] += m
     for r in range(len(prompts)):

@@ -252,7 +252,7 @@ class Lane:
         seqs = [b.running[r] for r in rows]
         t0 = time.perf_counter()
         try:
-            tokens = b.slots.step_many(rows, [s.last_token for s in seqs],
+            result = b.slots.step_many(rows, [s.last_token for s in seqs],
                                        [s.sampler for s in seqs])
         except Exception as err:
             for row in rows:
@@ -260,19 +260,17 @@ class Lane:
             return
         now = time.perf_counter()
         width = rows[-1] + 1 if b.slots.batched else len(rows)  # what the forward covered
-        if b.slots.failed:  # rows with bad logits fail alone; the others go on
+        tokens, work, failed = result.tokens, result.work, result.failed
+        if failed:  # rows with bad logits fail alone; the others go on
             for i, row in enumerate(rows):
-                if row in b.slots.failed:
-                    self.ledger.record(seqs[i].id, b.slots.work[i])  # its share of the step
-                    self._fail(b, row, b.slots.failed[row])
-            kept = [i for i, r in enumerate(rows) if r not in b.slots.failed]
-            work = [b.slots.work[i] for i in kept]
-            rows, seqs, tokens = ([rows[i] for i in kept], [seqs[i] for i in kept],
-                                  [tokens[i] for i in kept])
+                if row in failed:
+                    self.ledger.record(seqs[i].id, work[i])  # its share of the step
+                    self._fail(b, row, failed[row])
+            kept = [i for i, r in enumerate(rows) if r not in failed]
+            rows, seqs, tokens, work = ([rows[i] for i in kept], [seqs[i] for i in kept],
+                                        [tokens[i] for i in kept], [work[i] for i in kept])
             if not rows:
                 return
-        else:
-            work = b.slots.work
         # per token: a speculative step gives a row several; the width is what the forward
         # covered (a batched step runs over the prefix of rows up to the highest one)
         per_row = sum(len(t) for t in tokens) / len(rows)

@@ -117,7 +117,7 @@ def measure_step_widths(engine: Engine, prompt_ids: Sequence[int],
         mark = meter.begin() if meter is not None else None
         for _ in range(steps):
             t0 = time.perf_counter()
-            made = slots.step_many(list(range(n)), last[:n], samplers[:n])
+            made = slots.step_many(list(range(n)), last[:n], samplers[:n]).tokens
             times.append(1000 * (time.perf_counter() - t0) * n / sum(map(len, made)))
             last[:n] = [m[-1] for m in made]  # per token: a speculative round gives several
         out.ms[n] = statistics.median(times)

@@ -65,7 +65,7 @@ def test_sampled_tokens_follow_fulls_distribution(engines: dict[str, OrtEngine])
     for trial in range(n):
         sampler = Sampler(GenerationParams(max_new_tokens=8, temperature=1.0, seed=trial))
         slots.prefill(0, ids, sampler)
-        counts[slots.step_many([0], [last], [sampler])[0][0]] += 1
+        counts[slots.step_many([0], [last], [sampler]).tokens[0][0]] += 1
         slots.release(0)
     assert slots.accepted < 0.9 * slots.drafted  # the rejection path was taken often
     expected = n * p
@@ -93,7 +93,7 @@ def test_a_row_with_low_acceptance_pauses_then_drafts_again(
     drafted_per_step = []
     while len(got) < 120:
         before = slots.drafted
-        got += slots.step_many([1], [got[-1]], [sampler])[0]
+        got += slots.step_many([1], [got[-1]], [sampler]).tokens[0]
         drafted_per_step.append(slots.drafted - before)
     # a round (4 drafts), 8 plain steps, a round, 16 plain, a round, 32 plain, a round, ...
     pattern = "".join("R" if d else "." for d in drafted_per_step)
@@ -114,7 +114,7 @@ def test_a_row_that_drafts_well_never_pauses(engines: dict[str, OrtEngine]) -> N
     got = [slots.prefill(0, ids, sampler)]
     steps = 0
     while len(got) < 40:
-        got += slots.step_many([0], [got[-1]], [sampler])[0]
+        got += slots.step_many([0], [got[-1]], [sampler]).tokens[0]
         steps += 1
     assert slots.drafted == 3 * steps
     assert slots.accepted >= 0.9 * slots.drafted
@@ -158,7 +158,7 @@ def test_batched_rounds_give_every_row_fulls_tokens_as_rows_come_and_go(
         ps = [p for p in row_of if len(got[p]) < want_n[p]]
         if ps:
             made = slots.step_many([row_of[p] for p in ps], [got[p][-1] for p in ps],
-                                   [samplers[p] for p in ps])
+                                   [samplers[p] for p in ps]).tokens
             assert all(1 <= len(m) <= slots.k + 1 for m in made)
             for p, m in zip(ps, made, strict=True):
                 got[p] += m

@@ -472,6 +472,24 @@ def test_a_row_with_bad_logits_fails_alone(builder_engine: OrtEngine) -> None:
     assert ex.lane.failed is None
 
 
+def test_a_step_returns_its_rows_results_and_failures(builder_engine: OrtEngine) -> None:
+    """``step_many`` returns what the step gave each row (a StepResult: tokens, work, the
+    rows whose sampling failed) instead of leaving it on the slots; ``step`` raises."""
+    from models.runtime.engine.slots import KVSlots, Sampler
+
+    slots = KVSlots(builder_engine, 3, 64)
+    params = GenerationParams(max_new_tokens=8, ignore_eos=True)
+    samplers = [Sampler(params) for _ in range(3)]
+    last = [slots.prefill(r, builder_engine.encode(PROMPTS[r]), samplers[r]) for r in range(3)]
+    slots.ort_engine = PoisonedEngine(slots, row=1)  # type: ignore[assignment]
+    result = slots.step_many([0, 1, 2], last, samplers)
+    assert list(result.failed) == [1] and result.work == [1, 1, 1]
+    assert len(result.tokens) == 3 and all(len(t) == 1 for t in result.tokens)
+    assert not hasattr(slots, "failed") and not hasattr(slots, "work")
+    with pytest.raises(ValueError, match="logits"):
+        slots.step([0, 1, 2], [t[0] for t in result.tokens], samplers)
+
+
 def test_the_lane_enforces_the_request_timeout_itself(builder_engine: OrtEngine) -> None:
     """Without anyone reading its events: a request past its timeout before it gets a row is
     skipped, and a running one is stopped at the next step (its row freed)."""

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.runtime.engine.ort import OrtEngine
-from models.runtime.engine.rows import Sampler, Slots
+from models.runtime.engine.rows import Sampler, Slots, StepResult
 from models.runtime.engine.session import aligned_zeros
 
 
@@ -170,8 +170,19 @@ class KVSlots(Slots):
 
     def step(self, rows: Sequence[int], tokens: Sequence[int],
              samplers: Sequence[Sampler]) -> list[int]:
+        """Each row's next token; a row's failed sampling raises (:meth:`step_many` reports
+        it per row instead)."""
         self.step_logits(rows, tokens)
-        return self._sample_rows(rows, samplers)
+        out, failed = self._sample_rows(rows, samplers)
+        if failed:
+            raise next(iter(failed.values()))
+        return out
+
+    def step_many(self, rows: Sequence[int], tokens: Sequence[int],
+                  samplers: Sequence[Sampler]) -> StepResult:
+        self.step_logits(rows, tokens)
+        out, failed = self._sample_rows(rows, samplers)
+        return StepResult([[t] for t in out], [1] * len(rows), failed)
 
     def step_logits(self, rows: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """One token appended to each of ``rows`` in one forward; their next-token logits
@@ -213,20 +224,21 @@ class KVSlots(Slots):
             for r, at in spans:
                 self.mask[r, at : at + count] = 0
 
-    def _sample_rows(self, rows: Sequence[int], samplers: Sequence[Sampler]) -> list[int]:
+    def _sample_rows(self, rows: Sequence[int],
+                     samplers: Sequence[Sampler]) -> tuple[list[int], dict[int, Exception]]:
         """Each row's next token from the step's logits. A row whose sampling fails (bad
-        logits) fails alone: it is listed in :attr:`failed` with a placeholder token, and the
-        other rows go on."""
+        logits) fails alone: it is returned among the failures with a placeholder token, and
+        the other rows go on."""
         logits = self._logits
-        self.failed = {}
+        failed: dict[int, Exception] = {}
         out = []
         for row, sampler in zip(rows, samplers, strict=True):
             try:
                 out.append(sampler(logits[row, 0]))
             except Exception as err:  # noqa: BLE001 (the row's own fault, reported per row)
-                self.failed[row] = err
+                failed[row] = err
                 out.append(0)
-        return out
+        return out, failed
 
     def release(self, row: int) -> None:
         self._high[row] = max(self._high[row], self.lengths[row])

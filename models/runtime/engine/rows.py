@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +37,16 @@ class BadLogitsError(ValueError):
     """A row's logits hold NaN or infinity: that row cannot continue (the others can)."""
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one step gave its rows (in the order they were named)."""
+
+    tokens: list[list[int]]  # each row's new tokens (several from a speculative round)
+    work: list[int]  # tokens each row pushed through the device (its energy share)
+    failed: dict[int, Exception] = field(default_factory=dict)  # row → why its sampling
+    # failed (bad logits): that row alone fails; its entry in ``tokens`` is a placeholder
+
+
 class Slots(ABC):
     """``max_batch`` rows of at most ``max_len`` tokens each (prompt + generated)."""
 
@@ -49,8 +60,6 @@ class Slots(ABC):
         self.engine = engine
         self.max_batch = max_batch
         self.max_len = max_len
-        self.work: list[int] = []  # tokens each row of the last step pushed through the device
-        self.failed: dict[int, Exception] = {}  # rows whose sampling failed in the last step
 
     @property
     def kv_bytes(self) -> int:
@@ -88,11 +97,11 @@ class Slots(ABC):
         """Feed each row its last token; return each row's next token (same order)."""
 
     def step_many(self, rows: Sequence[int], tokens: Sequence[int],
-                  samplers: Sequence[Sampler]) -> list[list[int]]:
-        """Like :meth:`step`, but a row may get several tokens (speculative decoding); also
-        sets :attr:`work`, the tokens each row pushed through the device (energy shares)."""
-        self.work = [1] * len(rows)
-        return [[t] for t in self.step(rows, tokens, samplers)]
+                  samplers: Sequence[Sampler]) -> StepResult:
+        """Like :meth:`step`, for the lane: a row may get several tokens (speculative
+        decoding), each row's work is counted, and a row whose sampling failed is reported
+        instead of failing the step."""
+        return StepResult([[t] for t in self.step(rows, tokens, samplers)], [1] * len(rows))
 
     @abstractmethod
     def release(self, row: int) -> None:

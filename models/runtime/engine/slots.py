@@ -23,9 +23,10 @@ from collections.abc import Iterator, Sequence
 from models.runtime.engine.base import Engine
 from models.runtime.engine.kvslots import KVSlots
 from models.runtime.engine.ort import OrtEngine
-from models.runtime.engine.rows import BadLogitsError, Sampler, Slots
+from models.runtime.engine.rows import BadLogitsError, Sampler, Slots, StepResult
 
-__all__ = ["BadLogitsError", "KVSlots", "Sampler", "SerialSlots", "Slots", "slots_for"]
+__all__ = ["BadLogitsError", "KVSlots", "Sampler", "SerialSlots", "Slots", "StepResult",
+           "slots_for"]
 
 
 class SerialSlots(Slots):

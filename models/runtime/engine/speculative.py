@@ -37,7 +37,7 @@ import numpy as np
 from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.engine.sampling import distribution, sample_from
-from models.runtime.engine.slots import KVSlots, Sampler, Slots
+from models.runtime.engine.slots import KVSlots, Sampler, Slots, StepResult
 
 ACCEPTANCE_DECAY = 0.7  # weight of a row's acceptance estimate kept per round
 PAUSE_TOKENS = 8  # plain tokens of a row's first pause; each further pause doubles
@@ -110,7 +110,7 @@ class SpecSlots(Slots):
         raise TypeError("speculative rows may produce several tokens a step: use step_many")
 
     def step_many(self, rows: Sequence[int], tokens: Sequence[int],
-                  samplers: Sequence[Sampler]) -> list[list[int]]:
+                  samplers: Sequence[Sampler]) -> StepResult:
         """One round for every row in ``rows`` (newest kept tokens ``tokens``, which neither
         model has seen): the draft steps all drafting rows together, rows taking a plain step
         share one target step, and each drafting row's drafts are verified in a forward of its
@@ -130,11 +130,11 @@ class SpecSlots(Slots):
         for i, k in enumerate(ks):
             if k > 0:
                 verify[i] = self.target.forward(rows[i], [tokens[i], *drafts[i]])
-        out, self.work = [], []
+        out, work = [], []
         for i, (row, last, sampler) in enumerate(zip(rows, tokens, samplers, strict=True)):
             out.append(self._accept(row, last, sampler, drafts[i], q[i], verify[i], starts[i]))
-            self.work.append(ks[i] + 1 + catch_up[i] + ks[i])
-        return out
+            work.append(ks[i] + 1 + catch_up[i] + ks[i])
+        return StepResult(out, work)
 
     def _draft(self, rows: Sequence[int], tokens: Sequence[int], samplers: Sequence[Sampler],
                ks: Sequence[int]) -> tuple[list[list[int]], list[list[np.ndarray]], list[int]]:
@@ -270,7 +270,7 @@ class SpeculativeEngine(Engine):
                 produced += 1
                 if produced >= params.max_new_tokens:
                     return
-                batch = slots.step_many([0], [token], [sampler])[0]
+                batch = slots.step_many([0], [token], [sampler]).tokens[0]
                 for extra in batch[:-1]:
                     yield extra
                     produced += 1
