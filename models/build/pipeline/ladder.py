@@ -28,6 +28,7 @@ from models.build.pipeline.options import (
     BuildOptions,
     Log,
 )
+from models.build.pipeline.progress import Progress
 from models.build.pipeline.quality import heldout_ids
 from models.build.pipeline.source import checkpoint_hash, resolve_checkpoint
 from models.build.pipeline.speculative import choose_speculative
@@ -136,8 +137,13 @@ def prepare(opts: BuildOptions, src: Sources, out: Path, log: Log) -> stages.Bui
 
 
 def build_ladder(opts: BuildOptions, log: Log = print) -> tuple[Manifest, bool]:
-    """Build (or confirm up to date) the ladder in ``opts.out``; return (manifest, built)."""
-    log = _timed(log)
+    """Build (or confirm up to date) the ladder in ``opts.out``; return (manifest, built).
+    A line at least every 30 s while it runs (:class:`Progress`)."""
+    with Progress(_timed(log)) as progress:
+        return _build(opts, progress)
+
+
+def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     src = resolve_sources(opts)
     final = opts.out
     if not opts.force and is_up_to_date(final, src.key):

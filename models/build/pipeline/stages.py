@@ -128,7 +128,9 @@ def _race(b: Build, base: str, qname: str,
     engines: dict[str, OrtEngine] = {}
     trials: dict[str, Any] = {}
     prompts = _check_prompts(b)
-    for method in candidates:
+    for i, method in enumerate(candidates, 1):
+        b.log(f"  {qname} candidate {i}/{len(candidates)} {method.name}: quantizing, checking "
+              "against exact references, measuring its quality")
         tdir = b.work / f"{qname}-{method.name}"
         q.quantize(b.out / base, tdir, method)
         # timed on the service's path: without its config a builder graph's copy would run
@@ -147,6 +149,8 @@ def _race(b: Build, base: str, qname: str,
     if not engines:
         raise BuildError(f"no {qname} candidate computes correctly on this CPU: "
                          + "; ".join(f"{n}: {t['rejected']}" for n, t in trials.items()))
+    b.log(f"  {qname}: timing {len(engines)} candidates at 1 row, then {RACE_ROWS} rows, "
+          "taking turns")
     costs = b.measure(engines)
     wide = (measure_wide_many(engines, b.prompt, rows=RACE_ROWS) if len(engines) > 1
             else {})
