@@ -145,9 +145,6 @@ class GenerationService:
             self.metrics.kv_written.labels(name).set(b.slots.kv_written_bytes)
 
     # -- routing ----------------------------------------------------------------------------
-    def known(self, name: str) -> bool:
-        return name in self.ladder.manifest.variants
-
     def power_capped(self) -> bool:
         cap = self.settings.power_cap_watts
         return cap is not None and self.power.watts() > cap

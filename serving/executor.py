@@ -77,11 +77,6 @@ class Executor:
                          observer=observer)
 
     # -- before submitting --------------------------------------------------------------------
-    def batching(self) -> dict[str, str]:
-        """How each variant's rows run: ``shared-kv-batch`` (one forward per step) or
-        ``serial`` (interleaved, one forward per row)."""
-        return {name: b.slots.kind for name, b in self.lane.batches.items()}
-
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per variant: how its rows run, how many are running, and for a speculative rung
         its drafted and accepted tokens since start."""

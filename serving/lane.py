@@ -304,11 +304,11 @@ class Lane:
         for seq in ended:
             self._retire(b, seq.row)
 
-    def _settle(self, force: bool = False) -> None:
+    def _settle(self) -> None:
         """Settle the ledger; the interval's joules price its forwards (variant and width),
         shared by time where a slow counter's interval holds several (the update's work
         between forwards is part of what a step costs)."""
-        if (settled := self.ledger.settle(force)) is None:
+        if (settled := self.ledger.settle()) is None:
             return
         busy = sum(seconds for _, _, seconds in self._forwards) or 1.0
         for variant, width, seconds in self._forwards:

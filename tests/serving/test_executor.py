@@ -233,7 +233,8 @@ def test_two_variants_share_the_lane(tiny_ladder: Path) -> None:
     """Requests on two variants interleave on one lane; each gets its own variant's tokens."""
     ladder = load_ladder(tiny_ladder, threads=1, only=["full", "distilled"], warmup=False)
     ex = make_executor(ladder.engines)
-    assert ex.batching() == {"full": "shared-kv-batch", "distilled": "shared-kv-batch"}
+    assert {n: s["batching"] for n, s in ex.stats().items()} == {"full": "shared-kv-batch",
+                                                                "distilled": "shared-kv-batch"}
     jobs = [("full", "def main():", 10), ("distilled", "import os", 12),
             ("full", "x = 1", 6), ("distilled", "class A:", 8)]
 
@@ -265,7 +266,8 @@ def test_speculative_rows_give_fulls_tokens_and_exact_lengths(tiny_ladder: Path)
     assert isinstance(full, OrtEngine)
     spec = SpeculativeEngine(full, ladder.engines["int8"], 3)  # type: ignore[arg-type]
     ex = make_executor({"full-speculative": spec})
-    assert ex.batching() == {"full-speculative": "speculative"}
+    assert {n: s["batching"] for n, s in ex.stats().items()} == {"full-speculative":
+                                                                "speculative"}
     jobs = [("def main():", 11), ("import os", 7), ("x = 1", 16), ("class A:", 5)]
 
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
