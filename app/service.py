@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from routing.policy import Budget, InfeasibleError
 from routing.router import Router
 from serving.errors import (
     LaneFailedError,
+    PowerCappedError,
     QueueFullError,
     ShuttingDownError,
     UnknownVariantError,
@@ -144,15 +144,22 @@ class GenerationService:
             self.metrics.kv_capacity.labels(name).set(b.slots.kv_bytes)
             self.metrics.kv_written.labels(name).set(b.slots.kv_written_bytes)
 
-    # -- routing ----------------------------------------------------------------------------
     def power_capped(self) -> bool:
-        cap = self.settings.power_cap_watts
-        return cap is not None and self.power.watts() > cap
+        return self.executor.power_capped()
 
-    def route(self, call: Call, prompt_tokens: int) -> Route:
+    # -- running -------------------------------------------------------------------------
+    def open(self, call: Call) -> Run:
+        """Validate ``call`` and admit it (routed and queued in one step by the executor);
+        map a refusal to :class:`ApiError` (4xx, 429, 503) before any response has started."""
+        any_engine = next(iter(self.ladder.engines.values()))
+        prompt_ids = any_engine.encode(call.prompt)
+        if not prompt_ids:
+            raise ApiError(422, "invalid_request_error", "prompt encodes to no tokens", "prompt")
+        timeout = self.settings.request_timeout_s
         try:
-            d = self.executor.route(call.budget, prompt_tokens, call.params.max_new_tokens,
-                                    call.variant, self.power_capped())
+            d, handle = self.executor.admit(
+                lambda variant: call.request(prompt_ids, variant, timeout), call.budget,
+                len(prompt_ids), call.params.max_new_tokens, call.variant)
         except UnknownVariantError as err:
             raise ApiError(404, "model_not_found", str(err), "variant") from err
         except VariantUnavailableError as err:
@@ -160,43 +167,25 @@ class GenerationService:
         except InfeasibleError as err:
             self.metrics.route_decisions.labels("none", "rejected").inc()
             raise ApiError(422, "budget_unsatisfiable", str(err), "budget") from err
-        capped = d.reason == "power_cap" or (d.reason == "pinned" and self.power_capped())
-        if capped and self.executor.depth > 0:
-            # already on the cheapest variant the floor allows (or pinned, which cannot shed)
-            # and still over the cap: refuse queued work instead of adding to it
-            retry = max(1, math.ceil(self.settings.power_window_s))
-            self.metrics.requests.labels(call.endpoint, d.variant, "rejected").inc()
-            raise ApiError(429, "power_cap", f"device power {self.power.watts():.1f} W is over "
-                           f"the cap of {self.settings.power_cap_watts:g} W; retry in about "
-                           f"{retry} s", None, {"Retry-After": str(retry)})
-        self.metrics.route_decisions.labels(d.variant, d.reason).inc()
-        return Route(d.variant, d.reason, d.predicted_latency_ms, d.predicted_joules,
-                     [asdict(c) for c in d.candidates], call.budget.latency_ms,
-                     call.budget.max_joules)
-
-    # -- running -------------------------------------------------------------------------
-    def open(self, call: Call) -> Run:
-        """Validate, route and submit ``call``; raise :class:`ApiError` for a caller mistake
-        (4xx) or a full executor (429) before any response has started."""
-        any_engine = next(iter(self.ladder.engines.values()))
-        prompt_ids = any_engine.encode(call.prompt)
-        if not prompt_ids:
-            raise ApiError(422, "invalid_request_error", "prompt encodes to no tokens", "prompt")
-        route = self.route(call, len(prompt_ids))
-        request = call.request(prompt_ids, route.variant, self.settings.request_timeout_s)
-        try:
-            handle = self.executor.submit(request)
+        except PowerCappedError as err:
+            self.metrics.requests.labels(call.endpoint, err.variant, "rejected").inc()
+            raise ApiError(429, "power_cap", str(err), None,
+                           {"Retry-After": str(err.retry_after_s)}) from err
         except ContextOverflowError as err:
             raise ApiError(422, "context_length_exceeded", str(err), "max_new_tokens") from err
         except QueueFullError as err:
-            self.metrics.requests.labels(call.endpoint, route.variant, "rejected").inc()
+            self.metrics.requests.labels(call.endpoint, err.variant or "auto", "rejected").inc()
             raise ApiError(429, "queue_full", str(err), None,
                            {"Retry-After": str(err.retry_after_s)}) from err
         except ShuttingDownError as err:
             raise ApiError(503, "shutting_down", str(err)) from err
         except LaneFailedError as err:
             raise ApiError(503, "lane_failed", str(err)) from err
+        self.metrics.route_decisions.labels(d.variant, d.reason).inc()
         self.metrics.inflight.inc()
+        route = Route(d.variant, d.reason, d.predicted_latency_ms, d.predicted_joules,
+                      [asdict(c) for c in d.candidates], call.budget.latency_ms,
+                      call.budget.max_joules)
         return Run(self, call, route, len(prompt_ids), handle)
 
 

@@ -75,9 +75,11 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
         max_batch=settings.max_batch, max_seq_tokens=settings.max_seq_tokens,
         queue_size=settings.queue_size, prefill_token_budget=settings.prefill_token_budget,
         # a counter that moves every 20-100 ms is read no more often than it moves
-        ledger_interval_s=settings.nvml_counter_period_s if meter.source == "nvml" else 0.0)
+        ledger_interval_s=settings.nvml_counter_period_s if meter.source == "nvml" else 0.0,
+        power_cap_watts=settings.power_cap_watts, power_window_s=settings.power_window_s)
+    power = LivePower(meter, settings.power_window_s)
     executor = Executor(ladder.engines, list(ladder.manifest.variants), router, meter, device,
-                        config, ServiceObserver(metrics, device))
+                        config, ServiceObserver(metrics, device), power=power.watts)
     try:
         check_memory(executor, ladder, settings)
     except RuntimeError:
@@ -88,8 +90,7 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
              settings.ladder_dir, sorted(ladder.engines), ladder.failed or "none", device,
              chat_template.source)
     metrics.meter_opened(meter.device, meter.source)
-    power = LivePower(meter, settings.power_window_s)
-    power.observe(meter.total_joules())
+    power.observe(meter.total_joules())  # its window starts after the start-up calibration
 
     def on_sample(watts: float, joules: float) -> None:
         metrics.device_sample(meter.device, meter.source, watts, joules)

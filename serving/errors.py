@@ -11,10 +11,11 @@ class QueueFullError(ServingError):
     """No free row for the variant and the lane's queue is full; ``retry_after_s`` is a
     whole-second estimate of when a row frees."""
 
-    def __init__(self, device: str, retry_after_s: int) -> None:
+    def __init__(self, device: str, retry_after_s: int, variant: str | None = None) -> None:
         super().__init__(f"the {device} lane is full; retry in about {retry_after_s} s")
         self.device = device
         self.retry_after_s = retry_after_s
+        self.variant = variant  # the variant it was routed to (set by Executor.admit)
 
 
 class UnknownVariantError(ServingError):
@@ -45,3 +46,14 @@ class LaneFailedError(ServingError):
         super().__init__(f"the {device} lane failed; the service must be restarted")
         self.device = device
         self.cause = cause
+
+
+class PowerCappedError(ServingError):
+    """The device is over its power cap, the request is already on the cheapest variant its
+    floor allows (or pinned, which cannot shed), and work is queued: refused, not added."""
+
+    def __init__(self, variant: str, watts: float, cap: float, retry_after_s: int) -> None:
+        super().__init__(f"device power {watts:.1f} W is over the cap of {cap:g} W; retry in "
+                         f"about {retry_after_s} s")
+        self.variant = variant
+        self.retry_after_s = retry_after_s

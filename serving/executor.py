@@ -8,7 +8,8 @@ domain errors of :mod:`serving.errors` (and the router's and engine's) for ``app
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,12 @@ from models.runtime.engine.slots import slots_for
 from routing.policy import Budget, Decision
 from routing.router import Load, Router
 from serving.batch import Batch
-from serving.errors import UnknownVariantError, VariantUnavailableError
+from serving.errors import (
+    PowerCappedError,
+    QueueFullError,
+    UnknownVariantError,
+    VariantUnavailableError,
+)
 from serving.events import Chunks, Event
 from serving.lane import Lane
 from serving.observer import LaneObserver
@@ -32,6 +38,8 @@ class ExecutorConfig:
     queue_size: int = 8  # requests waiting for a row, per lane, before 429
     prefill_token_budget: int = 512  # prompt tokens admitted per scheduling turn (>= 1 request)
     ledger_interval_s: float = 0.0  # settle energy at most this often (slow counters: NVML)
+    power_cap_watts: float | None = None  # over it: shed to the cheapest variant, then refuse
+    power_window_s: float = 5.0  # the window the device's power is read over (Retry-After)
 
 
 class Handle:
@@ -63,8 +71,11 @@ class Executor:
 
     def __init__(self, engines: Mapping[str, Engine], known: list[str], router: Router,
                  meter: EnergyMeter, device: str, config: ExecutorConfig | None = None,
-                 observer: LaneObserver | None = None) -> None:
+                 observer: LaneObserver | None = None,
+                 power: Callable[[], float] | None = None) -> None:
+        """``power``: the device's live watts (the power cap's signal; without it, no cap)."""
         self.config = config = config or ExecutorConfig()
+        self.power = power
         self.engines = dict(engines)
         self.known = list(known)
         self.router = router
@@ -117,6 +128,11 @@ class Executor:
     def depth(self) -> int:
         return self.lane.depth
 
+    def power_capped(self) -> bool:
+        """The device is over its power cap now."""
+        cap = self.config.power_cap_watts
+        return cap is not None and self.power is not None and self.power() > cap
+
     def route(self, budget: Budget, prompt_tokens: int, new_tokens: int,
               pinned: str | None = None, power_capped: bool = False) -> Decision:
         """The router's decision under the lane's current load (raises
@@ -125,6 +141,29 @@ class Executor:
             self.check_variant(pinned)
         return self.router.decide(budget, prompt_tokens, new_tokens, set(self.engines),
                                   self.load(), pinned, power_capped)
+
+    def admit(self, request_for: Callable[[str], Request], budget: Budget,
+              prompt_tokens: int, new_tokens: int,
+              pinned: str | None = None) -> tuple[Decision, Handle]:
+        """The one way in: route and queue in one step, under the lane's admission lock, so
+        the load a decision read is the load its request joins (concurrent admits see each
+        other). Over the power cap, the router sheds to the cheapest variant the floor allows;
+        when that (or a pinned variant) is still over it with work queued, the request is
+        refused (:class:`PowerCappedError`) instead of added. ``request_for(variant)`` makes
+        the request once its variant is known."""
+        with self.lane.admission:
+            capped = self.power_capped()
+            decision = self.route(budget, prompt_tokens, new_tokens, pinned, capped)
+            if capped and decision.reason in ("power_cap", "pinned") and self.depth > 0:
+                cap = self.config.power_cap_watts
+                assert cap is not None and self.power is not None
+                raise PowerCappedError(decision.variant, self.power(), cap,
+                                       max(1, math.ceil(self.config.power_window_s)))
+            try:
+                return decision, self.submit(request_for(decision.variant))
+            except QueueFullError as err:
+                err.variant = decision.variant
+                raise
 
     # -- running --------------------------------------------------------------------------------
     def submit(self, request: Request) -> Handle:

@@ -60,12 +60,14 @@ class Lane:
         self._thread.start()
 
     @property
-    def depth(self) -> int:
-        """Requests waiting for a row."""
+    def depth(self) -> int:  # requests waiting for a row
         return self._waiting
 
-    def load(self) -> dict[str, Load]:
-        """Each variant's rows for the router (see :func:`serving.load.predict_load`)."""
+    @property
+    def admission(self) -> threading.Condition:  # held (reentrant) by Executor.admit
+        return self._cv
+
+    def load(self) -> dict[str, Load]:  # each variant's rows for the router (serving.load)
         return predict_load(self.batches, list(self._inbox), self.router, time.perf_counter())
 
     def submit(self, seq: Sequence) -> None:

@@ -4,6 +4,7 @@ ledger's conservation, the energy cap and bounded admission."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -317,9 +318,11 @@ def test_round_robin_is_exact_and_switches_are_reported_apart(tiny_ladder: Path)
     jobs = [("full", 24), ("full", 24), ("int8", 6), ("distilled", 24)]
 
     async def main() -> None:
-        handles = [ex.submit(Request(ladder.engines[v].encode("def main():"),
-                                     GenerationParams(max_new_tokens=n, ignore_eos=True), v))
-                   for v, n in jobs]
+        with ex.lane.admission:  # all four in the lane's first turn (else a race decides)
+            handles = [ex.submit(Request(ladder.engines[v].encode("def main():"),
+                                         GenerationParams(max_new_tokens=n, ignore_eos=True),
+                                         v))
+                       for v, n in jobs]
         await asyncio.gather(*(collect(h) for h in handles))
 
     try:
@@ -402,7 +405,7 @@ def test_a_lane_that_dies_fails_what_it_holds_and_takes_nothing_new(
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
         # all four are queued before the lane can take any (holding its lock; it is
         # reentrant): otherwise the lane may die after the first and refuse the others
-        with ex.lane._cv:
+        with ex.lane.admission:
             handles = [ex.submit(request(builder_engine, p, 20)) for p in PROMPTS[:4]]
         return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 30)
 
@@ -589,3 +592,91 @@ def test_every_forward_teaches_the_router_its_power_at_its_width_and_lengths(
     assert cost["prefill_watts"] > 20.0
     # each used all of its bound of 12 (ignore_eos), in the class of bounds up to 16
     assert ex.router.lengths() == {"16": {"fraction": 1.0, "answers": 4}}
+
+
+def test_admit_routes_and_queues_in_one_step_under_the_lanes_lock(
+        builder_engine: OrtEngine) -> None:
+    """While one admission holds the lane's admission lock, another cannot route (it would
+    read a load the first is about to change); once released it goes on, and each gets the
+    router's decision with its handle."""
+    from routing.policy import Budget
+
+    ex = make_executor({"full": builder_engine})
+    budget = Budget(60_000, 0.0)
+    done = threading.Event()
+    got: list[Any] = []
+
+    async def second() -> None:
+        d, h = ex.admit(lambda v: request(builder_engine, PROMPTS[1], 4, variant=v), budget,
+                        4, 4)
+        got.append(d)
+        done.set()
+        await collect(h)
+
+    try:
+        with ex.lane.admission:
+            t = threading.Thread(target=lambda: asyncio.run(second()))
+            t.start()
+            assert not done.wait(0.3)  # blocked behind the held lock
+        assert done.wait(30)
+        t.join(30)
+        assert got[0].variant == "full" and got[0].reason == "cheapest_feasible"
+    finally:
+        ex.stop(10)
+
+
+def test_concurrent_admits_never_overfill_rows_or_queue(builder_engine: OrtEngine) -> None:
+    """Twelve admissions at once into a lane held at the start of its work (its meter gated):
+    exactly the batch's two rows' worth are taken and the rest are refused with
+    QueueFullError naming the variant they were routed to; none is lost or double-counted."""
+    from routing.policy import Budget
+
+    class Gated(PowerMeter):
+        gate = threading.Event()
+
+        def total_joules(self) -> float:
+            self.gate.wait(30)
+            return super().total_joules()
+
+    meter = Gated()
+    router = Router({"full": 1.0}, {"full": CostModel(0.1, 1.0, 10.0)})
+    ex = Executor({"full": builder_engine}, ["full"], router, meter, "cpu",
+                  ExecutorConfig(max_batch=2, max_seq_tokens=96, queue_size=2))
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    decided = threading.Semaphore(0)
+
+    def one(i: int) -> None:
+        async def go() -> None:
+            try:
+                _, handle = ex.admit(
+                    lambda v: request(builder_engine, PROMPTS[i % 4], 4, variant=v),
+                    Budget(60_000, 0.0), 4, 4)
+            except QueueFullError as err:
+                kind, handle = f"full:{err.variant}", None
+            else:
+                kind = "admitted"
+            with lock:
+                outcomes.append(kind)
+            decided.release()
+            if handle is not None:  # keep its loop alive until it has run
+                await collect(handle)
+        asyncio.run(go())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in threads:
+            assert decided.acquire(timeout=30)
+        admitted = outcomes.count("admitted")
+        assert admitted == ex.lane.depth  # all still waiting: the lane is held
+        # the batch has 2 rows and the lane admits none into them while held: the first two
+        # are promised a row, every later one finds the queue (2) full, whatever the order
+        assert admitted == 2
+        assert set(outcomes) - {"admitted"} == {"full:full"}
+    finally:
+        Gated.gate.set()
+        for t in threads:
+            t.join(30)
+        ex.stop(10)
