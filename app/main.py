@@ -35,12 +35,12 @@ async def watch_lane(service: GenerationService) -> None:
     """When the device lane dies, end the process (a graceful SIGTERM: uvicorn drains and
     exits) so that its supervisor starts a fresh one: compose's ``restart: unless-stopped``,
     Kubernetes' restart policy. /health already answers 503 by then."""
-    lane = service.executor.lane
-    while lane.alive:
+    executor = service.executor
+    while executor.alive:
         await asyncio.sleep(LANE_WATCH_S)
-    if lane.failed is not None:
+    if executor.failed is not None:
         log.critical("the %s lane died (%s): stopping the process for a restart",
-                     lane.device, lane.failed.cause)
+                     executor.device, executor.failed.cause)
         os.kill(os.getpid(), signal.SIGTERM)
 
 

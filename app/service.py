@@ -124,14 +124,14 @@ class GenerationService:
     @property
     def lane_failed(self) -> LaneFailedError | None:
         """Set when the device lane died (the process must be restarted)."""
-        return self.executor.lane.failed
+        return self.executor.failed
 
     def refresh_energy_metrics(self) -> None:
         """Bring the device energy counters up to now: the meter's total (idle included) and
         the ledger's busy joules (what requests are charged from)."""
         if self.sampler is not None:
             self.sampler.sample()
-        busy = self.executor.lane.ledger.busy_joules
+        busy = self.executor.busy_joules
         counted = self._busy_counted
         if busy > counted:
             self.metrics.device_busy_energy.labels(self.meter.device, self.meter.source).inc(
@@ -140,9 +140,9 @@ class GenerationService:
 
     def refresh_memory_metrics(self) -> None:
         """Each variant's KV cache: what it may take and what its rows have written."""
-        for name, b in self.executor.lane.batches.items():
-            self.metrics.kv_capacity.labels(name).set(b.slots.kv_bytes)
-            self.metrics.kv_written.labels(name).set(b.slots.kv_written_bytes)
+        for name, (capacity, written) in self.executor.kv_bytes().items():
+            self.metrics.kv_capacity.labels(name).set(capacity)
+            self.metrics.kv_written.labels(name).set(written)
 
     def power_capped(self) -> bool:
         return self.executor.power_capped()

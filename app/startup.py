@@ -124,7 +124,7 @@ def check_memory(executor: Executor, ladder: LoadedLadder, settings: Settings) -
     """Refuse to start when the worst case cannot fit: every variant's KV rows full (the
     speculative rung's own rows included) plus the weights. KV pages are touched only as rows
     fill, so without this a service starts fine and is OOM-killed under long requests."""
-    kv = {name: b.slots.kv_bytes for name, b in executor.lane.batches.items()}
+    kv = {name: capacity for name, (capacity, _) in executor.kv_bytes().items()}
     weights = sum(v.bytes * (2 if ladder.engines[v.name].wide_threads else 1)
                   for v in ladder.manifest.variants.values()
                   if v.name in ladder.engines and not v.speculative)  # a wide session: twice

@@ -19,6 +19,7 @@ from routing.policy import Budget, Decision
 from routing.router import Load, Router
 from serving.batch import Batch
 from serving.errors import (
+    LaneFailedError,
     PowerCappedError,
     QueueFullError,
     UnknownVariantError,
@@ -86,6 +87,26 @@ class Executor:
                          ledger_interval_s=config.ledger_interval_s,
                          prefill_token_budget=config.prefill_token_budget,
                          observer=observer)
+
+    # -- what the app may see of the lane ------------------------------------------------------
+    @property
+    def failed(self) -> LaneFailedError | None:
+        """Set when the device lane died (the process must be restarted)."""
+        return self.lane.failed
+
+    @property
+    def alive(self) -> bool:
+        return self.lane.alive
+
+    @property
+    def busy_joules(self) -> float:
+        """Device joules over every busy interval so far (what requests are charged from)."""
+        return self.lane.ledger.busy_joules
+
+    def kv_bytes(self) -> dict[str, tuple[int, int]]:
+        """Per variant: its KV cache's worst case (every row full) and what rows have written."""
+        return {name: (b.slots.kv_bytes, b.slots.kv_written_bytes)
+                for name, b in self.lane.batches.items()}
 
     # -- before submitting --------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:

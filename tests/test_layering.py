@@ -115,3 +115,25 @@ def test_no_source_file_outgrows_one_sitting() -> None:
     long = {str(p.relative_to(ROOT)): n for p in sources()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"over {MAX_LINES} lines: {long}"
+
+
+# what the app may not touch: the executor is its one door into serving
+LANE_INTERNALS = ("serving.lane", "serving.batch", "serving.load", "telemetry.ledger")
+
+
+def lane_reaches(path: Path) -> list[str]:
+    """Where ``path`` imports lane internals or reaches through an object's ``.lane``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = [f"imports {m}" for m in imports_of(path) if m.startswith(LANE_INTERNALS)]
+    found += [f"line {n.lineno}: .lane" for n in ast.walk(tree)
+              if isinstance(n, ast.Attribute) and n.attr == "lane"]
+    return found
+
+
+def test_the_app_goes_through_the_executor_never_the_lane(tmp_path: Path) -> None:
+    reaching = {str(p.relative_to(ROOT)): r for p in sorted((ROOT / "app").rglob("*.py"))
+                if (r := lane_reaches(p))}
+    assert not reaching, reaching
+    probe = tmp_path / "probe.py"  # the rule sees both kinds of reach
+    probe.write_text("import serving.lane\nx = service.executor.lane.ledger\n")
+    assert len(lane_reaches(probe)) == 2

@@ -80,7 +80,8 @@ def test_the_observer_hears_each_request_and_cannot_stop_serving(
     ids = []
 
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
-        handles = [ex.submit(request(builder_engine, p, 3)) for p in PROMPTS[:3]]
+        with ex.lane.admission:  # all three in one turn: three rows at once
+            handles = [ex.submit(request(builder_engine, p, 3)) for p in PROMPTS[:3]]
         ids.extend(h.request.id for h in handles)
         return [await collect(h) for h in handles]
 
@@ -460,7 +461,8 @@ def test_a_row_with_bad_logits_fails_alone(builder_engine: OrtEngine) -> None:
     prompts = PROMPTS[:3]
 
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
-        handles = [ex.submit(request(builder_engine, p, 12)) for p in prompts]
+        with ex.lane.admission:  # all three in one turn: row 1 is in use
+            handles = [ex.submit(request(builder_engine, p, 12)) for p in prompts]
         return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 30)
 
     try:
