@@ -16,7 +16,8 @@ class Progress:
     """``log``, plus a heartbeat thread while used as a context manager (see the module
     doc). Thread-safe: stages log from the build thread, the heartbeat from its own."""
 
-    def __init__(self, log: Log, every_s: float = 30.0,
+    # the thread looks once a second, so a 29 s threshold keeps lines at most 30 s apart
+    def __init__(self, log: Log, every_s: float = 29.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._log = log
         self.every_s = every_s
