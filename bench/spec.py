@@ -46,6 +46,19 @@ def _run(engine: Engine, ids: list[int], params: GenerationParams,
     return tokens, end - first, reading.joules
 
 
+def compared(meter: Any, spec: Any, identical: int, total: int, rates: dict[str, list[float]],
+             jpt: dict[str, list[float]]) -> dict[str, Any]:
+    """The figures both speculative benches report: the meter, acceptance, identical texts,
+    median tok/s and J/token of each engine, and the rung's J/token over full's per round."""
+    return {"energy_source": meter.source, "energy_estimated": meter.estimated,
+            "acceptance_rate": spec.accepted / max(1, spec.drafted),
+            "identical_outputs": f"{identical}/{total}",
+            "tokens_per_s": {n: statistics.median(v) for n, v in rates.items()},
+            "joules_per_token": {n: statistics.median(v) for n, v in jpt.items()},
+            "joules_ratio_per_round": [s / f for s, f in zip(jpt[SPECULATIVE], jpt["full"],
+                                                             strict=True)]}
+
+
 def run_bench(ladder: Path, draft: str | None = None, k: int | None = None,
               new_tokens: int = 128, rounds: int = 3, threads: int = 2,
               variant_threads: dict[str, int] | None = None) -> dict[str, Any]:
@@ -94,16 +107,9 @@ def run_bench(ladder: Path, draft: str | None = None, k: int | None = None,
         "draft": draft, "k": k, "new_tokens": new_tokens, "prompts": len(prompts),
         "rounds": rounds, "threads": threads,
         "variant_threads": {n: variant_threads.get(n, threads) for n in ("full", draft)},
-        "energy_source": meter.source,
-        "energy_estimated": meter.estimated,
-        "acceptance_rate": spec.accepted / max(1, spec.drafted),
-        "identical_outputs": f"{identical}/{total}",
-        "tokens_per_s": {n: statistics.median(v) for n, v in rates.items()},
-        "joules_per_token": {n: statistics.median(v) for n, v in jpt.items()},
+        **compared(meter, spec, identical, total, rates, jpt),
         "speedup_per_round": [s / f for s, f in zip(rates[SPECULATIVE], rates["full"],
                                                     strict=True)],
-        "joules_ratio_per_round": [s / f for s, f in zip(jpt[SPECULATIVE], jpt["full"],
-                                                         strict=True)],
         "build_choice": manifest.speculative_choice,
     }
     try:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.spec import compared
 from models.build.pipeline.speculative import QUESTIONS
 from models.runtime.chat import ChatTemplate
 from models.runtime.engine.base import GenerationParams
@@ -91,14 +92,7 @@ def run_rows(ladder: Path, rows: int = 8, draft: str | None = None, k: int | Non
         total += rows
     meter.close()
     return {"rows": rows, "draft": draft, "k": k, "new_tokens": new_tokens, "rounds": rounds,
-            "threads": threads, "energy_source": meter.source,
-            "energy_estimated": meter.estimated,
-            "acceptance_rate": spec.accepted / max(1, spec.drafted),
-            "identical_outputs": f"{identical}/{total}",
-            "tokens_per_s": {n: statistics.median(v) for n, v in rate.items()},
-            "joules_per_token": {n: statistics.median(v) for n, v in jpt.items()},
-            "joules_ratio_per_round": [s / f for s, f in zip(jpt[SPECULATIVE], jpt["full"],
-                                                             strict=True)]}
+            "threads": threads, **compared(meter, spec, identical, total, rate, jpt)}
 
 
 def report_rows(f: dict[str, Any]) -> str:

@@ -198,31 +198,29 @@ class KVSlots(Slots):
         # inside it that take no part decode a dummy token past their end (_aside)
         width = max(rows) + 1
         session, binding = self._step_binding(width)
-        with self._aside(rows, width, 1):
+        with self._aside(rows, width):
             session.run_with_iobinding(binding)
         return self._logits[list(rows), 0]
 
     @contextmanager
-    def _aside(self, rows: Sequence[int], width: int, count: int) -> Iterator[None]:
-        """While a forward of ``count`` positions a row runs over rows ``[0, width)``, every
-        row in that prefix outside ``rows`` (free, or a prompt part-way in) holds ``count``
-        dummy positions just past its tokens, where the forward writes its K/V (the graph
-        writes a row's new positions at the end of its mask): its own K/V stays intact, and
-        its mask is restored after."""
+    def _aside(self, rows: Sequence[int], width: int) -> Iterator[None]:
+        """While a step over rows ``[0, width)`` runs, every row in that prefix outside
+        ``rows`` (free, or a prompt part-way in) holds one dummy position just past its tokens,
+        where the forward writes its K/V (the graph writes a row's new position at the end of
+        its mask): its own K/V stays intact, and its mask is restored after."""
         taking = set(rows)
-        others = [r for r in range(width) if r not in taking]
         spans = []
-        for r in others:
+        for r in (r for r in range(width) if r not in taking):
             at = max(int(self.lengths[r]), 1)
-            if at + count > self.max_len:
-                raise ValueError(f"row {r} has no room for a batched forward's dummy positions")
-            self.mask[r, at : at + count] = 1
+            if at >= self.max_len:
+                raise ValueError(f"row {r} has no room for a batched step's dummy position")
+            self.mask[r, at] = 1
             spans.append((r, at))
         try:
             yield
         finally:
             for r, at in spans:
-                self.mask[r, at : at + count] = 0
+                self.mask[r, at] = 0
 
     def _sample_rows(self, rows: Sequence[int],
                      samplers: Sequence[Sampler]) -> tuple[list[int], dict[int, Exception]]:
