@@ -39,11 +39,11 @@ $(BUILDER_VENV)/.installed: $(BUILDER_REQ)
 # the ladder races onnxruntime's operators only.
 KERNELS_LIB := kernels/build/libgreenroute_kernels.so
 CXX ?= g++
-$(KERNELS_LIB): kernels/rowquant.cc kernels/fetch-ort-headers.sh
+$(KERNELS_LIB): kernels/rowquant.cc kernels/attention.cc kernels/fetch-ort-headers.sh
 	@mkdir -p kernels/build
 	@if command -v $(CXX) >/dev/null && kernels/fetch-ort-headers.sh kernels/build/include; then \
 	  $(CXX) -std=c++17 -O3 -ffp-contract=off -fPIC -shared -fvisibility=hidden -Wall -Wextra \
-	    -Ikernels/build/include -o $@ kernels/rowquant.cc \
+	    -Ikernels/build/include -o $@ kernels/rowquant.cc kernels/attention.cc \
 	  && echo "built $@"; \
 	else echo "greenroute kernels not built (no $(CXX) or no onnxruntime headers): the ladder uses onnxruntime's operators only"; fi
 

@@ -519,6 +519,8 @@ struct RowQuantOp : Ort::CustomOpBase<RowQuantOp, RowQuantKernel> {
 
 }  // namespace
 
+OrtCustomOp* GreenrouteAttentionOp();  // kernels/attention.cc
+
 extern "C" {
 
 // Which path this process runs ("avx2", "avxvnni", "avx512vnni" or "scalar").
@@ -537,7 +539,11 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   static RowQuantOp op;
   static std::once_flag once;
   static Ort::CustomOpDomain* domain = nullptr;
-  std::call_once(once, [] { domain = new Ort::CustomOpDomain("greenroute"); domain->Add(&op); });
+  std::call_once(once, [] {
+    domain = new Ort::CustomOpDomain("greenroute");
+    domain->Add(&op);
+    domain->Add(GreenrouteAttentionOp());
+  });
   return api->AddCustomOpDomain(options, *domain);
 }
 

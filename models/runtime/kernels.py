@@ -14,6 +14,9 @@ import onnxruntime as ort
 
 DOMAIN = "greenroute"
 OP_ROW_QUANT = "RowQuantMatMul"
+# several new positions per row at batch > 1 (the speculative rung's verify forward)
+OP_BATCHED_GQA = "BatchedGroupQueryAttention"
+VERIFY_SUFFIX = ".verify.onnx"
 LIBRARY_NAME = "libgreenroute_kernels.so"
 # the quantization methods (manifest names) whose graphs use our operators
 METHOD_PREFIX = "rowquant"
@@ -30,6 +33,11 @@ def uses_kernels(quantization: str | None) -> bool:
     library. onnxruntime-genai cannot load it (its sessions take custom operators only from
     inside the model's directory), so such variants always run on our engine."""
     return bool(quantization) and str(quantization).startswith(METHOD_PREFIX)
+
+
+def verify_graph_path(model_path: Path) -> Path:
+    """Where a graph's batched verify copy lives (written at build time, beside it)."""
+    return model_path.with_name(model_path.stem + VERIFY_SUFFIX)
 
 
 def library_path() -> Path | None:

@@ -20,7 +20,8 @@ class KVSlots(Slots):
     kind = "shared-kv-batch"
     chunked = True
 
-    def __init__(self, engine: OrtEngine, max_batch: int, max_len: int) -> None:
+    def __init__(self, engine: OrtEngine, max_batch: int, max_len: int,
+                 verify_positions: int = 0) -> None:
         if not engine.shared_kv:
             raise ValueError("KVSlots needs a GroupQueryAttention graph with a shared KV buffer")
         super().__init__(engine, max_batch, min(max_len, engine.context_length))
@@ -53,6 +54,13 @@ class KVSlots(Slots):
         self._row_bindings: dict[int, ort.IOBinding] = {}
         self._forward_bindings: dict[tuple[int, bool], tuple[ort.InferenceSession,
                                                             ort.IOBinding]] = {}
+        # forward_rows: up to ``verify_positions`` new positions a row, in one forward of the
+        # engine's verify graph (lazily backed buffers, bindings per width and positions)
+        self.verify_positions = verify_positions if engine.verify_session is not None else 0
+        cap = self.max_batch * self.verify_positions
+        self._vids = aligned_zeros((max(cap, 1),), np.int64)
+        self._vlogits = aligned_zeros((max(cap, 1) * kv.vocab,), kv.logits_dtype)
+        self._verify_bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
     @property
     def kv_bytes(self) -> int:
@@ -123,6 +131,67 @@ class KVSlots(Slots):
         session.run_with_iobinding(binding)
         self.lengths[row] = start + count
         return binding.get_outputs()[-1].numpy()[0]  # logits: bound last
+
+    def forward_rows(self, rows: Sequence[int],
+                     token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Append each row's tokens, all rows in one forward of the verify graph (several new
+        positions per row after its past, at any batch); each row's logits ``[len(tokens),
+        vocab]`` (views, valid until the next call). Without a verify graph (or for more
+        positions than it was sized for) each row takes a :meth:`forward` of its own.
+
+        The forward spans rows ``[0, width)`` and ``s`` positions (the most any row appends): a
+        shorter row is padded with its last token and every other row of the prefix takes ``s``
+        dummy positions just past its end (as in :meth:`_aside`); the pads' K/V lie past each
+        row's length afterwards and are overwritten later."""
+        s = max((len(t) for t in token_lists), default=0)
+        if not 1 <= s <= self.verify_positions or any(not t for t in token_lists):
+            return [self.forward(r, t).copy() for r, t in zip(rows, token_lists, strict=True)]
+        width = max(rows) + 1
+        ids = self._vids[: width * s].reshape(width, s)
+        ids.fill(0)
+        spans = []
+        for r in range(width):
+            at = max(int(self.lengths[r]), 1)
+            if at + s > self.max_len:
+                raise ValueError(f"row {r} (length {at}) has no room for {s} more positions")
+            spans.append((r, at))
+        for row, toks in zip(rows, token_lists, strict=True):
+            if self.lengths[row] < 1:
+                raise ValueError(f"row {row} holds no prompt")
+            ids[row, : len(toks)] = toks
+            ids[row, len(toks) :] = toks[-1]
+        binding = self._verify_binding(width, s)
+        for r, at in spans:
+            self.mask[r, at : at + s] = 1
+        try:
+            self.ort_engine.verify_session.run_with_iobinding(binding)  # type: ignore[union-attr]
+        finally:
+            for r, at in spans:
+                self.mask[r, at : at + s] = 0
+        logits = self._vlogits[: width * s * self.layout.vocab].reshape(width, s, -1)
+        out = []
+        for row, toks in zip(rows, token_lists, strict=True):
+            at = int(self.lengths[row])
+            self.mask[row, at : at + len(toks)] = 1
+            self.lengths[row] = at + len(toks)
+            out.append(logits[row, : len(toks)])
+        return out
+
+    def _verify_binding(self, width: int, s: int) -> ort.IOBinding:
+        made = self._verify_bindings.get((width, s))
+        if made is None:
+            session = self.ort_engine.verify_session
+            assert session is not None
+            made = session.io_binding()
+            self._bind_kv(made, 0, width)
+            made.bind_input("attention_mask", "cpu", 0, np.int64, [width, self.max_len],
+                            int(self.mask.ctypes.data))
+            made.bind_input("input_ids", "cpu", 0, np.int64, [width, s],
+                            int(self._vids.ctypes.data))
+            made.bind_output("logits", "cpu", 0, self._vlogits.dtype,
+                             [width, s, self.layout.vocab], int(self._vlogits.ctypes.data))
+            self._verify_bindings[(width, s)] = made
+        return made
 
     def advance(self, row: int, token: int) -> np.ndarray:
         """Append one token to ``row`` alone; its next-token logits ``[vocab]``. The binding

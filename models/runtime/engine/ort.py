@@ -9,6 +9,7 @@ through ``IOBinding`` and only the logits come back to the host for sampling.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from models.runtime.engine.base import Engine, GenerationParams, VariantLoadErro
 from models.runtime.engine.sampling import make_rng, select_token
 from models.runtime.engine.session import aligned_zeros, providers_for, session_options
 
+_log = logging.getLogger(__name__)
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -93,6 +95,9 @@ class OrtEngine(Engine):
         # core for its cheap narrow steps still uses both under load (see session_for)
         self.wide_session: ort.InferenceSession | None = None
         self.wide_from_rows = wide_from_rows
+        self.model_path = model_path
+        # the batched verify graph's session (load_verify), on the wide thread count
+        self.verify_session: ort.InferenceSession | None = None
         try:
             self.session = ort.InferenceSession(
                 str(model_path), session_options(threads), providers=providers_for(device)
@@ -188,6 +193,24 @@ class OrtEngine(Engine):
         if self.wide_session is not None and rows >= self.wide_from_rows:
             return self.wide_session
         return self.session
+
+    def load_verify(self) -> bool:
+        """Load the graph's batched verify copy (:mod:`models.build.pipeline.verify_graph`:
+        several new positions per row at batch > 1, for the speculative rung's target) where
+        it was built, greenroute's kernels are, and the graph runs on the CPU; whether it is
+        loaded. Called once when a speculative rung is made, never on a step."""
+        path = kernels.verify_graph_path(self.model_path)
+        if self.verify_session is None and self.shared_kv and self.device == "cpu" and \
+                path.is_file():
+            if kernels.available():  # session_options registers them
+                try:
+                    self.verify_session = ort.InferenceSession(
+                        str(path), session_options(max(self.threads, self.wide_threads)),
+                        providers=providers_for("cpu"))
+                except Exception as err:  # noqa: BLE001 (an older kernels library, say)
+                    _log.warning("%s not loaded (rows verify one by one): %s", path,
+                                 str(err).splitlines()[0])
+        return self.verify_session is not None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits [T, V] of a whole sequence in one pass (quality evaluation)."""
