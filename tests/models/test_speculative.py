@@ -132,15 +132,19 @@ def test_break_even_acceptance() -> None:
     assert info.model_dump()["min_acceptance"] == pytest.approx(0.45)
 
 
+@pytest.mark.parametrize("verify", ["batched", "alone"])
 @pytest.mark.parametrize("draft", ["int8", "distilled"])
 def test_batched_rounds_give_every_row_fulls_tokens_as_rows_come_and_go(
-        engines: dict[str, OrtEngine], draft: str) -> None:
-    """Rows share every round (the draft steps them together): rows join between rounds,
-    leave mid-way (released, their row reused), one is far ahead of the others; each row's
-    greedy tokens are full's alone. With the weak draft rows are rejected at their first
-    token; a row may get several tokens a round and the caller keeps only what it asked for."""
+        engines: dict[str, OrtEngine], draft: str, verify: str) -> None:
+    """Rows share every round (the draft steps them together, the target verifies them in one
+    forward of its verify graph, or row by row without it): rows join between rounds, leave
+    mid-way (released, their row reused), one is far ahead of the others; each row's greedy
+    tokens are full's alone. With the weak draft rows are rejected at their first token; a row
+    may get several tokens a round and the caller keeps only what it asked for."""
     full = engines["full"]
-    slots = SpecSlots(full, engines[draft], 4, max_batch=4, max_len=96)
+    slots = SpecSlots(full, engines[draft], 4, max_batch=4, max_len=96,
+                      batched_verify=verify == "batched")
+    assert (slots.target.verify_positions == 5) == (verify == "batched")
     params = GenerationParams(max_new_tokens=40, ignore_eos=True)
     want_n = {0: 24, 1: 16, 2: 30, 3: 26, 4: 20}  # per prompt: tokens it asks for
     got: dict[int, list[int]] = {}

@@ -32,9 +32,11 @@ from models.build.pipeline.progress import Progress
 from models.build.pipeline.quality import heldout_ids
 from models.build.pipeline.source import checkpoint_hash, resolve_checkpoint
 from models.build.pipeline.speculative import choose_speculative
+from models.build.pipeline.verify_graph import write_verify_graph
 from models.build.train.student import STUDENT_FILE, assemble_student, student_made
 from models.runtime.calibrate import CALIBRATION_PROMPT
 from models.runtime.chat import ChatTemplate
+from models.runtime.kernels import verify_graph_path
 from models.runtime.manifest import Manifest
 
 __all__ = ["DEFAULT_HELDOUT", "DEFAULT_STUDENT", "DEFAULT_TEACHER", "BuildOptions",
@@ -148,6 +150,7 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     final = opts.out
     if not opts.force and is_up_to_date(final, src.key):
         manifest = Manifest.load(final)
+        _verify_graph(final, manifest, log, only_if_missing=True)
         if opts.speculative and manifest.speculative_choice is None:
             log(f"ladder in {final} is up to date; measuring the speculative rung (a stage it "
                 "was built without)")
@@ -166,6 +169,7 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     stages.choose_runtime(b)
     stages.score_tasks(b)
     manifest = stages.make_manifest(b, src.key, src.record, src.config)
+    _verify_graph(b.out, manifest, log)
     if opts.speculative:  # a speculative rung, if a draft earns it
         log("measuring drafts for the speculative rung")
         manifest.speculative_choice = choose_speculative(b.out, manifest, opts.threads, log=log)
@@ -175,6 +179,21 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     log(f"ladder written to {final} ({len(manifest.variants)} variants, runtime "
         f"{manifest.runtime})")
     return manifest, True
+
+
+def _verify_graph(ladder: Path, manifest: Manifest, log: Log,
+                  only_if_missing: bool = False) -> None:
+    """``full``'s batched verify graph beside it (the speculative rung verifies every row's
+    drafts in one forward with it); also for a ladder built before it existed."""
+    info = manifest.variants.get("full")
+    if info is None:
+        return
+    graph = ladder / info.dir / info.file
+    if only_if_missing and verify_graph_path(graph).is_file():
+        return
+    written = write_verify_graph(graph)
+    log(f"  batched verify graph: {written.name}" if written else
+        "  no batched verify graph (full's attention is not the form it rewrites)")
 
 
 def staging_dir(out: Path) -> Path:

@@ -13,14 +13,15 @@ row.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from models.runtime.kernels import DOMAIN, OP_BATCHED_GQA, verify_graph_path
 
 
-def _attrs(node: object) -> dict[str, object]:
+def _attrs(node: Any) -> dict[str, Any]:
     import onnx
 
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}  # type: ignore[attr-defined]
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def write_verify_graph(model_path: Path) -> Path | None:

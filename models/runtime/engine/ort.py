@@ -200,16 +200,16 @@ class OrtEngine(Engine):
         it was built, greenroute's kernels are, and the graph runs on the CPU; whether it is
         loaded. Called once when a speculative rung is made, never on a step."""
         path = kernels.verify_graph_path(self.model_path)
-        if self.verify_session is None and self.shared_kv and self.device == "cpu" and \
-                path.is_file():
-            if kernels.available():  # session_options registers them
-                try:
-                    self.verify_session = ort.InferenceSession(
-                        str(path), session_options(max(self.threads, self.wide_threads)),
-                        providers=providers_for("cpu"))
-                except Exception as err:  # noqa: BLE001 (an older kernels library, say)
-                    _log.warning("%s not loaded (rows verify one by one): %s", path,
-                                 str(err).splitlines()[0])
+        # session_options registers greenroute's kernels where they are built
+        if (self.verify_session is None and self.shared_kv and self.device == "cpu"
+                and path.is_file() and kernels.available()):
+            try:
+                self.verify_session = ort.InferenceSession(
+                    str(path), session_options(max(self.threads, self.wide_threads)),
+                    providers=providers_for("cpu"))
+            except Exception as err:  # noqa: BLE001 (an older kernels library, say)
+                _log.warning("%s not loaded (rows verify one by one): %s", path,
+                             str(err).splitlines()[0])
         return self.verify_session is not None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:

@@ -10,22 +10,22 @@ the output is distributed exactly as the target's (``p``, ``q``: the target's an
 distributions after the request's temperature, top-k and top-p).
 
 Both models keep their rows in their own :class:`KVSlots` (the variants' sessions are shared,
-their buffers are not); rolling back rejected positions is lowering a row's length, no copy. The
-draft's side of a round is batched across rows: the draft steps every drafting row together (one
-batched step per drafted position, rows leaving once they have their ``k``), and rows taking a
-plain step share one batched target step. The verify pass stays one forward per drafting row:
-onnxruntime's GroupQueryAttention (1.32, CPU) refuses several new positions with a past at batch
-> 1 ("batch_size must be 1 when sequence_length > 1 and past context is given"), so ``[rows, k +
-1]`` in one pass needs another attention graph. Under load a speculative row therefore still
-costs a narrow target forward a round; the router prices that from the rung's measured step
-table by width (:mod:`routing.cost`), not by a pause rule. Each row's ``k`` follows its
-acceptance (:func:`k_for`). A row whose acceptance (a moving average over its rounds) falls
-below ``min_acceptance``, where rounds stop paying for themselves, pauses: it decodes plainly
-for ``PAUSE_TOKENS`` tokens, then drafts again, and each further pause of that row is twice as
-long (up to ``MAX_PAUSE_TOKENS``). Text is easy to predict in stretches: a row that stopped for
-good after two bad rounds lost the rest of its request's speed-up (measured on the route
-workload's nine full-floor requests: 1.15x full, against 1.53x with pauses and 1.57x for rows
-that never stop).
+their buffers are not); rolling back rejected positions is lowering a row's length, no copy. A
+round is batched on both sides: the draft steps every drafting row together (one batched step
+per drafted position, rows leaving once they have their ``k``), and the target verifies every
+row's ``[last, d1..dk]`` in one forward (rows with fewer drafts padded) through its verify graph,
+where greenroute's ``BatchedGroupQueryAttention`` replaces onnxruntime's GroupQueryAttention
+(which refuses several new positions with a past at batch > 1; :mod:`models.build.pipeline.
+verify_graph`). Without that graph (not built, no kernels library, CUDA) each drafting row is
+verified in a forward of its own. The router prices the rung from its measured step table by
+width (:mod:`routing.cost`), not by a pause rule. Each row's ``k`` follows its acceptance
+(:func:`k_for`). A row whose acceptance (a moving average over its rounds) falls below
+``min_acceptance``, where rounds stop paying for themselves, pauses: it decodes plainly for
+``PAUSE_TOKENS`` tokens, then drafts again, and each further pause of that row is twice as long
+(up to ``MAX_PAUSE_TOKENS``). Text is easy to predict in stretches: a row that stopped for good
+after two bad rounds lost the rest of its request's speed-up (measured on the route workload's
+nine full-floor requests: 1.15x full, against 1.53x with pauses and 1.57x for rows that never
+stop).
 """
 
 from __future__ import annotations
@@ -62,18 +62,21 @@ def rung_threads(target: int, draft: int) -> int:
 class SpecSlots(Slots):
     """Rows decoded speculatively: ``target``'s distribution, ``draft``'s proposals."""
 
-    batched = True  # every row's round shares the draft's steps and one verify forward
+    batched = True  # every row's round shares the draft's steps and the target's forward
     kind = "speculative"
 
     def __init__(self, target: OrtEngine, draft: OrtEngine, k: int, max_batch: int,
-                 max_len: int, min_acceptance: float = 0.0) -> None:
+                 max_len: int, min_acceptance: float = 0.0, batched_verify: bool = True) -> None:
         if k < 1:
             raise ValueError("k must be >= 1")
         super().__init__(target, max_batch, max_len)
         self.k = k
         self.min_acceptance = min_acceptance
+        if batched_verify:
+            target.load_verify()  # once per engine (a no-op after): the verify graph's session
         # room for a round's k drafted positions past a row's last kept token
-        self.target = KVSlots(target, max_batch, self.max_len + k + 1)
+        self.target = KVSlots(target, max_batch, self.max_len + k + 1,
+                              verify_positions=k + 1 if batched_verify else 0)
         self.draft = KVSlots(draft, max_batch, self.max_len + k + 1)
         self._pending: dict[int, list[int]] = {}  # kept tokens the draft has not seen yet
         self._acceptance: dict[int, float] = {}  # moving average of kept / drafted
@@ -112,15 +115,30 @@ class SpecSlots(Slots):
     def step_many(self, rows: Sequence[int], tokens: Sequence[int],
                   samplers: Sequence[Sampler]) -> StepResult:
         """One round for every row in ``rows`` (newest kept tokens ``tokens``, which neither
-        model has seen): the draft steps all drafting rows together, rows taking a plain step
-        share one target step, and each drafting row's drafts are verified in a forward of its
-        own (onnxruntime's GroupQueryAttention takes several new positions with a past only at
-        batch 1). Returns each row's new tokens."""
+        model has seen): the draft steps all drafting rows together, then the target takes
+        every row's ``[last, drafts...]`` in one forward (a row pausing takes ``[last]``); without
+        the verify graph, rows taking a plain step share one target step and each drafting row
+        is verified alone. Returns each row's new tokens."""
         ks = [0 if self._plain[r] > 0 else
               max(0, min(self._k[r], self.target.max_len - int(self.target.lengths[r]) - 1))
               for r in rows]
         drafts, q, catch_up = self._draft(rows, tokens, samplers, ks)
         starts = [int(self.target.lengths[r]) for r in rows]
+        if self.target.verify_positions:
+            verify = self.target.forward_rows(
+                rows, [[last, *d] for last, d in zip(tokens, drafts, strict=True)])
+        else:
+            verify = self._verify_alone(rows, tokens, drafts, ks)
+        out, work = [], []
+        for i, (row, last, sampler) in enumerate(zip(rows, tokens, samplers, strict=True)):
+            out.append(self._accept(row, last, sampler, drafts[i], q[i], verify[i], starts[i]))
+            work.append(ks[i] + 1 + catch_up[i] + ks[i])
+        return StepResult(out, work)
+
+    def _verify_alone(self, rows: Sequence[int], tokens: Sequence[int],
+                      drafts: list[list[int]], ks: Sequence[int]) -> list[np.ndarray]:
+        """The target's logits without the verify graph: plain rows in one step, each
+        drafting row in a forward of its own."""
         verify: list[np.ndarray] = [np.empty(0)] * len(rows)
         plain = [i for i, k in enumerate(ks) if k == 0]
         if plain:
@@ -130,11 +148,7 @@ class SpecSlots(Slots):
         for i, k in enumerate(ks):
             if k > 0:
                 verify[i] = self.target.forward(rows[i], [tokens[i], *drafts[i]])
-        out, work = [], []
-        for i, (row, last, sampler) in enumerate(zip(rows, tokens, samplers, strict=True)):
-            out.append(self._accept(row, last, sampler, drafts[i], q[i], verify[i], starts[i]))
-            work.append(ks[i] + 1 + catch_up[i] + ks[i])
-        return StepResult(out, work)
+        return verify
 
     def _draft(self, rows: Sequence[int], tokens: Sequence[int], samplers: Sequence[Sampler],
                ks: Sequence[int]) -> tuple[list[list[int]], list[list[np.ndarray]], list[int]]:
@@ -251,6 +265,7 @@ class SpeculativeEngine(Engine):
                              "graphs for both the target and the draft")
         super().__init__(target.tokenizer, target.context_length, sorted(target.eos_token_ids))
         self.target, self.draft, self.k = target, draft, k
+        self.batched_verify = target.load_verify()  # its graph and session, made here once
         self.threads = rung_threads(target.threads, draft.threads)
         self.min_acceptance = min_acceptance
         self.drafted = self.accepted = 0
