@@ -17,3 +17,5 @@ def test_the_batched_spec_bench_serves_every_row_on_both(tiny_ladder: Path) -> N
     assert 0.0 < f["acceptance_rate"] <= 1.0
     text = report_rows(f)
     assert "3 rows in one batch each" in text and "target <= 0.7" in text
+    assert f["batched_verify"] and "one forward a round" in text  # the tiny ladder's graph
+    assert len(f["alone_ratio_per_round"]) == 2 and "full-speculative-alone" in text
