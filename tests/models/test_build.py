@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -223,24 +224,78 @@ def test_speculative_stage_measures_a_ladder_whose_manifest_is_not_saved_yet(
         assert record["chosen"] is None and "no shared KV buffer" in record["why"]
         return
     drafts = {n for n in manifest.variants if n != "full" and shares_kv_buffer(ladder / n)}
-    runs: dict[str, list[tuple[int, float]]] = {}
+    runs: dict[str, list[tuple[int, float, float]]] = {}
     for c in record["candidates"].values():
-        runs.setdefault(c["draft"], []).append((c["k"], c["speedup"]))
+        runs.setdefault(c["draft"], []).append((c["k"], c["speedup"], c["energy_ratio"]))
     assert set(runs) == drafts
-    for measured in runs.values():  # k rises while the speed-up does, and stops once it falls
-        ks, speeds = zip(*sorted(measured), strict=True)
+    for measured in runs.values():  # k rises until a longer draft is both slower and costlier
+        ks, speeds, energy = zip(*sorted(measured), strict=True)
         assert list(ks) == list(KS[: len(ks)])
-        assert all(b >= a for a, b in zip(speeds[:-2], speeds[1:-1], strict=True))
+        worse = [speeds[i] < speeds[i - 1] and energy[i] > energy[i - 1]
+                 for i in range(1, len(ks))]
+        assert not any(worse[:-1])
         if len(ks) < len(KS):
-            assert speeds[-1] <= speeds[-2]
+            assert worse[-1]
+    assert record["energy_source"].startswith(("rapl", "estimate"))
     for c in record["candidates"].values():
-        assert 0.0 <= c["acceptance_rate"] <= 1.0 and c["speedup"] > 0
+        assert 0.0 <= c["acceptance_rate"] <= 1.0 and c["speedup"] > 0 and c["energy_ratio"] > 0
     if record["chosen"] is None:
         assert SPECULATIVE not in fresh.variants
     else:
         draft, k = record["chosen"].split(":k")
         spec = fresh.variants[SPECULATIVE].speculative
         assert spec is not None and (spec.draft, spec.k) == (draft, int(k))
+
+
+@pytest.mark.parametrize(("energy", "speed", "chosen"), [
+    ((0.7, 0.8), (1.0, 1.2), "int8:k3"),  # the fewest joules wins, though k5 is faster
+    ((0.95, 0.92), (1.0, 1.1), "int8:k5"),  # no energy margin: the fastest past its margin
+    ((0.95, 0.92), (1.0, 1.02), None),  # neither margin
+])
+def test_the_rung_goes_to_the_fewest_joules_then_to_speed(
+        manifest: Manifest, energy: tuple[float, float], speed: tuple[float, float],
+        chosen: str | None) -> None:
+    from models.build.pipeline.speculative import RULE, _choose
+    from models.runtime.manifest import SPECULATIVE
+
+    m = manifest.model_copy(deep=True)
+    candidates = {f"int8:k{k}": {"draft": "int8", "k": k, "acceptance_rate": 0.9,
+                                 "speedup": sp, "energy_ratio": e, "decode_ms_per_token": 5.0}
+                  for k, e, sp in zip((3, 5), energy, speed, strict=True)}
+    record = _choose({"rule": RULE, "candidates": candidates}, m, threads=2)
+    assert record["chosen"] == chosen
+    rung = m.variants.get(SPECULATIVE)
+    assert (rung is None) == (chosen is None)
+    if rung is not None and rung.speculative is not None:
+        assert f"{rung.speculative.draft}:k{rung.speculative.k}" == chosen
+
+
+def test_a_ladder_measured_under_another_rule_is_measured_again(
+        tiny_ladder: Path, tiny_teacher: Path, tiny_student: Path, tiny_texts: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    """An up-to-date ladder whose speculative choice was made under an older rule (or none)
+    runs the stage again, and only it; the batched verify graph appears where it was missing."""
+    import shutil
+
+    from models.build.pipeline.speculative import RULE
+    from models.runtime.kernels import verify_graph_path
+
+    ladder = tmp_path / "ladder"
+    shutil.copytree(tiny_ladder, ladder)
+    old = Manifest.load(ladder)
+    old.speculative_choice = {"rule": "fastest draft x k (an older rule)", "chosen": None}
+    old.save(ladder)
+    graph = verify_graph_path(ladder / "full" / old.variants["full"].file)
+    graph.unlink()
+    opts = tiny_build_options(tiny_teacher, tiny_student, ladder, tiny_texts[1])
+    manifest, built = build_ladder(dataclasses.replace(opts, speculative=True),
+                                   log=lambda _m: None)
+    assert built and manifest.speculative_choice is not None
+    assert manifest.speculative_choice["rule"] == RULE
+    assert manifest.build_key == old.build_key and graph.is_file()
+    again, built = build_ladder(dataclasses.replace(opts, speculative=True),
+                                log=lambda _m: None)
+    assert not built and again.speculative_choice == manifest.speculative_choice
 
 
 def test_the_speculative_rung_is_full_with_the_races_costs(manifest: Manifest) -> None:

@@ -31,13 +31,14 @@ from models.build.pipeline.options import (
 from models.build.pipeline.progress import Progress
 from models.build.pipeline.quality import heldout_ids
 from models.build.pipeline.source import checkpoint_hash, resolve_checkpoint
+from models.build.pipeline.speculative import RULE as SPECULATIVE_RULE
 from models.build.pipeline.speculative import choose_speculative
 from models.build.pipeline.verify_graph import write_verify_graph
 from models.build.train.student import STUDENT_FILE, assemble_student, student_made
 from models.runtime.calibrate import CALIBRATION_PROMPT
 from models.runtime.chat import ChatTemplate
 from models.runtime.kernels import verify_graph_path
-from models.runtime.manifest import Manifest
+from models.runtime.manifest import SPECULATIVE, Manifest
 
 __all__ = ["DEFAULT_HELDOUT", "DEFAULT_STUDENT", "DEFAULT_TEACHER", "BuildOptions",
            "build_ladder", "is_up_to_date", "replace_dir", "staging_dir"]
@@ -151,9 +152,11 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     if not opts.force and is_up_to_date(final, src.key):
         manifest = Manifest.load(final)
         _verify_graph(final, manifest, log, only_if_missing=True)
-        if opts.speculative and manifest.speculative_choice is None:
+        choice = manifest.speculative_choice
+        if opts.speculative and (choice is None or choice.get("rule") != SPECULATIVE_RULE):
             log(f"ladder in {final} is up to date; measuring the speculative rung (a stage it "
-                "was built without)")
+                "was built without, or under another rule)")
+            manifest.variants.pop(SPECULATIVE, None)
             manifest.speculative_choice = choose_speculative(final, manifest, opts.threads,
                                                              log=log)
             manifest.save(final)

@@ -3,19 +3,22 @@
 Every shared-KV rung of the ladder is tried as the draft at increasing k (until the speed-up
 falls: it rises with k while the longer draft pays, then only falls), each combination taking
 turns with ``full`` itself on the same chat prompts (greedy, ``new_tokens`` each): decode
-tokens/s of both, and the share of drafted tokens ``full`` kept. The fastest combination earns
-the rung when it beats ``full`` by ``MIN_SPEEDUP``; the manifest records every measurement
-either way. Runs at the end of a build, and on its own for a ladder built before this stage
-existed (the build key does not change: nothing else is rebuilt).
+tokens/s and joules per token of both (the service's meter: RAPL or NVML where readable, else
+its labelled estimate), and the share of drafted tokens ``full`` kept. The rung is earned by
+the combination with the fewest joules per token when it costs at most ``MAX_ENERGY_RATIO``
+of ``full``'s, or by the fastest when it beats ``full``'s speed by ``MIN_SPEEDUP`` (a one-core
+draft can save energy at ``full``'s speed); the manifest records every measurement either way.
+Runs at the end of a build, and on its own for a ladder built before this stage existed or
+under another rule (the build key does not change: nothing else is rebuilt).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,15 +26,19 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from models.runtime.chat import ChatTemplate
-from models.runtime.engine.base import GenerationParams
+from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.engine.session import share_pool_if_uniform
 from models.runtime.engine.speculative import SpeculativeEngine, rung_threads
 from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE
 from models.runtime.manifest import SPECULATIVE, Calibration, Manifest, SpeculativeInfo
+from telemetry.factory import MeterConfig, create_meter
 
 KS = (3, 5, 8)
 MIN_SPEEDUP = 1.05  # decode tokens/s over full's that earns the rung
+MAX_ENERGY_RATIO = 0.9  # or joules per token under full's
+RULE = (f"fewest joules/token draft x k if <= {MAX_ENERGY_RATIO}x full's, else fastest if >= "
+        f"{MIN_SPEEDUP}x full's greedy decode tokens/s (taking turns on the same prompts)")
 QUESTIONS = ("Why is the sky blue?", "Write a Python function that reverses a string.",
              "Explain what a hash table is in two sentences.")
 
@@ -74,9 +81,7 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
                          manifest.eos_token_ids, threads=CHEAP_RUNGS_ON_ONE_CORE.get(name, threads))
 
     full = load("full")
-    record: dict[str, Any] = {"rule": f"fastest draft x k, if >= {MIN_SPEEDUP}x full's greedy "
-                              "decode tokens/s (taking turns on the same prompts)",
-                              "new_tokens": new_tokens, "candidates": {}}
+    record: dict[str, Any] = {"rule": RULE, "new_tokens": new_tokens, "candidates": {}}
     if not full.shared_kv:
         record["chosen"] = None
         record["why"] = "full's graph has no shared KV buffer (not a GroupQueryAttention graph)"
@@ -85,50 +90,68 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
                for q in QUESTIONS]
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
     full.generate(prompts[0], params)  # warm-up
+    meter = create_meter(MeterConfig())
+    record["energy_source"] = meter.source + (" (an estimate)" if meter.estimated else "")
+
+    def timed(engine: Engine, ids: list[int]) -> tuple[list[int], float, float]:
+        mark = meter.begin()
+        got = engine.generate(ids, params).token_ids
+        reading = meter.end(mark)
+        return got, reading.seconds, reading.joules
+
     drafts = [n for n, v in manifest.variants.items() if n != "full" and v.speculative is None]
-    best: tuple[float, str, int, float, float] | None = None
     for name in drafts:
         draft = load(name)
         if not draft.shared_kv:
             continue
-        previous = 0.0
+        previous = (0.0, math.inf)
         for k in KS:
             spec = SpeculativeEngine(full, draft, k)
             spec.generate(prompts[0], GenerationParams(max_new_tokens=8))  # warm-up
             spec.drafted = spec.accepted = 0
-            ratios, spec_s, identical = [], [], 0
+            ratios, energy, spec_s, identical = [], [], [], 0
             for ids in prompts:
-                t = time.perf_counter()
-                want = full.generate(ids, params).token_ids
-                t_full = time.perf_counter() - t
-                t = time.perf_counter()
-                got = spec.generate(ids, params).token_ids
-                t_spec = time.perf_counter() - t
+                want, t_full, j_full = timed(full, ids)
+                got, t_spec, j_spec = timed(spec, ids)
                 ratios.append(t_full / t_spec)
+                energy.append(j_spec / j_full if j_full > 0 else math.inf)
                 spec_s.append(t_spec)
                 identical += got == want
             acceptance = spec.accepted / max(1, spec.drafted)
-            speedup = statistics.median(ratios)
+            speedup, energy_ratio = statistics.median(ratios), statistics.median(energy)
             record["candidates"][f"{name}:k{k}"] = {
                 "draft": name, "k": k, "acceptance_rate": round(acceptance, 4),
-                "speedup": round(speedup, 3), "identical_outputs": f"{identical}/{len(prompts)}",
+                "speedup": round(speedup, 3), "energy_ratio": round(energy_ratio, 3),
+                "identical_outputs": f"{identical}/{len(prompts)}",
                 "decode_ms_per_token": round(1000 * statistics.median(spec_s) / new_tokens, 2)}
             log(f"  speculative {name} k={k}: acceptance {acceptance:.2f}, "
-                f"{speedup:.2f}x full, identical {identical}/{len(prompts)}")
-            if best is None or speedup > best[0]:
-                best = (speedup, name, k, acceptance, statistics.median(spec_s) / new_tokens)
-            if speedup < previous:  # past this draft's best k: longer drafts only waste more
-                break
-            previous = speedup
-    if best is None or best[0] < MIN_SPEEDUP:
-        record["chosen"] = None
-        record["why"] = "no draft x k beat full by the margin" if best else "no shared-KV draft"
-        return record
-    speedup, name, k, acceptance, seconds_per_token = best
-    record["chosen"] = f"{name}:k{k}"
-    add_rung(manifest, name, k, acceptance, speedup, seconds_per_token, threads,
-             record["candidates"])
-    return record
+                f"{speedup:.2f}x full's speed, {energy_ratio:.2f}x its J/token, "
+                f"identical {identical}/{len(prompts)}")
+            if speedup < previous[0] and energy_ratio > previous[1]:
+                break  # past this draft's best k: longer drafts only waste more
+            previous = (speedup, energy_ratio)
+    meter.close()
+    return _choose(record, manifest, threads)
+
+
+def _choose(record: dict[str, Any], manifest: Manifest, threads: int) -> dict[str, Any]:
+    """The rung by :data:`RULE` from the measured candidates (added to ``manifest``)."""
+    found = record["candidates"]
+    if not found:
+        return {**record, "chosen": None, "why": "no shared-KV draft"}
+    cheapest = min(found, key=lambda c: (found[c]["energy_ratio"], -found[c]["speedup"]))
+    fastest = max(found, key=lambda c: found[c]["speedup"])
+    if found[cheapest]["energy_ratio"] <= MAX_ENERGY_RATIO:
+        pick, why = cheapest, "fewest joules per token, under full's by the margin"
+    elif found[fastest]["speedup"] >= MIN_SPEEDUP:
+        pick, why = fastest, "faster than full by the margin"
+    else:
+        return {**record, "chosen": None,
+                "why": "no draft x k beat full's energy or speed by the margin"}
+    c = found[pick]
+    add_rung(manifest, c["draft"], c["k"], c["acceptance_rate"], c["speedup"],
+             c["decode_ms_per_token"] / 1000, threads, found)
+    return {**record, "chosen": pick, "why": why}
 
 
 def add_rung(manifest: Manifest, draft: str, k: int, acceptance: float, speedup: float,
