@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import ApiError
+from app.http_errors import ApiError
 from app.recent import RecentRequests
 from app.service import GenerationService
 from app.settings import Settings

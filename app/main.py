@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from app.errors import install_error_handlers
+from app.http_errors import install_error_handlers
 from app.middleware import BodyLimitMiddleware
 from app.openapi import document
 from app.recent import RecentRequests

@@ -7,7 +7,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from app.errors import envelope
+from app.http_errors import envelope
 
 
 class BodyLimitMiddleware:

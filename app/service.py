@@ -13,15 +13,14 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
-from app.errors import ApiError
+from app.http_errors import ApiError
 from app.settings import Settings
 from models.runtime.chat import ChatTemplate
 from models.runtime.engine.base import Chunk, ContextOverflowError, FinishReason, GenerationParams
 from models.runtime.ladder import LoadedLadder
-from routing.policy import Budget, InfeasibleError
+from routing.policy import Budget, Decision, InfeasibleError
 from routing.router import Router
 from serving.errors import (
     LaneFailedError,
@@ -33,7 +32,7 @@ from serving.errors import (
 )
 from serving.events import Chunks, Failed, Finished, Skipped
 from serving.executor import Executor, Handle
-from serving.sequence import Request
+from serving.job import Job
 from telemetry.base import EnergyMeter, EnergyReading
 from telemetry.carbon import grams_co2e
 from telemetry.metrics import Metrics
@@ -44,8 +43,8 @@ log = logging.getLogger("greenroute.requests")
 
 @dataclass
 class Call:
-    """One validated generation request, as the HTTP layer hands it over; :meth:`request` is
-    the one place it becomes the executor's :class:`Request`."""
+    """One validated generation request, as the HTTP layer hands it over; :meth:`job` is the
+    one place it becomes the executor's :class:`Job`."""
 
     prompt: str
     params: GenerationParams
@@ -57,25 +56,12 @@ class Call:
     arrived: float = field(default_factory=time.perf_counter)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def request(self, prompt_ids: list[int], variant: str, timeout_s: float) -> Request:
+    def job(self, prompt_ids: list[int], variant: str, timeout_s: float) -> Job:
         """What the executor runs: its tokens on the routed ``variant``, sharing this call's
         id, arrival time and cancellation event."""
-        return Request(prompt_ids, self.params, variant, self.budget.max_joules, self.stream,
-                       self.cancel, self.arrived, self.id, self.budget.latency_ms,
-                       self.arrived + timeout_s)
-
-
-@dataclass(frozen=True)
-class Route:
-    """Which variant serves a call, and why (see ``routing/`` for the full policy)."""
-
-    variant: str
-    reason: str
-    predicted_latency_ms: float | None
-    predicted_joules: float | None
-    candidates: list[dict[str, Any]] = field(default_factory=list)
-    latency_budget_ms: float | None = None
-    max_joules: float | None = None
+        return Job(prompt_ids, self.params, variant, self.budget.max_joules, self.stream,
+                   self.cancel, self.arrived, self.id, self.budget.latency_ms,
+                   self.arrived + timeout_s)
 
 
 @dataclass
@@ -91,14 +77,14 @@ class Outcome:
     energy: EnergyReading
     latency_ms: float
     queue_ms: float
-    route: Route
+    route: Decision  # the router's, as the executor admitted the call
+    budget: Budget  # the call's, server defaults filled in
     gco2e: float | None = None  # when GREENROUTE_GRID_GCO2_PER_KWH is set
 
     @property
-    def latency_met(self) -> bool | None:
+    def latency_met(self) -> bool:
         """Whether the end-to-end latency fitted the budget (a routing target, not a cap)."""
-        b = self.route.latency_budget_ms
-        return None if b is None else self.latency_ms <= b
+        return self.latency_ms <= self.budget.latency_ms
 
 
 class GenerationService:
@@ -158,7 +144,7 @@ class GenerationService:
         timeout = self.settings.request_timeout_s
         try:
             d, handle = self.executor.admit(
-                lambda variant: call.request(prompt_ids, variant, timeout), call.budget,
+                lambda variant: call.job(prompt_ids, variant, timeout), call.budget,
                 len(prompt_ids), call.params.max_new_tokens, call.variant)
         except UnknownVariantError as err:
             raise ApiError(404, "model_not_found", str(err), "variant") from err
@@ -183,17 +169,14 @@ class GenerationService:
             raise ApiError(503, "lane_failed", str(err)) from err
         self.metrics.route_decisions.labels(d.variant, d.reason).inc()
         self.metrics.inflight.inc()
-        route = Route(d.variant, d.reason, d.predicted_latency_ms, d.predicted_joules,
-                      [asdict(c) for c in d.candidates], call.budget.latency_ms,
-                      call.budget.max_joules)
-        return Run(self, call, route, len(prompt_ids), handle)
+        return Run(self, call, d, len(prompt_ids), handle)
 
 
 class Run:
     """A submitted call: iterate :meth:`events` for its chunks and final :class:`Outcome`."""
 
-    def __init__(self, service: GenerationService, call: Call, route: Route, prompt_tokens: int,
-                 handle: Handle) -> None:
+    def __init__(self, service: GenerationService, call: Call, route: Decision,
+                 prompt_tokens: int, handle: Handle) -> None:
         self.service = service
         self.call = call
         self.route = route
@@ -265,8 +248,8 @@ class Run:
                     yield Outcome(call.id, route.variant, "".join(parts), f.finish_reason,
                                   f.prompt_tokens, f.completion_tokens, f.energy,
                                   1000 * (now - call.arrived), 1000 * (f.admitted - call.arrived),
-                                  route, grams_co2e(f.energy.joules,
-                                                    self.service.settings.grid_gco2_per_kwh))
+                                  route, call.budget, grams_co2e(
+                                      f.energy.joules, self.service.settings.grid_gco2_per_kwh))
                     return
         except (GeneratorExit, asyncio.CancelledError):
             status = "cancelled"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from app.observer import ServiceObserver
+from app.lane_reports import ServiceObserver
 from app.service import GenerationService
 from app.settings import Settings
 from models.runtime.calibrate import CALIBRATION_PROMPT, calibrate, measure_step_widths

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from models.build.errors import BuildError
+from models.build.pipeline.build import BuildOptions, build_ladder
 from models.build.pipeline.export import default_genai_builder
-from models.build.pipeline.ladder import BuildOptions, build_ladder
 from models.runtime.manifest import default_ladder_dir
 
 

@@ -50,33 +50,38 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(module="cli.build")
 
 
+def _suite(bench: argparse._SubParsersAction, name: str, help: str, ladder: bool = True,
+           threads: int = 2, threads_help: str | None = None) -> argparse.ArgumentParser:
+    """A bench suite's parser with the options every suite shares: ``--ladder`` (where it
+    reads one), ``--threads`` and ``--json`` (also write the figures there)."""
+    b: argparse.ArgumentParser = bench.add_parser(name, help=help)
+    if ladder:
+        b.add_argument("--ladder", default=None)
+    b.add_argument("--threads", type=int, default=threads, help=threads_help)
+    b.add_argument("--json", default=None, help="also write the figures here")
+    return b
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     p.set_defaults(module="cli.bench")
     bench = p.add_subparsers(dest="suite", required=True)
-    b = bench.add_parser("models", help="decode speed of every variant vs PyTorch, optimum, "
-                                        "onnxruntime-genai")
-    b.add_argument("--ladder", default=None)
+    b = _suite(bench, "models", help="decode speed of every variant vs PyTorch, optimum, "
+               "onnxruntime-genai")
     b.add_argument("--teacher", default=None, help="checkpoint behind full (PyTorch baseline)")
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    b.add_argument("--threads", type=int, default=2)
     b.add_argument("--no-baselines", action="store_true")
     b.add_argument("--rounds", type=int, default=3,
                    help="run every engine this many times in turn; report medians")
-    b.add_argument("--json", default=None, help="also write the figures here")
-    b = bench.add_parser("serve", help="HTTP overhead vs a direct call; 1/4/16-client load")
-    b.add_argument("--ladder", default=None)
+    b = _suite(bench, "serve", help="HTTP overhead vs a direct call; 1/4/16-client load")
     b.add_argument("--variant", default="full")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--json", default=None)
-    b = bench.add_parser("route", help="mixed-floor chat workload: routed vs always-full vs "
-                                       "static, taking turns, at several concurrency levels")
-    b.add_argument("--ladder", default=None)
+    b = _suite(bench, "route", help="mixed-floor chat workload: routed vs always-full vs "
+               "static, taking turns, at several concurrency levels")
     b.add_argument("--clients", default="1,4,8,16", help="comma-separated concurrency levels")
     b.add_argument("--rounds", type=int, default=1, help="repeat every level this many times")
     b.add_argument("--scaling", action="store_true",
@@ -84,25 +89,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "joules against the device counter)")
     b.add_argument("--requests", type=int, default=None, help="the workload's first N only")
     b.add_argument("--workload", default=None, help="JSON lines (default bench/workloads)")
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--json", default=None)
-    b = bench.add_parser("soak", help="16 clients of mixed requests (streams, early "
-                                      "disconnects, bad bodies) for 10 minutes: errors, RSS, "
-                                      "in-flight gauge")
-    b.add_argument("--ladder", default=None)
+    b = _suite(bench, "soak", help="16 clients of mixed requests (streams, early "
+               "disconnects, bad bodies) for 10 minutes: errors, RSS, in-flight gauge")
     b.add_argument("--duration", type=float, default=600.0, help="measured seconds")
     b.add_argument("--warmup", type=float, default=180.0,
                    help="seconds of the same load before the measured period")
     b.add_argument("--clients", type=int, default=16)
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--json", default=None)
-    b = bench.add_parser("peers", help="full / int8 / int4 against llama.cpp's llama-server "
-                                       "(F32 / Q8_0 / Q4_1) at 1, 4 and 16 clients")
-    b.add_argument("--ladder", default=None)
+    b = _suite(bench, "peers", help="full / int8 / int4 against llama.cpp's llama-server "
+               "(F32 / Q8_0 / Q4_1) at 1, 4 and 16 clients", threads_help="both servers' threads")
     b.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--threads", type=int, default=2, help="both servers' threads")
     b.add_argument("--variant-threads", default="",
                    help="our GREENROUTE_VARIANT_THREADS (default: every rung on --threads, "
                         "as llama-server -t)")
@@ -111,11 +108,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--served", action="store_true",
                    help="also the quantized rungs as the service runs them by default (one "
                         "core, with and without the wide session)")
-    b.add_argument("--json", default=None)
-    b = bench.add_parser("students", help="the pruned-student candidates of a training run "
-                                          "against the rungs: task score and agreement vs "
-                                          "decode tok/s at batch 1 and 8")
-    b.add_argument("--ladder", default=None)
+    b = _suite(bench, "students", help="the pruned-student candidates of a training run "
+               "against the rungs: task score and agreement vs decode tok/s at batch 1 and 8")
     b.add_argument("--work", default=".cache/prune",
                    help="the training run's --checkpoint-dir (its candidates/)")
     b.add_argument("--teacher", default=None, help="the teacher (default: the default model)")
@@ -123,40 +117,27 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "<work>/onnx)")
     b.add_argument("--rounds", type=int, default=5)
     b.add_argument("--tokens", type=int, default=32)
-    b.add_argument("--threads", type=int, default=2)
     b.add_argument("--svg", default=None, help="also draw the Pareto picture here")
-    b.add_argument("--json", default=None)
-    b = bench.add_parser("spec", help="the speculative rung vs full, side by side (batch 1)")
-    b.add_argument("--ladder", default=None)
+    b = _suite(bench, "spec", help="the speculative rung vs full, side by side (batch 1)")
     b.add_argument("--draft", default=None, help="draft variant (default: the manifest's)")
     b.add_argument("--k", type=int, default=None, help="draft length (default: the manifest's)")
     b.add_argument("--rows", type=int, default=1, help="> 1: that many rows in one batch each "
                    "(bench/spec_rows.py)")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--json", default=None)
-    b = bench.add_parser("threads", help="each variant's decode time and energy per token on "
-                                         "one thread vs --threads (batch 1)")
-    b.add_argument("--ladder", default=None)
-    b.add_argument("--threads", type=int, default=2)
+    b = _suite(bench, "threads", help="each variant's decode time and energy per token on "
+               "one thread vs --threads (batch 1)")
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--rounds", type=int, default=5)
-    b.add_argument("--json", default=None)
-    b = bench.add_parser("kernels", help="greenroute's RowQuantMatMul vs onnxruntime's fp32 "
-                                         "MatMul and 8-bit MatMulNBits, each ISA path")
+    b = _suite(bench, "kernels", help="greenroute's RowQuantMatMul vs onnxruntime's fp32 "
+               "MatMul and 8-bit MatMulNBits, each ISA path", ladder=False, threads=1)
     b.add_argument("--k", type=int, default=576)
     b.add_argument("--n", type=int, default=1536)
     b.add_argument("--rows", default="1,16", help="comma-separated row counts (M)")
     b.add_argument("--rounds", type=int, default=7)
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--json", default=None)
-    b = bench.add_parser("energy", help="meter overhead per request window; on a GPU, energy "
-                                        "counter vs integrated power samples")
-    b.add_argument("--ladder", default=None)
-    b.add_argument("--threads", type=int, default=2)
+    b = _suite(bench, "energy", help="meter overhead per request window; on a GPU, energy "
+               "counter vs integrated power samples")
     b.add_argument("--gpu-runs", type=int, default=5)
-    b.add_argument("--json", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:

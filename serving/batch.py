@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from models.runtime.engine.slots import Slots
-from serving.sequence import Sequence
+from serving.job import JobState
 
 
 @dataclass
@@ -15,8 +15,8 @@ class Batch:
 
     name: str
     slots: Slots
-    running: dict[int, Sequence] = field(default_factory=dict)  # row → sequence
-    waiting: deque[Sequence] = field(default_factory=deque)
+    running: dict[int, JobState] = field(default_factory=dict)  # row → sequence
+    waiting: deque[JobState] = field(default_factory=deque)
     free: list[int] = field(default_factory=list)
     reported: tuple[int, int] = (0, 0)  # speculative rungs: (drafted, accepted) told so far
 

@@ -1,4 +1,4 @@
-"""The executor's domain errors; ``app/errors.py`` maps them to HTTP statuses."""
+"""The executor's domain errors; ``app/http_errors.py`` maps them to HTTP statuses."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from models.runtime.engine.base import ContextOverflowError, Engine, OutputStream
+from models.runtime.engine.base import Engine, OutputStream
 from models.runtime.engine.slots import slots_for
 from routing.policy import Budget, Decision
 from routing.router import Load, Router
@@ -26,9 +26,9 @@ from serving.errors import (
     VariantUnavailableError,
 )
 from serving.events import Chunks, Event
+from serving.job import Job, JobState
 from serving.lane import Lane
 from serving.observer import LaneObserver
-from serving.sequence import Request, Sequence
 from telemetry.base import EnergyMeter
 
 
@@ -46,8 +46,8 @@ class ExecutorConfig:
 class Handle:
     """A submitted request's event stream (the events: :mod:`serving.events`)."""
 
-    def __init__(self, request: Request) -> None:
-        self.request = request
+    def __init__(self, job: Job) -> None:
+        self.job = job
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
 
@@ -131,11 +131,6 @@ class Executor:
     def max_len(self, variant: str) -> int:
         return self.lane.batches[variant].slots.max_len
 
-    def check_fits(self, variant: str, prompt_tokens: int, max_new_tokens: int) -> None:
-        """:class:`ContextOverflowError` unless the request fits one of the variant's rows."""
-        if prompt_tokens + max_new_tokens > self.max_len(variant):
-            raise ContextOverflowError(prompt_tokens, max_new_tokens, self.max_len(variant))
-
     def check_variant(self, name: str) -> None:
         if name not in self.known:
             raise UnknownVariantError(name, self.known)
@@ -163,15 +158,15 @@ class Executor:
         return self.router.decide(budget, prompt_tokens, new_tokens, set(self.engines),
                                   self.load(), pinned, power_capped)
 
-    def admit(self, request_for: Callable[[str], Request], budget: Budget,
+    def admit(self, job_for: Callable[[str], Job], budget: Budget,
               prompt_tokens: int, new_tokens: int,
               pinned: str | None = None) -> tuple[Decision, Handle]:
         """The one way in: route and queue in one step, under the lane's admission lock, so
         the load a decision read is the load its request joins (concurrent admits see each
         other). Over the power cap, the router sheds to the cheapest variant the floor allows;
         when that (or a pinned variant) is still over it with work queued, the request is
-        refused (:class:`PowerCappedError`) instead of added. ``request_for(variant)`` makes
-        the request once its variant is known."""
+        refused (:class:`PowerCappedError`) instead of added. ``job_for(variant)`` makes
+        the job once its variant is known."""
         with self.lane.admission:
             capped = self.power_capped()
             decision = self.route(budget, prompt_tokens, new_tokens, pinned, capped)
@@ -181,21 +176,22 @@ class Executor:
                 raise PowerCappedError(decision.variant, self.power(), cap,
                                        max(1, math.ceil(self.config.power_window_s)))
             try:
-                return decision, self.submit(request_for(decision.variant))
+                return decision, self.submit(job_for(decision.variant))
             except QueueFullError as err:
                 err.variant = decision.variant
                 raise
 
     # -- running --------------------------------------------------------------------------------
-    def submit(self, request: Request) -> Handle:
-        """Queue ``request`` (call on the event loop); raises :class:`QueueFullError` at once
+    def submit(self, job: Job) -> Handle:
+        """Queue ``job`` (call on the event loop); raises :class:`QueueFullError` at once
         when no row is free and the queue is full."""
-        self.check_variant(request.variant)
-        engine = self.engines[request.variant]
-        self.check_fits(request.variant, len(request.prompt_ids), request.params.max_new_tokens)
-        handle = Handle(request)
-        out = OutputStream(engine.tokenizer, engine.eos_token_ids, request.params)
-        self.lane.submit(Sequence(request, out, handle.emit))
+        self.check_variant(job.variant)
+        engine = self.engines[job.variant]
+        engine.check_fits(len(job.prompt_ids), job.params.max_new_tokens,
+                          self.max_len(job.variant))  # one of the variant's rows
+        handle = Handle(job)
+        out = OutputStream(engine.tokenizer, engine.eos_token_ids, job.params)
+        self.lane.submit(JobState(job, out, handle.emit))
         return handle
 
     def stop(self, timeout_s: float) -> bool:

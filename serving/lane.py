@@ -23,9 +23,9 @@ from routing.router import Load, Router
 from serving.batch import Batch
 from serving.errors import LaneFailedError, QueueFullError, ShuttingDownError
 from serving.events import Failed, Finished, Skipped
+from serving.job import JobState
 from serving.load import cycle_ms, predict_load, wait_ms
 from serving.observer import LaneObserver
-from serving.sequence import Sequence
 from telemetry.base import EnergyMeter
 from telemetry.ledger import EnergyLedger
 
@@ -47,7 +47,7 @@ class Lane:
         self.prefill_token_budget = prefill_token_budget
         self.observer = observer or LaneObserver()
         self._cv = threading.Condition()
-        self._inbox: list[Sequence] = []
+        self._inbox: list[JobState] = []
         self._waiting = 0  # submitted, not yet in a row (inbox + batches' waiting)
         self._stopping = False
         self.failed: LaneFailedError | None = None  # set when the lane thread died
@@ -70,21 +70,21 @@ class Lane:
     def load(self) -> dict[str, Load]:  # each variant's rows for the router (serving.load)
         return predict_load(self.batches, list(self._inbox), self.router, time.perf_counter())
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue ``seq`` for a row of its variant, or raise :class:`QueueFullError` at once."""
-        b = self.batches[seq.request.variant]
+    def submit(self, state: JobState) -> None:
+        """Queue ``state`` for a row of its variant, or raise :class:`QueueFullError` at once."""
+        b = self.batches[state.job.variant]
         with self._cv:
             if self.failed is not None:
                 raise self.failed
             if self._stopping:
                 raise ShuttingDownError()
             mine = len(b.waiting) + sum(1 for s in self._inbox
-                                        if s.request.variant == b.name)
+                                        if s.job.variant == b.name)
             has_row = mine < b.slots.max_batch - len(b.running)
             if not has_row and self._waiting >= self.queue_size:
                 wait_s = wait_ms(b, mine, cycle_ms(self.batches, self.router)) / 1000.0
                 raise QueueFullError(self.device, max(1, math.ceil(wait_s)))
-            self._inbox.append(seq)
+            self._inbox.append(state)
             self._waiting += 1
             self._cv.notify()
         self._report(self.observer.queue_depth, self._waiting)
@@ -126,12 +126,12 @@ class Lane:
             held += list(b.waiting) + list(b.running.values())
             b.waiting.clear()
             b.running.clear()
-        for seq in held:
+        for state in held:
             try:
-                seq.flush(time.perf_counter())
-                seq.emit(Failed(failure))
+                state.flush(time.perf_counter())
+                state.emit(Failed(failure))
             except Exception:  # noqa: BLE001 (one consumer's failure must not keep others)
-                log.exception("could not fail request %s", seq.id)
+                log.exception("could not fail request %s", state.id)
         self._report(self.observer.queue_depth, 0)
 
     def _run(self) -> None:
@@ -144,8 +144,8 @@ class Lane:
                     if self._stopping:
                         return
                     self._cv.wait()
-                for seq in self._inbox:
-                    self.batches[seq.request.variant].waiting.append(seq)
+                for state in self._inbox:
+                    self.batches[state.job.variant].waiting.append(state)
                 self._inbox.clear()
             self.ledger.open()
             try:
@@ -168,62 +168,62 @@ class Lane:
         first = True
         now = time.perf_counter()
         for b in self.batches.values():
-            for row, seq in list(b.running.items()):  # prompts part-way in, oldest first
-                if seq.ready:
+            for row, state in list(b.running.items()):  # prompts part-way in, oldest first
+                if state.ready:
                     continue
-                if seq.request.expired(now):
-                    seq.end("cancelled", now)
+                if state.job.expired(now):
+                    state.end("cancelled", now)
                     self._retire(b, row)
                 elif first or budget > 0:
-                    budget = self._prefill(b, seq, budget, first)
+                    budget = self._prefill(b, state, budget, first)
                     first = False
-            while b.waiting and b.waiting[0].request.expired(now):
+            while b.waiting and b.waiting[0].job.expired(now):
                 self._dequeue(b).emit(Skipped())
             while b.waiting and b.free and (first or budget > 0):
-                seq = b.waiting[0]
-                if seq.request.expired(now):
+                state = b.waiting[0]
+                if state.job.expired(now):
                     self._dequeue(b).emit(Skipped())
                     continue
-                if not b.slots.chunked and not first and len(seq.request.prompt_ids) > budget:
+                if not b.slots.chunked and not first and len(state.job.prompt_ids) > budget:
                     break  # a one-piece prefill waits for a turn of its own
                 self._dequeue(b)
                 row = b.take_row()
-                seq.row = row
-                b.running[row] = seq
+                state.row = row
+                b.running[row] = state
                 self._report(self.observer.batch_size, b.name, len(b.running))
-                seq.admitted = time.perf_counter()
-                budget = self._prefill(b, seq, budget, first)
+                state.admitted = time.perf_counter()
+                budget = self._prefill(b, state, budget, first)
                 first = False
 
-    def _dequeue(self, b: Batch) -> Sequence:
-        seq = b.waiting.popleft()
+    def _dequeue(self, b: Batch) -> JobState:
+        state = b.waiting.popleft()
         with self._cv:
             self._waiting -= 1
         self._report(self.observer.queue_depth, self._waiting)
-        return seq
+        return state
 
-    def _prefill(self, b: Batch, seq: Sequence, budget: int, first: bool) -> int:
-        """Put the next part of ``seq``'s prompt in its row (the whole prompt where the slots
+    def _prefill(self, b: Batch, state: JobState, budget: int, first: bool) -> int:
+        """Put the next part of ``state``'s prompt in its row (the whole prompt where the slots
         cannot take parts); the last part gives its first token. Returns the budget left."""
-        prompt = seq.request.prompt_ids
-        start = seq.prefilled
+        prompt = state.job.prompt_ids
+        start = state.prefilled
         end = (min(len(prompt), start + max(budget, 1 if first else 0)) if b.slots.chunked
                else len(prompt))
         t0 = time.perf_counter()
         try:
-            token = b.slots.prefill_part(seq.row, prompt[start:end], seq.sampler,
+            token = b.slots.prefill_part(state.row, prompt[start:end], state.sampler,
                                          final=end == len(prompt))
         except Exception as err:
-            self._fail(b, seq.row, err)
+            self._fail(b, state.row, err)
             return budget - (end - start)
         now = time.perf_counter()
-        seq.prefilled = end
+        state.prefilled = end
         self._ran = b.name
         self.router.observe_prefill(b.name, end - start, 1000 * (now - t0))
-        self.ledger.record(seq.id, end - start)
+        self.ledger.record(state.id, end - start)
         self._forwards.append((b.name, 0, now - t0))
         if token is not None:
-            self._update(b, [seq], [[token]], now)
+            self._update(b, [state], [[token]], now)
         else:
             self._settle()
         return budget - (end - start)
@@ -235,27 +235,27 @@ class Lane:
         start = self._order.index(self._stepped) + 1 if self._stepped in self.batches else 0
         for i in range(n):
             b = self.batches[self._order[(start + i) % n]]
-            if any(seq.ready for seq in b.running.values()):  # not only prompts part-way in
+            if any(state.ready for state in b.running.values()):  # not only prompts part-way in
                 return b
         return None
 
     def _execute(self, b: Batch) -> None:
         """One step of ``b``'s running rows, then update."""
         now = time.perf_counter()
-        for row, seq in list(b.running.items()):  # cancelled or timed out: retire
-            if seq.request.expired(now):
-                seq.end("cancelled", now)
+        for row, state in list(b.running.items()):  # cancelled or timed out: retire
+            if state.job.expired(now):
+                state.end("cancelled", now)
                 self._retire(b, row)
         if not b.running:
             return
-        rows = sorted(r for r, seq in b.running.items() if seq.ready)
+        rows = sorted(r for r, state in b.running.items() if state.ready)
         if not rows:  # only prompts part-way in
             return
-        seqs = [b.running[r] for r in rows]
+        states = [b.running[r] for r in rows]
         t0 = time.perf_counter()
         try:
-            result = b.slots.step_many(rows, [s.last_token for s in seqs],
-                                       [s.sampler for s in seqs])
+            result = b.slots.step_many(rows, [s.last_token for s in states],
+                                       [s.sampler for s in states])
         except Exception as err:
             for row in rows:
                 self._fail(b, row, err)
@@ -266,10 +266,10 @@ class Lane:
         if failed:  # rows with bad logits fail alone; the others go on
             for i, row in enumerate(rows):
                 if row in failed:
-                    self.ledger.record(seqs[i].id, work[i])  # its share of the step
+                    self.ledger.record(states[i].id, work[i])  # its share of the step
                     self._fail(b, row, failed[row])
             kept = [i for i, r in enumerate(rows) if r not in failed]
-            rows, seqs, tokens, work = ([rows[i] for i in kept], [seqs[i] for i in kept],
+            rows, states, tokens, work = ([rows[i] for i in kept], [states[i] for i in kept],
                                         [tokens[i] for i in kept], [work[i] for i in kept])
             if not rows:
                 return
@@ -279,32 +279,32 @@ class Lane:
         self.router.observe_step(b.name, width, 1000 * (now - t0) / per_row,
                                  switched=self._ran not in (None, b.name))
         self._ran = self._stepped = b.name
-        for seq, done in zip(seqs, work, strict=True):
-            self.ledger.record(seq.id, done)
+        for state, done in zip(states, work, strict=True):
+            self.ledger.record(state.id, done)
         if (speculated := b.new_speculation()) is not None:
             self._report(self.observer.speculated, b.name, *speculated)
         self._forwards.append((b.name, width, now - t0))
-        self._update(b, seqs, tokens, now)
+        self._update(b, states, tokens, now)
 
-    def _update(self, b: Batch, seqs: list[Sequence], tokens: list[list[int]],
+    def _update(self, b: Batch, states: list[JobState], tokens: list[list[int]],
                 now: float) -> None:
         """Hand each row its token(s), settle the interval (so it covers this work too), then
         retire the rows that ended or reached their energy cap."""
         ended = []
-        for seq, mine in zip(seqs, tokens, strict=True):
+        for state, mine in zip(states, tokens, strict=True):
             for token in mine:  # a row's tokens past its end are dropped with its row
-                if seq.push(token, now).finish_reason is not None:
-                    ended.append(seq)
+                if state.push(token, now).finish_reason is not None:
+                    ended.append(state)
                     break
         self._settle()
-        for seq in seqs:
-            cap = seq.request.max_joules
-            if seq in ended or cap is None or self.ledger.joules(seq.id) < cap:
+        for state in states:
+            cap = state.job.max_joules
+            if state in ended or cap is None or self.ledger.joules(state.id) < cap:
                 continue
-            seq.end("energy", now)
-            ended.append(seq)
-        for seq in ended:
-            self._retire(b, seq.row)
+            state.end("energy", now)
+            ended.append(state)
+        for state in ended:
+            self._retire(b, state.row)
 
     def _settle(self) -> None:
         """Settle the ledger; the interval's joules price its forwards (variant and width),
@@ -319,26 +319,26 @@ class Lane:
 
     def _retire(self, b: Batch, row: int) -> None:
         """Free the row at once; report the sequence's energy and timing."""
-        seq, finished = self._release(b, row)
+        state, finished = self._release(b, row)
         if finished.finish_reason in ("stop", "length"):  # it ended by itself: its length
-            self.router.observe_length(seq.request.params.max_new_tokens, finished.steps)
-        seq.emit(finished)
+            self.router.observe_length(state.job.params.max_new_tokens, finished.steps)
+        state.emit(finished)
 
     def _fail(self, b: Batch, row: int, err: Exception) -> None:
         """The runtime failed on this row: its tokens so far, then the error (cost kept)."""
-        seq, _ = self._release(b, row)
-        seq.flush(time.perf_counter())
-        seq.emit(Failed(err))
+        state, _ = self._release(b, row)
+        state.flush(time.perf_counter())
+        state.emit(Failed(err))
 
-    def _release(self, b: Batch, row: int) -> tuple[Sequence, Finished]:
-        seq = b.running.pop(row)
+    def _release(self, b: Batch, row: int) -> tuple[JobState, Finished]:
+        state = b.running.pop(row)
         b.slots.release(row)
         b.free.append(row)
         self._report(self.observer.batch_size, b.name, len(b.running))
-        seconds = time.perf_counter() - seq.admitted
-        finished = seq.finished(self.ledger.reading(seq.id, seconds))
-        self._report(self.observer.request_finished, seq.request, finished)
-        return seq, finished
+        seconds = time.perf_counter() - state.admitted
+        finished = state.finished(self.ledger.reading(state.id, seconds))
+        self._report(self.observer.request_finished, state.job, finished)
+        return state, finished
 
     @staticmethod
     def _report(method: Callable[..., None], *args: object) -> None:

@@ -10,18 +10,18 @@ from collections.abc import Mapping, Sequence
 
 from routing.router import Load, Router
 from serving.batch import Batch
-from serving.sequence import Sequence as Seq
+from serving.job import JobState
 
 
-def predict_load(batches: Mapping[str, Batch], inbox: Sequence[Seq], router: Router,
+def predict_load(batches: Mapping[str, Batch], inbox: Sequence[JobState], router: Router,
                  now: float | None = None) -> dict[str, Load]:
     """Each busy variant's rows: running ones and those submitted (they will be in the batch by
     the time a new request joins it), each with its tokens left and the ms left to its latency
     budget, plus the predicted wait for a free row."""
     now = time.perf_counter() if now is None else now
-    pending: dict[str, list[Seq]] = {}
+    pending: dict[str, list[JobState]] = {}
     for s in inbox:
-        pending.setdefault(s.request.variant, []).append(s)
+        pending.setdefault(s.job.variant, []).append(s)
     cycle = cycle_ms(batches, router)
     out = {}
     for name, b in batches.items():
@@ -29,16 +29,16 @@ def predict_load(batches: Mapping[str, Batch], inbox: Sequence[Seq], router: Rou
         waiting = list(b.waiting) + pending.get(name, [])
         if not running and not waiting:
             continue
-        seqs = running + waiting
+        states = running + waiting
         rows = list(b.running)
         holes = max(rows) + 1 - len(rows) if rows else 0
-        bounds = [s.request.params.max_new_tokens for s in seqs]
-        out[name] = Load(tuple(max(0, s.remaining) for s in seqs),
-                         tuple(s.request.slack_ms(now) for s in seqs),
+        bounds = [s.job.params.max_new_tokens for s in states]
+        out[name] = Load(tuple(max(0, s.remaining) for s in states),
+                         tuple(s.job.slack_ms(now) for s in states),
                          wait_ms(b, len(waiting), cycle),
                          max(0, holes - len(waiting)) if b.slots.batched else 0,
                          tuple(router.expected_left(m, m - max(0, s.remaining))
-                               for m, s in zip(bounds, seqs, strict=True)))
+                               for m, s in zip(bounds, states, strict=True)))
     return out
 
 

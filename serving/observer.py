@@ -5,13 +5,13 @@ quick; an exception is logged and dropped, never allowed to stop serving."""
 from __future__ import annotations
 
 from serving.events import Finished
-from serving.sequence import Request
+from serving.job import Job
 
 
 class LaneObserver:
     """Every report is a no-op here; the app overrides what it records."""
 
-    def request_finished(self, request: Request, finished: Finished) -> None:
+    def request_finished(self, request: Job, finished: Finished) -> None:
         """A request that got a row ended (finished, cancelled, failed or capped): its cost and
         timing."""
 

@@ -7,8 +7,11 @@ only from closed sets (variant names, device names, endpoint paths, status and r
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from routing.policy import Reason
 
 ENDPOINTS = ("/v1/generate", "/v1/completions", "/v1/chat/completions")
 STATUSES = ("ok", "error", "rejected", "cancelled", "timeout")
@@ -28,9 +31,9 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0
                 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03,
                 0.05, 0.1, 0.25)
-# Route decision reasons (routing.policy.Decision.reason); a refused budget is counted as
-# variant "none", reason "rejected".
-ROUTE_REASONS = ("cheapest_feasible", "best_effort", "pinned", "power_cap")
+# Route decision reasons, the router's own; a refused budget is counted as variant "none",
+# reason "rejected".
+ROUTE_REASONS: tuple[str, ...] = get_args(Reason)
 REJECTED = ("none", "rejected")
 
 

@@ -109,7 +109,7 @@ def genai_builder_python() -> str | None:
 
 
 def tiny_build_options(teacher: Path, student: Path | None, out: Path, heldout: Path):  # type: ignore[no-untyped-def]
-    from models.build.pipeline.ladder import BuildOptions
+    from models.build.pipeline.build import BuildOptions
 
     return BuildOptions(model=str(teacher), student=str(student) if student else None, out=out,
                         heldout=heldout, eval_tokens=2048, eval_window=64,
@@ -123,7 +123,7 @@ def tiny_build_options(teacher: Path, student: Path | None, out: Path, heldout: 
 @pytest.fixture(scope="session")
 def tiny_ladder(tiny_teacher: Path, tiny_student: Path, tiny_texts: tuple[Path, Path]) -> Path:
     """A full ladder built from the tiny teacher and student through ``build_ladder``."""
-    from models.build.pipeline.ladder import build_ladder
+    from models.build.pipeline.build import build_ladder
 
     out = tiny_teacher.parent / "ladder"
     build_ladder(tiny_build_options(tiny_teacher, tiny_student, out, tiny_texts[1]),

@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import json
 import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
-from app.errors import ApiError
+from app.http_errors import ApiError
 from app.schemas import NON_BLANK, EnergyOut, RouteOut
 from app.service import Outcome, Run
 from app.settings import Settings
@@ -18,14 +22,19 @@ from models.runtime.engine.base import GenerationParams
 from routing.policy import Budget
 
 
+def check_tokens(settings: Settings, asked: int | None, field: str) -> None:
+    """The server's limit on new tokens, the one place it is checked (422 naming ``field``)."""
+    if asked is not None and asked > settings.max_new_tokens_limit:
+        raise ApiError(422, "invalid_request_error", f"{field} must be at most "
+                       f"{settings.max_new_tokens_limit}, got {asked}", field)
+
+
 def make_params(settings: Settings, *, max_new_tokens: int | None, temperature: float,
                 top_p: float, top_k: int, seed: int | None, stop: list[str],
                 field: str = "max_new_tokens", ignore_eos: bool = False) -> GenerationParams:
     """Generation parameters with the server's limits applied (422 with the field's name)."""
     n = max_new_tokens if max_new_tokens is not None else settings.default_max_new_tokens
-    if n > settings.max_new_tokens_limit:
-        raise ApiError(422, "invalid_request_error", f"{field} must be at most "
-                       f"{settings.max_new_tokens_limit}, got {n}", field)
+    check_tokens(settings, n, field)
     if len(stop) > settings.max_stop_sequences:
         raise ApiError(422, "invalid_request_error", f"at most {settings.max_stop_sequences} "
                        "stop sequences are allowed", "stop")
@@ -113,12 +122,15 @@ def energy_out(o: Outcome) -> EnergyOut:
 
 
 def route_out(o: Outcome) -> RouteOut:
+    """The router's decision as the caller sees it, with the call's budget beside it."""
     r = o.route
     return RouteOut(variant=r.variant, reason=r.reason,
                     predicted_latency_ms=r.predicted_latency_ms,
-                    predicted_joules=r.predicted_joules, candidates=r.candidates,
-                    latency_budget_ms=r.latency_budget_ms, latency_met=o.latency_met,
-                    max_joules=r.max_joules, max_joules_reached=o.finish_reason == "energy")
+                    predicted_joules=r.predicted_joules,
+                    candidates=[asdict(c) for c in r.candidates],
+                    latency_budget_ms=o.budget.latency_ms, latency_met=o.latency_met,
+                    max_joules=o.budget.max_joules,
+                    max_joules_reached=o.finish_reason == "energy")
 
 
 def cost_headers(o: Outcome) -> dict[str, str]:
@@ -134,6 +146,21 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def respond(run: Run, request: Request, events: AsyncIterator[str] | None,
+                  body: Callable[[Outcome], dict[str, Any]],
+                  done: Callable[[Outcome], None]) -> Any:
+    """Every generation endpoint's answer: the SSE ``events`` when streaming (the generation
+    stopped if the client leaves before the first byte), else one JSON ``body`` of the
+    outcome with the cost headers; ``done`` hears of the outcome first."""
+    if events is not None:
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 background=BackgroundTask(run.abandon),
+                                 headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
+    outcome = await finish(run, request)
+    done(outcome)
+    return JSONResponse(body(outcome), headers=cost_headers(outcome))
 # the success answer's headers, as documented (energy headers: JSON answers only)
 COST_HEADERS = {
     "X-Greenroute-Variant": {"description": "the variant that served the request",

@@ -6,23 +6,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
 
 from app.deps import RecentDep, ServiceDep, SettingsDep, require_api_key
-from app.errors import sse_error, stream_error
+from app.http_errors import sse_error, stream_error
 from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
 from app.recent import RecentRequests
 from app.routes.common import (
     COST_HEADERS,
-    SSE_HEADERS,
     check_prompt,
-    cost_headers,
     energy_out,
-    finish,
     make_budget,
     make_params,
     pinned,
+    respond,
     route_out,
     sse,
 )
@@ -80,14 +77,9 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep,
                                    b.min_quality if b else None, b.max_joules if b else None),
                 endpoint=ENDPOINT, variant=pinned(body.variant), stream=body.stream)
     run = service.open(call)
-    if body.stream:
-        return StreamingResponse(_events(run, recent), media_type="text/event-stream",
-                                 background=BackgroundTask(run.abandon),
-                                 headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
-    outcome = await finish(run, request)
-    recent.add(call, outcome)
-    return JSONResponse(response_body(outcome).model_dump(mode="json"),
-                        headers=cost_headers(outcome))
+    return await respond(run, request, _events(run, recent) if body.stream else None,
+                         lambda o: response_body(o).model_dump(mode="json"),
+                         lambda o: recent.add(call, o))
 
 
 @router.get("/v1/variants", response_model=VariantList,

@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
 
 from app.deps import RecentDep, ServiceDep, SettingsDep, require_api_key
-from app.errors import ApiError, sse_error, stream_error
+from app.http_errors import ApiError, sse_error, stream_error
 from app.openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -39,14 +38,13 @@ from app.openapi import GENERATION_ERRORS, LADDER_ERRORS, answers
 from app.recent import RecentRequests
 from app.routes.common import (
     COST_HEADERS,
-    SSE_HEADERS,
     check_length,
     check_prompt,
-    cost_headers,
-    finish,
+    check_tokens,
     make_budget,
     make_params,
     pinned,
+    respond,
     sse,
 )
 from app.service import Call, GenerationService, Outcome, Run
@@ -75,10 +73,7 @@ def _usage_json(o: Outcome) -> dict[str, Any]:
 def _call(body: OpenAIBase, prompt: str, endpoint: str, settings: Settings,
           extra_stop: tuple[str, ...] = (), default_tokens: int | None = None) -> Call:
     for field in ("max_tokens", "max_completion_tokens"):  # each within the limit, used or not
-        asked = getattr(body, field)
-        if asked is not None and asked > settings.max_new_tokens_limit:
-            raise ApiError(422, "invalid_request_error", f"{field} must be at most "
-                           f"{settings.max_new_tokens_limit}, got {asked}", field)
+        check_tokens(settings, getattr(body, field), field)
     max_tokens = body.max_completion_tokens or body.max_tokens or default_tokens
     params = make_params(settings, max_new_tokens=max_tokens, temperature=body.temperature,
                          top_p=body.top_p, top_k=0, seed=body.seed, stop=body.stop)
@@ -152,18 +147,27 @@ async def _stream(run: Run, chunk: ChunkFn, recent: RecentRequests) -> AsyncIter
     yield sse("[DONE]")
 
 
+def _chunks(kind: str, cid: str, created: int, run: Run) -> ChunkFn:
+    """A streamed chunk of ``kind`` (``text_completion`` or ``chat.completion.chunk``: a text
+    or a delta, the role in the first)."""
+    def chunk(text: str, reason: str | None, first: bool) -> dict[str, Any]:
+        if kind == "text_completion":
+            choice: dict[str, Any] = {"text": text}
+        else:
+            choice = {"delta": {"content": text, **({"role": "assistant"} if first else {})}}
+        return {"id": cid, "object": kind, "created": created, "model": run.route.variant,
+                "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": reason}]}
+    return chunk
+
+
 async def _answer(stream: bool, run: Run, request: Request, chunk: ChunkFn,
                   whole: Callable[[Outcome], Completion | ChatCompletion],
                   recent: RecentRequests) -> Any:
     """SSE chunks when streaming, else one JSON body (``whole``) with usage and energy."""
-    if stream:
-        return StreamingResponse(_stream(run, chunk, recent), media_type="text/event-stream",
-                                 background=BackgroundTask(run.abandon),
-                                 headers={**SSE_HEADERS, "X-Greenroute-Variant": run.route.variant})
-    o = await finish(run, request)
-    recent.add(run.call, o)
-    body = whole(o).model_dump(mode="json")
-    return JSONResponse({**body, "usage": _usage_json(o)}, headers=cost_headers(o))
+    return await respond(
+        run, request, _stream(run, chunk, recent) if stream else None,
+        lambda o: {**whole(o).model_dump(mode="json"), "usage": _usage_json(o)},
+        lambda o: recent.add(run.call, o))
 
 
 @router.post("/v1/completions", response_model=None,
@@ -177,19 +181,14 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     run = _open(service, call)
     cid, created = f"cmpl-{call.id}", int(time.time())
 
-    def chunk(text: str, reason: str | None, _first: bool) -> dict[str, Any]:
-        return {"id": cid, "object": "text_completion", "created": created,
-                "model": run.route.variant,
-                "choices": [{"index": 0, "text": text, "logprobs": None,
-                             "finish_reason": reason}]}
-
     def whole(o: Outcome) -> Completion:
         return Completion(id=cid, created=created, model=o.variant, usage=_usage(o),
                           choices=[CompletionChoice(index=0, text=o.text,
                                                     finish_reason=openai_finish_reason(
                                                         o.finish_reason))])
 
-    return await _answer(body.stream, run, request, chunk, whole, recent)
+    return await _answer(body.stream, run, request,
+                         _chunks("text_completion", cid, created, run), whole, recent)
 
 
 @router.post("/v1/chat/completions", response_model=None,
@@ -205,15 +204,6 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     run = _open(service, call)
     cid, created = f"chatcmpl-{call.id}", int(time.time())
 
-    def chunk(text: str, reason: str | None, first: bool) -> dict[str, Any]:
-        delta: dict[str, Any] = {"content": text}
-        if first:
-            delta["role"] = "assistant"
-        return {"id": cid, "object": "chat.completion.chunk", "created": created,
-                "model": run.route.variant,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": reason}]}
-
     def whole(o: Outcome) -> ChatCompletion:
         return ChatCompletion(id=cid, created=created, model=o.variant, usage=_usage(o),
                               choices=[ChatChoice(index=0,
@@ -221,7 +211,8 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
                                                   finish_reason=openai_finish_reason(
                                                       o.finish_reason))])
 
-    return await _answer(body.stream, run, request, chunk, whole, recent)
+    return await _answer(body.stream, run, request,
+                         _chunks("chat.completion.chunk", cid, created, run), whole, recent)
 
 
 @router.get("/v1/models", response_model=ModelList,

@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.exposition import (
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from app.errors import envelope
+from app.http_errors import envelope
 from app.openapi import answers
 from app.schemas import Health, Ready
 

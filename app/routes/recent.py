@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from app.deps import RecentDep, require_api_key
-from app.errors import ApiError
+from app.http_errors import ApiError
 from app.openapi import answers
 from app.schemas import RecentList
 

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 
 from app.recent import RecentRequests
 from app.routes.ui import STATIC
-from app.service import Call, Outcome, Route
+from app.service import Call, Outcome
 from models.runtime.engine.base import GenerationParams
-from routing.policy import Budget
+from routing.policy import Budget, Decision
 from telemetry.base import EnergyReading
 from tests.app.test_api import assert_error
 
@@ -133,13 +133,13 @@ def test_ring_is_thread_safe_and_bounded() -> None:
     ring = RecentRequests(50)
     reading = EnergyReading(joules=1.0, seconds=0.5, source="estimate", device="cpu",
                             estimated=True)
-    route = Route("full", "pinned", 1.0, 1.0, [])
+    route = Decision("full", "pinned", 1.0, 1.0, [])
 
     def add(worker: int) -> None:
         for i in range(500):
             call = Call("p", GenerationParams(max_new_tokens=1), Budget(1.0, 0.0), "/x", "full")
             ring.add(call, Outcome(f"{worker}-{i}", "full", "t", "length", 1, 1, reading, 1.0,
-                                   0.0, route))
+                                   0.0, route, call.budget))
 
     threads = [threading.Thread(target=add, args=(w,)) for w in range(4)]
     for t in threads:

@@ -71,7 +71,7 @@ def test_parser_imports_no_pipeline_and_serve_imports_no_build_or_bench_code() -
 def test_build_options_keep_the_pipeline_defaults() -> None:
     from cli import build
     from cli.main import build_parser
-    from models.build.pipeline.ladder import BuildOptions
+    from models.build.pipeline.build import BuildOptions
 
     def opts(*argv: str) -> BuildOptions:
         return build.options(build_parser().parse_args(["build", "--out", "x", *argv]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from models.build.errors import BuildError
-from models.build.pipeline.ladder import build_ladder, is_up_to_date
+from models.build.pipeline.build import build_ladder, is_up_to_date
 from models.build.pipeline.source import resolve_checkpoint
 from models.runtime.manifest import Manifest
 from tests.conftest import tiny_build_options
@@ -354,7 +354,7 @@ def test_an_interrupted_build_leaves_the_old_ladder_whole(
     import hashlib
     import shutil
 
-    from models.build.pipeline.ladder import staging_dir
+    from models.build.pipeline.build import staging_dir
 
     def files(root: Path) -> dict[Path, str]:
         return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -188,7 +188,7 @@ def test_a_build_assembles_saved_student_blocks_and_records_how_they_were_made(
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from models.build.pipeline.ladder import prepare, resolve_sources
+    from models.build.pipeline.build import prepare, resolve_sources
     from models.build.train.student import (
         STUDENT_FILE,
         STUDENT_META,

@@ -28,7 +28,7 @@ from models.build.pipeline.quantize import (
 from models.build.pipeline.rowquant import levels_for, pack_weight, rowquant_graph
 from models.runtime import kernels
 from models.runtime.engine.base import GenerationParams
-from models.runtime.engine.batch import generate_many
+from models.runtime.engine.offline import generate_many
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.host import isa_flags, isa_summary
 

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from models.runtime.engine.base import ContextOverflowError, GenerationParams
-from models.runtime.engine.batch import generate_many
+from models.runtime.engine.offline import generate_many
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.engine.slots import KVSlots, Sampler, SerialSlots, slots_for
 

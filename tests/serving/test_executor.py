@@ -21,8 +21,8 @@ from routing.router import Router
 from serving.errors import QueueFullError, UnknownVariantError
 from serving.events import Chunks, Finished, Skipped
 from serving.executor import Executor, ExecutorConfig, Handle
+from serving.job import Job
 from serving.observer import LaneObserver
-from serving.sequence import Request
 from telemetry.base import EnergyMeter
 from tests.models.test_slots import PROMPTS, alone, assert_same_but_near_ties
 
@@ -61,7 +61,7 @@ class Recorder(LaneObserver):
         if self.broken:
             raise RuntimeError(f"{name} failed")
 
-    def request_finished(self, request: Request, finished: Finished) -> None:
+    def request_finished(self, request: Job, finished: Finished) -> None:
         self._got("finished", request.id, finished.completion_tokens)
 
     def batch_size(self, variant: str, rows: int) -> None:
@@ -82,7 +82,7 @@ def test_the_observer_hears_each_request_and_cannot_stop_serving(
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
         with ex.lane.admission:  # all three in one turn: three rows at once
             handles = [ex.submit(request(builder_engine, p, 3)) for p in PROMPTS[:3]]
-        ids.extend(h.request.id for h in handles)
+        ids.extend(h.job.id for h in handles)
         return [await collect(h) for h in handles]
 
     try:
@@ -123,9 +123,9 @@ async def collect(handle: Handle) -> tuple[list[Chunk], Finished | None, str]:
     raise AssertionError("no final event")
 
 
-def request(engine: OrtEngine, prompt: str, n: int, **kw: Any) -> Request:
+def request(engine: OrtEngine, prompt: str, n: int, **kw: Any) -> Job:
     params = GenerationParams(max_new_tokens=n, ignore_eos=True)
-    return Request(engine.encode(prompt), params, kw.pop("variant", "full"), **kw)
+    return Job(engine.encode(prompt), params, kw.pop("variant", "full"), **kw)
 
 
 def test_requests_joining_a_running_batch_get_their_alone_tokens(
@@ -157,7 +157,7 @@ def test_cancelling_a_running_request_frees_its_row_at_once(builder_engine: OrtE
         long = ex.submit(request(builder_engine, PROMPTS[0], 80, stream=True))
         waiting = ex.submit(request(builder_engine, PROMPTS[1], 4))
         assert isinstance(await long.next(), Chunks)  # it is running
-        long.request.cancel.set()
+        long.job.cancel.set()
         return await collect(long), await collect(waiting)
 
     try:
@@ -221,8 +221,8 @@ def test_a_full_executor_refuses_at_once(builder_engine: OrtEngine) -> None:
         assert err.value.retry_after_s >= 1
         with pytest.raises(UnknownVariantError):
             ex.submit(request(builder_engine, PROMPTS[2], 4, variant="nope"))
-        running.request.cancel.set()
-        queued.request.cancel.set()
+        running.job.cancel.set()
+        queued.job.cancel.set()
         assert (await collect(queued))[2] in ("skipped", "finished")
 
     try:
@@ -241,7 +241,7 @@ def test_two_variants_share_the_lane(tiny_ladder: Path) -> None:
             ("full", "x = 1", 6), ("distilled", "class A:", 8)]
 
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
-        handles = [ex.submit(Request(ladder.engines[v].encode(p),
+        handles = [ex.submit(Job(ladder.engines[v].encode(p),
                                      GenerationParams(max_new_tokens=n, ignore_eos=True), v))
                    for v, p, n in jobs]
         return await asyncio.gather(*(collect(h) for h in handles))
@@ -273,7 +273,7 @@ def test_speculative_rows_give_fulls_tokens_and_exact_lengths(tiny_ladder: Path)
     jobs = [("def main():", 11), ("import os", 7), ("x = 1", 16), ("class A:", 5)]
 
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
-        handles = [ex.submit(Request(full.encode(p),
+        handles = [ex.submit(Job(full.encode(p),
                                      GenerationParams(max_new_tokens=n, ignore_eos=True),
                                      "full-speculative")) for p, n in jobs]
         return await asyncio.gather(*(collect(h) for h in handles))
@@ -320,7 +320,7 @@ def test_round_robin_is_exact_and_switches_are_reported_apart(tiny_ladder: Path)
 
     async def main() -> None:
         with ex.lane.admission:  # all four in the lane's first turn (else a race decides)
-            handles = [ex.submit(Request(ladder.engines[v].encode("def main():"),
+            handles = [ex.submit(Job(ladder.engines[v].encode("def main():"),
                                          GenerationParams(max_new_tokens=n, ignore_eos=True),
                                          v))
                        for v, n in jobs]
@@ -357,7 +357,7 @@ def test_requests_joules_lie_between_the_busy_and_the_device_energy(tiny_ladder:
                   ExecutorConfig(max_batch=8, max_seq_tokens=96, queue_size=16))
 
     async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
-        handles = [ex.submit(Request(ladder.engines[names[k % 2]].encode(PROMPTS[k % 4]),
+        handles = [ex.submit(Job(ladder.engines[names[k % 2]].encode(PROMPTS[k % 4]),
                                      GenerationParams(max_new_tokens=8 + 3 * k,
                                                       ignore_eos=True), names[k % 2]))
                    for k in range(16)]
@@ -507,7 +507,7 @@ def test_the_lane_enforces_the_request_timeout_itself(builder_engine: OrtEngine)
         skipped = await collect(ex.submit(late))
         running = ex.submit(request(builder_engine, PROMPTS[1], 80, stream=True))
         assert isinstance(await running.next(), Chunks)  # its first token: it holds a row
-        running.request.timeout_at = time.perf_counter()  # now past due
+        running.job.timeout_at = time.perf_counter()  # now past due
         chunks, fin, _ = await collect(running)
         assert fin is not None
         return skipped[2], fin.finish_reason, fin.completion_tokens
@@ -551,8 +551,8 @@ def test_a_long_prompt_is_prefilled_in_parts_between_the_running_rows_steps(
         running = ex.submit(request(builder_engine, PROMPTS[0], 80, stream=True))
         await running.next()  # it holds a row and steps
         router.events.clear()
-        result = await collect(ex.submit(Request(long_ids, params, "full")))
-        running.request.cancel.set()
+        result = await collect(ex.submit(Job(long_ids, params, "full")))
+        running.job.cancel.set()
         await collect(running)
         return result
 

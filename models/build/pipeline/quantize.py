@@ -1,6 +1,6 @@
 """8-bit (and 4-bit) quantization candidates for an exported fp32 decoder.
 
-Four families, chosen between by measurement in :mod:`models.build.pipeline.ladder`:
+Four families, chosen between by measurement in :mod:`models.build.pipeline.build`:
 ``dynamic-int8`` (``MatMulInteger`` with activations quantized at run time, one scale per
 tensor), ``w8a8`` (the same kernel with one activation scale per row), weight-only
 ``MatMulNBits`` (block-wise int8/int4 weights; compute in int8 with ``accuracy_level=4``) and

@@ -17,7 +17,7 @@ from pathlib import Path
 from models import PACKAGE_DIR
 from models.runtime.chat import ChatTemplate
 from models.runtime.engine.base import Engine, GenerationParams
-from models.runtime.engine.batch import generate_many
+from models.runtime.engine.offline import generate_many
 
 DEFAULT_TASKS = PACKAGE_DIR / "data" / "tasks.jsonl"
 MAX_NEW_TOKENS = 32  # the expected answers are a few words; most answers end (EOS) well before

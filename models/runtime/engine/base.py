@@ -231,11 +231,15 @@ class Engine(ABC):
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int,
+                   limit: int | None = None) -> None:
+        """The one check that a request fits: :class:`ContextOverflowError` unless prompt and
+        answer fit ``limit`` tokens (the context; the executor passes a batch row's length)."""
         if prompt_tokens < 1:
             raise ValueError("prompt must contain at least one token")
-        if prompt_tokens + max_new_tokens > self.context_length:
-            raise ContextOverflowError(prompt_tokens, max_new_tokens, self.context_length)
+        limit = self.context_length if limit is None else limit
+        if prompt_tokens + max_new_tokens > limit:
+            raise ContextOverflowError(prompt_tokens, max_new_tokens, limit)
 
     def stream(
         self,

@@ -17,7 +17,7 @@ STREAM_FLUSH_S = 0.005  # streamed tokens are delivered in batches at most this 
 
 
 @dataclass
-class Request:
+class Job:
     """One generation the executor should run on ``variant`` (already routed)."""
 
     prompt_ids: list[int]
@@ -40,12 +40,12 @@ class Request:
         return self.latency_ms - 1000 * (now - self.arrived)
 
 
-class Sequence:
+class JobState:
     """A request with a row: its sampler, output stream, timing and buffered chunks."""
 
-    def __init__(self, request: Request, out: OutputStream, emit: Emit) -> None:
-        self.request = request
-        self.sampler = Sampler(request.params)
+    def __init__(self, job: Job, out: OutputStream, emit: Emit) -> None:
+        self.job = job
+        self.sampler = Sampler(job.params)
         self.out = out
         self.emit = emit
         self.row = -1
@@ -59,24 +59,24 @@ class Sequence:
 
     @property
     def id(self) -> str:
-        return self.request.id
+        return self.job.id
 
     @property
     def ready(self) -> bool:
         """Its whole prompt is in its row: it takes part in steps."""
-        return self.prefilled >= len(self.request.prompt_ids)
+        return self.prefilled >= len(self.job.prompt_ids)
 
     @property
     def remaining(self) -> int:
         """Tokens it may still generate."""
-        return self.request.params.max_new_tokens - (self.out.index + 1)
+        return self.job.params.max_new_tokens - (self.out.index + 1)
 
     def push(self, token: int, now: float) -> Chunk:
         """Take one generated token; buffer its chunk (and deliver when due)."""
         self.last_token = token
         self.first_token = self.first_token or now
         self.last_time = now
-        chunk = self.out.push(token, self.request.cancel.is_set())
+        chunk = self.out.push(token, self.job.cancel.is_set())
         self._hold(chunk, now)
         return chunk
 
@@ -89,7 +89,7 @@ class Sequence:
         # Waking the event loop per token slows decoding on few cores: a stream is flushed at
         # most every STREAM_FLUSH_S (its first token at once), a whole answer once at the end.
         self._held.append(chunk)
-        if chunk.finish_reason or (self.request.stream and now - self._flushed >= STREAM_FLUSH_S):
+        if chunk.finish_reason or (self.job.stream and now - self._flushed >= STREAM_FLUSH_S):
             self.flush(now)
 
     def flush(self, now: float) -> None:
@@ -100,6 +100,6 @@ class Sequence:
     def finished(self, energy: EnergyReading) -> Finished:
         """Its end as the lane reports it, with its ledger share ``energy``."""
         out = self.out
-        return Finished(out.finish_reason or "length", len(self.request.prompt_ids),
+        return Finished(out.finish_reason or "length", len(self.job.prompt_ids),
                         out.produced, out.index + 1, energy, self.admitted, self.first_token,
                         self.last_time)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 from serving.events import Finished
+from serving.job import Job
 from serving.observer import LaneObserver
-from serving.sequence import Request
 from telemetry.metrics import Metrics
 
 log = logging.getLogger("greenroute.requests")
@@ -20,7 +20,7 @@ class ServiceObserver(LaneObserver):
         self.metrics = metrics
         self.device = device
 
-    def request_finished(self, request: Request, f: Finished) -> None:
+    def request_finished(self, request: Job, f: Finished) -> None:
         """Recorded when a request ends, even when its caller has gone away or the engine
         failed. The request id rides on the histograms as an exemplar (never as a label)."""
         m = self.metrics
