@@ -15,18 +15,12 @@ from routing.policy import Reason
 
 ENDPOINTS = ("/v1/generate", "/v1/completions", "/v1/chat/completions")
 STATUSES = ("ok", "error", "rejected", "cancelled", "timeout")
-# Buckets, from what this service measured (`greenroute bench route`, 240 mixed requests on the
-# 2-core CPU: p50 78 ms, p99 460 ms, 0.1-6 J each, 1.09-3.45 J mean by mode): durations span
-# ~10 ms (a few student tokens) to tens of seconds (512 tokens of `full` behind a queue);
-# energies ~0.01 J to hundreds of J (a GPU at 300-700 W for seconds); per-request average power
-# 1 W (estimate, one idle-ish core) to 700 W (a loaded H100).
+# Buckets span what a request can take on a 2-core CPU and on a GPU, densest where the measured
+# requests fall (the distributions they were chosen from: docs/routing-and-energy.md, Metrics).
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENERGY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 500.0)
 POWER_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 75.0, 150.0, 300.0, 700.0)
-# Token timing, from the default model (SmolLM2-135M) on the 2-core CPU: decode ~20 ms/token for
-# `full`, 3-8 ms/token for the quantized and distilled rungs (a GPU: ~1-2 ms); time to first
-# token (queue wait + prefill) tens to hundreds of ms, seconds behind a full queue. The buckets
-# are densest where those figures fall.
+# Token timing buckets: likewise (time to first token includes the queue).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03,

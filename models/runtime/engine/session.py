@@ -23,10 +23,10 @@ def use_global_thread_pool(threads: int) -> bool:
 
     Sessions that take turns on the same cores — a lane interleaving variants' steps, a
     speculative draft and its target — otherwise each keep their own pool, whose threads (by
-    onnxruntime's default) spin after their work and steal the cores from the next session's:
-    measured here, speculative decoding ran at 0.85x full with such pools and 1.4-1.5x with one
-    shared pool (both models at their usual speed); :func:`session_options` bounds the spin of
-    a pool of a session's own instead. Returns whether the shared pool is in use."""
+    onnxruntime's default) spin after their work and steal the cores from the next session's
+    (what that cost speculative decoding: docs/benchmarks.md, Threads per rung);
+    :func:`session_options` bounds the spin of a pool of a session's own instead. Returns
+    whether the shared pool is in use."""
     global _global_pool_threads
     if _global_pool_threads is not None:
         return _global_pool_threads == threads
@@ -55,10 +55,10 @@ def session_options(threads: int) -> ort.SessionOptions:
 
     A pool of the session's own spins while it waits for work, for at most
     :data:`SPIN_US`: long enough to span the gaps inside a run (one operator's parallel section
-    to the next: int8 decoded at 0.74x onnxruntime-genai's speed with spinning off) and between
-    one decode step and the next (a pool stopped at the end of every run had to be woken at the
-    start of the next: 0.88-0.97x genai's step time), short enough that the cores soon belong
-    to the process's other sessions (a one-core rung's, a speculative draft's)."""
+    to the next) and between one decode step and the next (a pool stopped at the end of every
+    run has to be woken at the start of the next), short enough that the cores soon belong to
+    the process's other sessions (a one-core rung's, a speculative draft's). What each choice
+    measured: docs/benchmarks.md, Threads per rung."""
     so = ort.SessionOptions()
     if _global_pool_threads is not None:
         if threads != _global_pool_threads:  # onnxruntime: every session then uses the pool
@@ -85,7 +85,7 @@ def aligned_zeros(shape: Sequence[int], dtype: Any, alignment: int = 64) -> np.n
 
     numpy's buffers start 16 bytes into their allocation; onnxruntime's own are 64-byte
     aligned, and its kernels read a buffer bound from numpy (KV cache, mask, logits) a little
-    faster when it is too (measured here: 1.5 % per decode step, full and int8 alike).
+    faster when it is too (docs/benchmarks.md, Threads per rung).
 
     A large array is an anonymous memory map (page-aligned): its pages cost memory only once
     written, so a KV buffer sized for every row at full length holds only what rows use.

@@ -23,9 +23,8 @@ width (:mod:`routing.cost`), not by a pause rule. Each row's ``k`` follows its a
 ``min_acceptance``, where rounds stop paying for themselves, pauses: it decodes plainly for
 ``PAUSE_TOKENS`` tokens, then drafts again, and each further pause of that row is twice as long
 (up to ``MAX_PAUSE_TOKENS``). Text is easy to predict in stretches: a row that stopped for good
-after two bad rounds lost the rest of its request's speed-up (measured on the route workload's
-nine full-floor requests: 1.15x full, against 1.53x with pauses and 1.57x for rows that never
-stop).
+after two bad rounds lost the rest of its request's speed-up (the measurement:
+docs/routing-and-energy.md, The speculative rung).
 """
 
 from __future__ import annotations
