@@ -32,6 +32,7 @@ def options(args: argparse.Namespace) -> BuildOptions:
         out=Path(args.out) if args.out else default_ladder_dir(),
         threads=args.threads,
         force=args.force,
+        race=args.race,
         speculative=not args.no_speculative,
         genai_builder=args.genai_builder or default_genai_builder(),
     )

@@ -42,6 +42,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="ladder directory (default: cache)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--race", action="store_true",
+                   help="race every candidate even where this model and CPU class have "
+                        "recorded decisions (recorded again from this build)")
     p.add_argument("--genai-builder", default=None,
                    help="python of an environment with onnxruntime-genai's model builder "
                         "(make creates .venv-builder); exports with it where it covers the "

@@ -37,6 +37,14 @@ TINY_TRAIN = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decisions_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The build records its races' outcomes here, never in the user's cache."""
+    path = tmp_path_factory.mktemp("decisions") / "decisions.json"
+    os.environ["GREENROUTE_DECISIONS_FILE"] = str(path)
+    return path
+
+
 def pytest_report_header() -> str:
     """Which instruction sets this run exercised: onnxruntime (and greenroute's kernels) pick
     their code by them, so a result says where it holds."""
@@ -117,7 +125,10 @@ def tiny_build_options(teacher: Path, student: Path | None, out: Path, heldout: 
                         # whether a draft earns the speculative rung is a timing race: the
                         # shared ladder leaves it out so that its variants never depend on one
                         # (tests/models/test_build.py runs the stage on its own)
-                        speculative=False)
+                        speculative=False,
+                        # every tiny build races and records the outcome (test_build.py builds
+                        # once from the recorded decision)
+                        race=True)
 
 
 @pytest.fixture(scope="session")

@@ -374,3 +374,26 @@ def test_an_interrupted_build_leaves_the_old_ladder_whole(
     assert files(ladder) == before
     assert is_up_to_date(ladder, Manifest.load(ladder).build_key)
     assert (staging_dir(ladder) / "full").exists()  # its leftovers sit beside it, not in it
+
+
+def test_a_build_on_a_cpu_class_that_raced_builds_only_the_recorded_picks(
+        tiny_ladder: Path, tiny_teacher: Path, tiny_student: Path, tiny_texts: tuple[Path, Path],
+        tmp_path: Path, decisions_file: Path) -> None:
+    """The shared ladder's build raced and recorded its picks for this model and CPU class; a
+    build of the same model elsewhere without ``--race`` builds and checks only those (no
+    8-bit race), and the manifest says where the decision came from."""
+    first = Manifest.load(tiny_ladder)
+    model = first.source["model_sha256"][:16]
+    (entry,) = [v for k, v in json.loads(decisions_file.read_text()).items()
+                if k.startswith(model)]
+    assert entry["int8"] == first.quantization_choice["int8"]["chosen"]
+    assert entry["int4"] == first.quantization_choice["int4"]["chosen"]
+    opts = tiny_build_options(tiny_teacher, tiny_student, tmp_path / "again", tiny_texts[1])
+    manifest, built = build_ladder(dataclasses.replace(opts, race=False), log=lambda _m: None)
+    assert built and manifest.build_key == first.build_key
+    choice = manifest.quantization_choice["int8"]
+    assert choice["chosen"] == entry["int8"] and choice["recorded"] == str(decisions_file)
+    assert set(choice["candidates"]) == {entry["int8"], *([entry["int4"]] if entry["int4"]
+                                                          else [])}
+    assert len(first.quantization_choice["int8"]["candidates"]) > len(choice["candidates"])
+    assert set(manifest.variants) == set(first.variants)

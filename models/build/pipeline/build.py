@@ -17,7 +17,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from models.build.errors import BuildError
-from models.build.pipeline import stages
+from models.build.pipeline import decisions, stages
 from models.build.pipeline.checkpoint import eos_ids, same_vocab, save_tokenizer
 from models.build.pipeline.export import exporters_for, onnx_bytes
 from models.build.pipeline.genai_config import normalized
@@ -31,6 +31,7 @@ from models.build.pipeline.options import (
 from models.build.pipeline.progress import Progress
 from models.build.pipeline.quality import heldout_ids
 from models.build.pipeline.source import checkpoint_hash, resolve_checkpoint
+from models.build.pipeline.speculative import NONE as SPECULATIVE_NONE
 from models.build.pipeline.speculative import RULE as SPECULATIVE_RULE
 from models.build.pipeline.speculative import choose_speculative
 from models.build.pipeline.verify_graph import write_verify_graph
@@ -167,6 +168,10 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     # built beside its final place and renamed into it at the end: an interrupted build (or
     # one for another model) never leaves a manifest beside files it does not describe
     b = prepare(opts, src, staging_dir(final), log)
+    key = decisions.key_for(src.record["model_sha256"], src.config)
+    b.known = None if opts.race else decisions.lookup(key)
+    if b.known is not None:
+        b.known["cpu"] = decisions.cpu_class()
     stages.export_fp32(b)
     stages.quantize_rungs(b)
     stages.choose_runtime(b)
@@ -174,8 +179,16 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     manifest = stages.make_manifest(b, src.key, src.record, src.config)
     _verify_graph(b.out, manifest, log)
     if opts.speculative:  # a speculative rung, if a draft earns it
-        log("measuring drafts for the speculative rung")
-        manifest.speculative_choice = choose_speculative(b.out, manifest, opts.threads, log=log)
+        recorded = (b.known or {}).get("speculative")
+        log("measuring " + ("the recorded draft" if recorded else "drafts")
+            + " for the speculative rung")
+        manifest.speculative_choice = choose_speculative(b.out, manifest, opts.threads, log=log,
+                                                         recorded=recorded)
+        choice = manifest.speculative_choice
+        if not choice.get("recorded") and "measurement failed" not in str(choice.get("why")):
+            b.decided["speculative"] = choice.get("chosen") or SPECULATIVE_NONE
+    if b.decided:  # races ran: the next build of this model on this CPU class reuses them
+        log(f"  race outcomes recorded in {decisions.record(key, b.decided)}")
     manifest.save(b.out)
     shutil.rmtree(b.work, ignore_errors=True)
     replace_dir(b.out, final)

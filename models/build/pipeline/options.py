@@ -42,6 +42,9 @@ class BuildOptions:
     consider_int4: bool = True
     speculative: bool = True  # measure drafts for a speculative rung (pipeline/speculative.py)
     force: bool = False
+    # race every candidate even where this model and CPU class have recorded decisions
+    # (pipeline/decisions.py); not in the build key: the races' outcome is what a key records
+    race: bool = False
     # python of an environment with onnxruntime-genai's model builder (see Makefile); None:
     # optimum's exporter for every architecture
     genai_builder: str | None = None

@@ -35,6 +35,7 @@ from models.runtime.manifest import SPECULATIVE, Calibration, Manifest, Speculat
 from telemetry.factory import MeterConfig, create_meter
 
 KS = (3, 5, 8)
+NONE = "none"  # a recorded outcome: no speculative rung
 MIN_SPEEDUP = 1.05  # decode tokens/s over full's that earns the rung
 MAX_ENERGY_RATIO = 0.9  # or joules per token under full's
 RULE = (f"fewest joules/token draft x k if <= {MAX_ENERGY_RATIO}x full's, else fastest if >= "
@@ -44,18 +45,27 @@ QUESTIONS = ("Why is the sky blue?", "Write a Python function that reverses a st
 
 
 def choose_speculative(ladder: Path, manifest: Manifest, threads: int, new_tokens: int = 48,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
+                       log: Callable[[str], None] = print,
+                       recorded: str | None = None) -> dict[str, Any]:
     """Measure every draft x k in a fresh process whose sessions share one thread pool, as
     the serving process's do (this one's sessions have their own pools, and two pools taking
     turns on the same cores make any speculative pair look slow); add the rung to
-    ``manifest`` when one earns it; return the record (``manifest.speculative_choice``)."""
+    ``manifest`` when one earns it; return the record (``manifest.speculative_choice``).
+
+    ``recorded``: the outcome recorded for this model and CPU class (``draft:kK``, or
+    :data:`NONE` for no rung; :mod:`pipeline.decisions`): only that candidate is measured (for
+    the rung's figures) and it stands."""
+    if recorded == NONE:
+        return {"rule": RULE, "chosen": None, "recorded": True, "candidates": {},
+                "why": "no draft x k earned the rung when this model raced on this CPU class"}
     with tempfile.TemporaryDirectory() as tmp:
         # the manifest goes by file: a fresh build saves its own only after this stage
         given, out = Path(tmp) / "manifest.json", Path(tmp) / "choice.json"
         given.write_text(manifest.model_dump_json())
         proc = subprocess.run(
             [sys.executable, "-m", "models.build.pipeline.speculative", str(ladder), str(given),
-             str(threads), str(new_tokens), str(out)], capture_output=True, text=True,
+             str(threads), str(new_tokens), str(out), recorded or ""], capture_output=True,
+            text=True,
             check=False)
         for line in proc.stdout.splitlines():
             log(line)
@@ -70,8 +80,9 @@ def choose_speculative(ladder: Path, manifest: Manifest, threads: int, new_token
 
 
 def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_tokens: int,
-                        log: Callable[[str], None]) -> dict[str, Any]:
-    """Every draft x k against full, taking turns; the rung added to ``manifest`` if earned."""
+                        log: Callable[[str], None], only: str = "") -> dict[str, Any]:
+    """Every draft x k against full (or ``only`` that one), taking turns; the rung added to
+    ``manifest`` if earned (``only``: it stands)."""
     tokenizer = Tokenizer.from_file(str(ladder / manifest.tokenizer))
     template = ChatTemplate.for_directory(ladder)
 
@@ -100,12 +111,14 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
         return got, reading.seconds, reading.joules
 
     drafts = [n for n, v in manifest.variants.items() if n != "full" and v.speculative is None]
+    if only:
+        drafts = [d for d in drafts if d == only.split(":k")[0]]
     for name in drafts:
         draft = load(name)
         if not draft.shared_kv:
             continue
         previous = (0.0, math.inf)
-        for k in KS:
+        for k in ([int(only.split(":k")[1])] if only else KS):
             spec = SpeculativeEngine(full, draft, k)
             spec.generate(prompts[0], GenerationParams(max_new_tokens=8))  # warm-up
             spec.drafted = spec.accepted = 0
@@ -131,6 +144,12 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
                 break  # past this draft's best k: longer drafts only waste more
             previous = (speedup, energy_ratio)
     meter.close()
+    if only and only in record["candidates"]:
+        c = record["candidates"][only]
+        add_rung(manifest, c["draft"], c["k"], c["acceptance_rate"], c["speedup"],
+                 c["decode_ms_per_token"] / 1000, threads, record["candidates"])
+        return {**record, "chosen": only, "recorded": True,
+                "why": "recorded when this model raced on this CPU class"}
     return _choose(record, manifest, threads)
 
 
@@ -184,10 +203,11 @@ def main(argv: list[str]) -> int:
     (with the choice) to OUT."""
     ladder, given, out = Path(argv[0]), Path(argv[1]), Path(argv[4])
     threads, new_tokens = int(argv[2]), int(argv[3])
+    only = argv[5] if len(argv) > 5 else ""
     share_pool_if_uniform(threads, CHEAP_RUNGS_ON_ONE_CORE.values())
     manifest = Manifest.model_validate_json(given.read_text())
     manifest.speculative_choice = _measure_and_choose(ladder, manifest, threads, new_tokens,
-                                                      lambda m: print(m, flush=True))
+                                                      lambda m: print(m, flush=True), only)
     out.write_text(manifest.model_dump_json())
     return 0
 

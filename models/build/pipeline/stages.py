@@ -83,6 +83,9 @@ class Build:
     task_reports: dict[str, TaskReport] = field(default_factory=dict)
     task_count: int = 0
     student_made: dict[str, Any] | None = None  # the student's training record, summarised
+    # race outcomes recorded for this model and CPU class (pipeline/decisions.py), or None
+    known: dict[str, Any] | None = None
+    decided: dict[str, Any] = field(default_factory=dict)  # this build's race outcomes
 
     def engine_for(self, vdir: Path) -> OrtEngine:
         return OrtEngine(vdir / ONNX_FILE, self.tokenizer, self.context, self.eos,
@@ -230,13 +233,31 @@ def _adopt(b: Build, name: str, race: str, method: q.QuantMethod, base: str,
     b.methods[name] = method
 
 
+def _recorded_candidates(b: Build, candidates: list[q.QuantMethod]) -> list[q.QuantMethod]:
+    """Only the recorded picks, where this model and CPU class have them (else all)."""
+    if b.known is None or b.opts.race or "int8" not in b.known:
+        return candidates
+    wanted = {b.known["int8"], *([b.known["int4"]] if b.known.get("int4") else [])}
+    listed = [m for m in candidates if m.name in wanted]
+    if len(listed) != len(wanted):  # a candidate list that changed: race
+        return candidates
+    b.log(f"  int8: the decision recorded for this model on {b.known['cpu']} "
+          f"({b.known['recorded_in']}): {', '.join(sorted(wanted))}; `--race` races again")
+    return listed
+
+
 def quantize_rungs(b: Build) -> None:
-    """Stage 2: the quantized rungs, each chosen by a race (the manifest keeps every figure)."""
+    """Stage 2: the quantized rungs, each chosen by a race (the manifest keeps every figure),
+    or built from the decision recorded for this model and CPU class."""
     for base, qname in (("full", "int8"), ("distilled", "distilled-int8")):
         if base not in b.sources:
             continue
         four = base == "full" and b.opts.consider_int4
         candidates = [*q.candidates_8bit(), *(q.CANDIDATES_4BIT if four else ())]
+        recorded = False
+        if base == "full":
+            listed = _recorded_candidates(b, candidates)
+            recorded, candidates = listed is not candidates, listed
         if base == "distilled" and "int8" in b.methods:
             # the student has the teacher's matrix shapes, so the kernels rank the same way:
             # its copy takes the method int8's race chose (racing again cost 87 s of a build
@@ -244,6 +265,11 @@ def quantize_rungs(b: Build) -> None:
             candidates = [b.methods["int8"]]
         trials, engines = _race(b, base, qname, candidates)
         base_bytes = onnx_bytes(b.out / base)
+        if recorded and "rejected" in trials[b.known["int8"]]:  # type: ignore[index]
+            b.log("  int8: the recorded pick fails its check here: racing every candidate")
+            recorded, candidates = False, [*q.candidates_8bit(),
+                                           *(q.CANDIDATES_4BIT if four else ())]
+            trials, engines = _race(b, base, qname, candidates)
         if len(candidates) == 1 and trials[candidates[0].name].get("bytes",
                                                                    base_bytes) >= base_bytes:
             # int8's method does not shrink the student (a tiny model's fixed overheads can
@@ -253,16 +279,24 @@ def quantize_rungs(b: Build) -> None:
             trials, engines = _race(b, base, qname, candidates)
         pick = pick_8bit(trials, candidates, base_bytes)
         b.quant_choice[qname] = {"chosen": pick.name, "rule": EIGHT_BIT_RULE,
-                                 "source_bytes": base_bytes, "candidates": trials}
+                                 "source_bytes": base_bytes, "candidates": trials,
+                                 **({"recorded": b.known["recorded_in"]}  # type: ignore[index]
+                                    if recorded else {})}
         _adopt(b, qname, qname, pick, base, engines)
         if four:
             floor = b.quality("distilled") if "distilled" in b.reports else 0.0
             pick4, earns = pick_4bit(trials, candidates, pick, floor)
+            if recorded:  # the recorded outcome stands (the speeds above are one run's)
+                assert b.known is not None
+                earns = pick4 is not None and pick4.name == b.known.get("int4")
             b.quant_choice["int4"] = {
                 "added": earns, "chosen": pick4.name if pick4 and earns else None,
-                "rule": FOUR_BIT_RULE, "measured": trials[pick4.name] if pick4 else None}
+                "rule": FOUR_BIT_RULE, "measured": trials[pick4.name] if pick4 else None,
+                **({"recorded": b.known["recorded_in"]} if recorded and b.known else {})}
             if pick4 and earns:
                 _adopt(b, "int4", "int8", pick4, "full", engines)
+            if not recorded:
+                b.decided.update(int8=pick.name, int4=pick4.name if pick4 and earns else None)
 
 
 def choose_runtime(b: Build) -> None:
