@@ -8,8 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE
-from models.runtime.manifest import default_ladder_dir
+from models.runtime.manifest import Manifest, default_ladder_dir
 
 
 class Settings(BaseSettings):
@@ -22,10 +21,10 @@ class Settings(BaseSettings):
     ladder_dir: Path = Field(default_factory=default_ladder_dir)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(2, ge=1, le=256, description="intra-op threads per session")
-    variant_threads: Annotated[dict[str, int], NoDecode] = Field(
-        default_factory=lambda: dict(CHEAP_RUNGS_ON_ONE_CORE),
-        description="threads of named variants, overriding `threads` (NAME=N,...; names "
-        "absent from the ladder are skipped)")
+    variant_threads: Annotated[dict[str, int] | None, NoDecode] = Field(
+        None, description="threads of named variants, overriding `threads` (NAME=N,...; names "
+        "absent from the ladder are skipped); unset: the build's measured choice (the "
+        "manifest's `serve_threads`), empty: every variant on `threads`")
     wide_from_rows: int = Field(4, ge=0, description="a variant on fewer threads than "
                                 "`threads` also keeps a session on `threads`, used for steps of "
                                 "at least this many rows and prompts of at least this many "
@@ -116,14 +115,17 @@ class Settings(BaseSettings):
 
     @field_validator("variant_threads")
     @classmethod
-    def _threads_in_range(cls, value: dict[str, int]) -> dict[str, int]:
-        bad = {n: t for n, t in value.items() if not 1 <= t <= 256}
+    def _threads_in_range(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        bad = {n: t for n, t in (value or {}).items() if not 1 <= t <= 256}
         if bad:
             raise ValueError(f"threads must be 1-256: {bad}")
         return value
 
-    def threads_of(self, variant: str) -> int:
-        return self.variant_threads.get(variant, self.threads)
+    def threads_by_variant(self, manifest: Manifest | None) -> dict[str, int]:
+        """Each variant's own thread count: the setting's, else the manifest's measured one."""
+        if self.variant_threads is not None:
+            return dict(self.variant_threads)
+        return manifest.serve_threads() if manifest is not None else {}
 
     @field_validator("api_keys", "variants", mode="before")
     @classmethod

@@ -57,7 +57,7 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     chat_template = load_chat_template(settings.ladder_dir)  # before the slow part: fail fast
     ladder = load_ladder(settings.ladder_dir, device=device, threads=settings.threads,
                          runtime=settings.runtime, only=settings.variants or None,
-                         variant_threads=settings.variant_threads,
+                         variant_threads=settings.variant_threads,  # None: the manifest's
                          wide_from_rows=settings.wide_from_rows)
     if not ladder.engines:
         raise RuntimeError(f"no variant could be loaded from {settings.ladder_dir}: "
@@ -68,7 +68,8 @@ def build_service(settings: Settings, registry: CollectorRegistry) -> Generation
     meter = create_meter(meter_config(settings, device))
     speculative = {v.name for v in ladder.manifest.variants.values() if v.speculative}
     router = Router({v.name: v.quality for v in ladder.manifest.variants.values()},
-                    seed_costs(ladder, meter, settings.max_batch), reference={"full"} | speculative,
+                    seed_costs(ladder, meter, settings.max_batch),
+                    reference=ladder.manifest.reference(),
                     on_infeasible=settings.on_infeasible, speculative=speculative,
                     speculate_below_rows=settings.speculate_below_rows)
     config = ExecutorConfig(

@@ -22,7 +22,7 @@ from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.engine.session import share_pool_if_uniform
 from models.runtime.engine.speculative import SpeculativeEngine
-from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE, load_ladder
+from models.runtime.ladder import load_ladder
 from models.runtime.manifest import SPECULATIVE, Manifest
 from telemetry.factory import MeterConfig, create_meter
 
@@ -62,11 +62,12 @@ def compared(meter: Any, spec: Any, identical: int, total: int, rates: dict[str,
 def run_bench(ladder: Path, draft: str | None = None, k: int | None = None,
               new_tokens: int = 128, rounds: int = 3, threads: int = 2,
               variant_threads: dict[str, int] | None = None) -> dict[str, Any]:
-    # threads as the service runs them by default: one shared pool, or each variant its own
-    variant_threads = dict(CHEAP_RUNGS_ON_ONE_CORE if variant_threads is None
+    # threads as the service runs them by default (the build's measured choice): one shared
+    # pool, or each variant its own
+    manifest = Manifest.load(ladder)
+    variant_threads = dict(manifest.serve_threads() if variant_threads is None
                            else variant_threads)
     share_pool_if_uniform(threads, variant_threads.values())
-    manifest = Manifest.load(ladder)
     spec_info = manifest.variants.get(SPECULATIVE)
     chosen = spec_info.speculative if spec_info else None
     draft = draft or (chosen.draft if chosen else "int8")

@@ -36,12 +36,17 @@ def run(args: argparse.Namespace) -> int:
                         "%(message)s")
     from app.settings import open_binding_warning
     from models.runtime.engine.session import share_pool_if_uniform
+    from models.runtime.manifest import Manifest
 
     warning = open_binding_warning(args.host, settings)
     if warning:
         logging.getLogger("greenroute").warning(warning)
 
-    share_pool_if_uniform(settings.threads, settings.variant_threads.values())
+    try:  # the manifest's measured threads, unless the settings name some
+        manifest: Manifest | None = Manifest.load(settings.ladder_dir)
+    except (OSError, ValueError):  # start-up reports a broken manifest
+        manifest = None
+    share_pool_if_uniform(settings.threads, settings.threads_by_variant(manifest).values())
     # uvicorn drains in-flight requests on SIGTERM, restores this handler and re-raises the
     # signal into it: a drained shutdown then exits 0 instead of "killed by SIGTERM".
     signal.signal(signal.SIGTERM, _exit_zero)

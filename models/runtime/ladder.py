@@ -15,12 +15,6 @@ from models.runtime.engine.base import Engine, VariantLoadError
 from models.runtime.engine.ort import shares_kv_buffer
 from models.runtime.manifest import Manifest, VariantInfo, onnx_bytes
 
-# A rung decoding on one core spends about a third less CPU time per token than on two, for
-# 1.3-1.8x its latency (SmolLM2's ladder on a 2-core host: `greenroute bench threads`). The
-# service's default: these rungs on one thread each, `full` (the reference, and the fallback
-# for tight budgets) and the speculative rung's target on the service's `threads`.
-CHEAP_RUNGS_ON_ONE_CORE = {"int8": 1, "int4": 1, "distilled": 1, "distilled-int8": 1}
-
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "onnxruntime", "onnxruntime-genai")
 
@@ -91,7 +85,8 @@ def load_ladder(
     wide_from_rows: int = 0,
 ) -> LoadedLadder:
     """Load every variant in ``ladder_dir`` (or those in ``only``), each with ``threads``
-    intra-op threads or its own count from ``variant_threads``; a variant given fewer than
+    intra-op threads or its own count from ``variant_threads`` (``None``: the manifest's
+    measured ``serve_threads``; ``{}``: none of its own); a variant given fewer than
     ``threads`` also gets a session on ``threads`` for forwards of at least
     ``wide_from_rows`` rows or tokens (0: none).
 
@@ -115,6 +110,8 @@ def load_ladder(
     except Exception as err:  # tokenizers raises a bare Exception
         raise VariantLoadError(f"cannot load tokenizer {manifest.tokenizer}: {err}") from err
     ladder = LoadedLadder(ladder_dir, manifest)
+    if variant_threads is None:
+        variant_threads = manifest.serve_threads()
     for variant in manifest.ordered():
         if only is not None and variant.name not in only:
             continue

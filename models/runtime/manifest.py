@@ -92,6 +92,9 @@ class VariantInfo(BaseModel):
     task_score: float | None = Field(default=None, ge=0.0, le=1.0)
     calibration: Calibration | None = None
     speculative: SpeculativeInfo | None = None  # set on the speculative rung only
+    # the threads the service runs it on unless told otherwise: a measured build result
+    # (Manifest.threads_choice); None: the service's thread count
+    serve_threads: int | None = Field(default=None, ge=1)
     # how a student was made (its structure, the blocks it keeps, its healing run), as its
     # training recorded it; None for the teacher's rungs
     made: dict[str, Any] | None = None
@@ -114,6 +117,9 @@ class Manifest(BaseModel):
     quantization_choice: dict[str, Any]  # why: measurements of every candidate method
     # the speculative rung's draft x k measurements and choice (None: the stage has not run)
     speculative_choice: dict[str, Any] | None = None
+    # which rungs run on one core: each measured on one thread and on the build's count (None:
+    # a ladder built before the stage; the service then runs every rung on its thread count)
+    threads_choice: dict[str, Any] | None = None
     heldout: dict[str, Any]
     tasks: dict[str, Any] | None = None  # question-set file, count, each variant's answers
     chat_template: str = "fallback"  # "checkpoint": the source's own template ships in the ladder
@@ -136,6 +142,18 @@ class Manifest(BaseModel):
             fh.write(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
         os.replace(tmp, path)
         return path
+
+    def serve_threads(self) -> dict[str, int]:
+        """Each rung's measured thread count where the build chose one."""
+        return {n: v.serve_threads for n, v in self.variants.items() if v.serve_threads}
+
+    def reference(self) -> set[str]:
+        """The rungs that give ``full``'s exact output: the teacher's unquantized graph and
+        the speculative rungs that verify with it (floors of 1.0 may go to these)."""
+        exact = {n for n, v in self.variants.items()
+                 if v.source == "teacher" and v.quantization is None and v.speculative is None}
+        return exact | {n for n, v in self.variants.items()
+                        if v.speculative is not None and v.speculative.target in exact}
 
     def ordered(self) -> list[VariantInfo]:
         """Variants in ladder order (full first), unknown names last."""

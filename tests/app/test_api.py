@@ -325,8 +325,11 @@ def test_variant_threads_are_parsed_and_checked_at_start_up() -> None:
             Settings(variant_threads=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="1-256"):
         Settings(variant_threads="int8=0")  # type: ignore[arg-type]
+    assert Settings().variant_threads is None  # unset: the build's measured choice
     s = Settings(threads=4, variant_threads="int8=1")  # type: ignore[arg-type]
-    assert (s.threads_of("int8"), s.threads_of("full")) == (1, 4)
+    measured = Manifest.model_construct(variants={})
+    assert s.threads_by_variant(measured) == {"int8": 1}
+    assert Settings().threads_by_variant(None) == {}
 
 
 def test_each_variant_runs_on_its_own_thread_count(

@@ -300,10 +300,10 @@ def test_a_ladder_measured_under_another_rule_is_measured_again(
 
 def test_the_speculative_rung_is_full_with_the_races_costs(manifest: Manifest) -> None:
     from models.build.pipeline.speculative import add_rung
-    from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE
     from models.runtime.manifest import SPECULATIVE
 
     m = manifest.model_copy(deep=True)
+    m.variants["int8"].serve_threads = 1  # the build measured int8 cheaper on one core
     add_rung(m, "int8", 4, acceptance=0.8, speedup=1.5, seconds_per_token=0.004, threads=2,
              candidates={"int8:k4": {}})
     rung, full, draft = m.variants[SPECULATIVE], m.variants["full"], m.variants["int8"]
@@ -318,7 +318,7 @@ def test_the_speculative_rung_is_full_with_the_races_costs(manifest: Manifest) -
     assert cal.decode_ms_per_token == pytest.approx(4.0)
     # a draft the service runs on one core beside a two-thread full is recorded as 0 threads,
     # as SpeculativeEngine.threads reports it, so start-up uses this calibration
-    assert CHEAP_RUNGS_ON_ONE_CORE["int8"] == 1 and cal.threads == 0
+    assert cal.threads == 0
     add_rung(m, "full", 4, 0.8, 1.5, 0.004, threads=2, candidates={})
     assert m.variants[SPECULATIVE].calibration.threads == 2  # type: ignore[union-attr]
 
@@ -397,3 +397,31 @@ def test_a_build_on_a_cpu_class_that_raced_builds_only_the_recorded_picks(
                                                           else [])}
     assert len(first.quantization_choice["int8"]["candidates"]) > len(choice["candidates"])
     assert set(manifest.variants) == set(first.variants)
+
+
+def test_which_rungs_run_on_one_core_is_measured_and_follows_the_rule(
+        manifest: Manifest) -> None:
+    from models.build.pipeline.threads import MAX_ENERGY_RATIO
+
+    choice = manifest.threads_choice
+    assert choice is not None and choice["threads"] == 2
+    measured = choice["measured"]
+    assert set(measured) == {n for n in manifest.variants if n != "full"}
+    assert manifest.variants["full"].serve_threads is None
+    for name, m in measured.items():
+        one = (m["energy_ratio"] <= MAX_ENERGY_RATIO
+               and m["tokens_per_s"]["1"] >= choice["full_tokens_per_s"])
+        assert (manifest.variants[name].serve_threads == 1) == one, (name, m)
+        assert m["serve_threads"] == (1 if one else 2)
+    assert manifest.serve_threads() == {n: 1 for n, m in measured.items()
+                                        if m["serve_threads"] == 1}
+
+
+def test_the_reference_rungs_are_the_exact_ones(manifest: Manifest) -> None:
+    from models.build.pipeline.speculative import add_rung
+    from models.runtime.manifest import SPECULATIVE
+
+    assert manifest.reference() == {"full"}
+    m = manifest.model_copy(deep=True)
+    add_rung(m, "int8", 4, 0.8, 1.5, 0.004, threads=2, candidates={})
+    assert m.reference() == {"full", SPECULATIVE}

@@ -249,6 +249,24 @@ def test_broken_variant_fails_alone(tiny_ladder: Path, tmp_path: Path) -> None:
     assert all("\n" not in msg for msg in loaded.failed.values())
 
 
+def test_rungs_run_on_the_threads_the_build_measured_unless_told(tiny_ladder: Path,
+                                                                 tmp_path: Path) -> None:
+    from models.runtime.manifest import Manifest
+
+    ladder = tmp_path / "ladder"
+    shutil.copytree(tiny_ladder, ladder)
+    m = Manifest.load(ladder)
+    for name, info in m.variants.items():
+        info.serve_threads = 1 if name == "int8" else None
+    m.save(ladder)
+    only = ["full", "int8"]
+    measured = load_ladder(ladder, threads=2, runtime="onnxruntime", warmup=False, only=only)
+    assert {n: e.threads for n, e in measured.engines.items()} == {"full": 2, "int8": 1}
+    told = load_ladder(ladder, threads=2, runtime="onnxruntime", warmup=False, only=only,
+                       variant_threads={})
+    assert {n: e.threads for n, e in told.engines.items()} == {"full": 2, "int8": 2}
+
+
 def test_missing_manifest_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(VariantLoadError, match="build the ladder first"):
         load_ladder(tmp_path)

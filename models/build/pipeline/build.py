@@ -34,6 +34,7 @@ from models.build.pipeline.source import checkpoint_hash, resolve_checkpoint
 from models.build.pipeline.speculative import NONE as SPECULATIVE_NONE
 from models.build.pipeline.speculative import RULE as SPECULATIVE_RULE
 from models.build.pipeline.speculative import choose_speculative
+from models.build.pipeline.threads import choose_threads
 from models.build.pipeline.verify_graph import write_verify_graph
 from models.build.train.student import STUDENT_FILE, assemble_student, student_made
 from models.runtime.calibrate import CALIBRATION_PROMPT
@@ -153,6 +154,16 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     if not opts.force and is_up_to_date(final, src.key):
         manifest = Manifest.load(final)
         _verify_graph(final, manifest, log, only_if_missing=True)
+        stage_ran = False
+        if manifest.threads_choice is None:
+            log(f"ladder in {final} is up to date; measuring which rungs run on one core (a "
+                "stage it was built without)")
+            prompt = Tokenizer.from_file(str(final / manifest.tokenizer)).encode(
+                CALIBRATION_PROMPT, add_special_tokens=False).ids
+            manifest.threads_choice = choose_threads(final, manifest, opts.threads, prompt,
+                                                     log=log)
+            manifest.save(final)
+            stage_ran = True
         choice = manifest.speculative_choice
         if opts.speculative and (choice is None or choice.get("rule") != SPECULATIVE_RULE):
             log(f"ladder in {final} is up to date; measuring the speculative rung (a stage it "
@@ -162,8 +173,9 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
                                                              log=log)
             manifest.save(final)
             return manifest, True
-        log(f"ladder in {final} is up to date (build key {src.key[:12]}); nothing to do")
-        return manifest, False
+        if not stage_ran:
+            log(f"ladder in {final} is up to date (build key {src.key[:12]}); nothing to do")
+        return manifest, stage_ran
 
     # built beside its final place and renamed into it at the end: an interrupted build (or
     # one for another model) never leaves a manifest beside files it does not describe
@@ -178,6 +190,8 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     stages.score_tasks(b)
     manifest = stages.make_manifest(b, src.key, src.record, src.config)
     _verify_graph(b.out, manifest, log)
+    log("measuring which rungs run on one core")
+    manifest.threads_choice = choose_threads(b.out, manifest, opts.threads, b.prompt, log=log)
     if opts.speculative:  # a speculative rung, if a draft earns it
         recorded = (b.known or {}).get("speculative")
         log("measuring " + ("the recorded draft" if recorded else "drafts")

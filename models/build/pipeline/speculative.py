@@ -30,7 +30,6 @@ from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.engine.session import share_pool_if_uniform
 from models.runtime.engine.speculative import SpeculativeEngine, rung_threads
-from models.runtime.ladder import CHEAP_RUNGS_ON_ONE_CORE
 from models.runtime.manifest import SPECULATIVE, Calibration, Manifest, SpeculativeInfo
 from telemetry.factory import MeterConfig, create_meter
 
@@ -86,10 +85,12 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
     tokenizer = Tokenizer.from_file(str(ladder / manifest.tokenizer))
     template = ChatTemplate.for_directory(ladder)
 
+    own = manifest.serve_threads()  # each model on the threads the service gives it
+
     def load(name: str) -> OrtEngine:
         info = manifest.variants[name]
         return OrtEngine(ladder / info.dir / info.file, tokenizer, manifest.context_length,
-                         manifest.eos_token_ids, threads=CHEAP_RUNGS_ON_ONE_CORE.get(name, threads))
+                         manifest.eos_token_ids, threads=own.get(name, threads))
 
     full = load("full")
     record: dict[str, Any] = {"rule": RULE, "new_tokens": new_tokens, "candidates": {}}
@@ -189,8 +190,8 @@ def add_rung(manifest: Manifest, draft: str, k: int, acceptance: float, speedup:
                                   + (draft_cal.prefill_ms_per_token if draft_cal else 0.0)),
             decode_ms_per_token=1000 * seconds_per_token,
             decode_tokens_per_s=1 / seconds_per_token,
-            threads=rung_threads(CHEAP_RUNGS_ON_ONE_CORE.get("full", threads),
-                                 CHEAP_RUNGS_ON_ONE_CORE.get(draft, threads))),
+            threads=rung_threads(full_info.serve_threads or threads,
+                                 draft_info.serve_threads or threads)),
         "speculative": SpeculativeInfo(
             target="full", draft=draft, k=k, acceptance_rate=round(acceptance, 4),
             speedup=round(speedup, 3), candidates=candidates)})
@@ -204,8 +205,8 @@ def main(argv: list[str]) -> int:
     ladder, given, out = Path(argv[0]), Path(argv[1]), Path(argv[4])
     threads, new_tokens = int(argv[2]), int(argv[3])
     only = argv[5] if len(argv) > 5 else ""
-    share_pool_if_uniform(threads, CHEAP_RUNGS_ON_ONE_CORE.values())
     manifest = Manifest.model_validate_json(given.read_text())
+    share_pool_if_uniform(threads, manifest.serve_threads().values())
     manifest.speculative_choice = _measure_and_choose(ladder, manifest, threads, new_tokens,
                                                       lambda m: print(m, flush=True), only)
     out.write_text(manifest.model_dump_json())
