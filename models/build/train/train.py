@@ -92,11 +92,6 @@ def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2, progress: bool
     where it stopped); the model is only saved to ``out_dir`` once all steps are done.
     """
     import torch
-    import torch.nn.functional as F  # noqa: N812
-    from tqdm import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from models.build.train.tokenizer import save_hf_tokenizer, train_tokenizer
 
     torch.set_num_threads(threads)
     random.seed(cfg.seed)
@@ -104,9 +99,32 @@ def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2, progress: bool
     torch.manual_seed(cfg.seed)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tcfg = cfg.train
+    tok_json = _tokenizer(cfg)
+    teacher, vocab, eot_id = _teacher(cfg, tok_json)
+    data = _encode_corpus(cfg.corpus, tok_json, Path(".cache/corpus"), int(eot_id or 0))
+    model, opt, step = _model_and_optimizer(cfg, teacher, vocab, eot_id, checkpoint_dir)
+    started = time.monotonic()
+    step, losses = _train_loop(cfg, model, opt, teacher, data, step, checkpoint_dir / "last.pt",
+                               progress, until)
+    if step < cfg.train["steps"]:
+        return {"out_dir": str(cfg.out_dir), "steps": step, "finished": False}
+    model.eval()
+    model.to(torch.float16).save_pretrained(str(cfg.out_dir), safe_serialization=True)
+    return {
+        "out_dir": str(cfg.out_dir),
+        "steps": step,
+        "tokens_seen": step * cfg.train["seq_len"] * cfg.train["batch_size"],
+        "final_ce_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "wall_seconds_this_run": round(time.monotonic() - started, 1),
+        "distilled_from": str(cfg.teacher) if cfg.teacher else None,
+    }
 
-    # Tokenizer: the teacher trains it, a student copies its teacher's.
+
+def _tokenizer(cfg: TrainConfig) -> Path:
+    """``out_dir/tokenizer.json``: a teacher's, copied, or one trained on the corpus."""
+    from models.build.train.tokenizer import save_hf_tokenizer, train_tokenizer
+
     tok_json = cfg.out_dir / "tokenizer.json"
     if cfg.teacher:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -120,41 +138,46 @@ def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2, progress: bool
     elif not tok_json.exists():
         tok = train_tokenizer(cfg.corpus, cfg.tokenizer_vocab_size)
         save_hf_tokenizer(tok, cfg.out_dir, cfg.model["max_position_embeddings"])
+    return tok_json
+
+
+def _teacher(cfg: TrainConfig, tok_json: Path) -> tuple[Any, int, int | None]:
+    """(the frozen teacher or None, the vocabulary size, the end-of-text id)."""
+    import torch
     from tokenizers import Tokenizer
 
     hf_tok = Tokenizer.from_file(str(tok_json))
     vocab, eot_id = hf_tok.get_vocab_size(), hf_tok.token_to_id(EOT)
-    teacher = None
-    if cfg.teacher:
-        from transformers import AutoModelForCausalLM
+    if not cfg.teacher:
+        return None, vocab, eot_id
+    from transformers import AutoModelForCausalLM
 
-        teacher = AutoModelForCausalLM.from_pretrained(str(cfg.teacher), dtype=torch.float32)
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        vocab = int(teacher.config.vocab_size)
-        if eot_id is None:
-            eos = teacher.config.eos_token_id
-            eot_id = int(eos[0] if isinstance(eos, list) else eos or 0)
-    data = _encode_corpus(cfg.corpus, tok_json, Path(".cache/corpus"), int(eot_id or 0))
+    teacher = AutoModelForCausalLM.from_pretrained(str(cfg.teacher), dtype=torch.float32)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if eot_id is None:
+        eos = teacher.config.eos_token_id
+        eot_id = int(eos[0] if isinstance(eos, list) else eos or 0)
+    return teacher, int(teacher.config.vocab_size), eot_id
 
-    model_cfg = None if cfg.init_from_teacher else LlamaConfig(
-        vocab_size=vocab,
-        bos_token_id=eot_id,
-        eos_token_id=eot_id,
-        pad_token_id=eot_id,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        attention_bias=False,
-        **cfg.model,
-    )
+
+def _model_and_optimizer(cfg: TrainConfig, teacher: Any, vocab: int, eot_id: int | None,
+                         checkpoint_dir: Path) -> tuple[Any, Any, int]:
+    """The model (fresh, or a student of the teacher's blocks), its AdamW, and the step it
+    resumes from (its checkpoint restored where one is)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tcfg = cfg.train
     if cfg.init_from_teacher and teacher is not None:
         from models.build.train.student import student_from_teacher
 
         model, _ = student_from_teacher(teacher, int(cfg.model["num_hidden_layers"]))
     else:
-        model = LlamaForCausalLM(model_cfg)
-
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id,
+            tie_word_embeddings=True, rms_norm_eps=1e-5, attention_bias=False, **cfg.model))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -171,11 +194,22 @@ def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2, progress: bool
         step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["np_rng"])
+    return model, opt, step
 
+
+def _train_loop(cfg: TrainConfig, model: Any, opt: Any, teacher: Any, data: np.ndarray,
+                step: int, ckpt: Path, progress: bool,
+                until: int | None) -> tuple[int, list[float]]:
+    """Steps from ``step`` to the planned total (or ``until``), a checkpoint every
+    ``checkpoint_every`` and at the stop; returns the step reached and each step's CE."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from tqdm import tqdm
+
+    tcfg = cfg.train
     seq, bsz = tcfg["seq_len"], tcfg["batch_size"]
     rng_high = len(data) - seq - 1
     model.train()
-    started = time.monotonic()
     losses: list[float] = []
     bar = tqdm(total=tcfg["steps"], initial=step, desc=cfg.out_dir.name, unit="step",
                disable=not progress)
@@ -217,18 +251,4 @@ def run(cfg: TrainConfig, checkpoint_dir: Path, threads: int = 2, progress: bool
                 ckpt,
             )
     bar.close()
-    if step < tcfg["steps"]:
-        return {"out_dir": str(cfg.out_dir), "steps": step, "finished": False}
-
-    model.eval()
-    model.to(torch.float16).save_pretrained(str(cfg.out_dir), safe_serialization=True)
-    summary = {
-        "out_dir": str(cfg.out_dir),
-        "steps": step,
-        "tokens_seen": step * seq * bsz,
-        "final_ce_mean_last_50": float(np.mean(losses[-50:])) if losses else None,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "wall_seconds_this_run": round(time.monotonic() - started, 1),
-        "distilled_from": str(cfg.teacher) if cfg.teacher else None,
-    }
-    return summary
+    return step, losses
