@@ -141,13 +141,13 @@ def test_student_rebuilt_from_teacher_and_its_own_tensors_equals_it(tmp_path: Pa
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    from models.build.train.candidates import trained_tensor
     from models.build.train.student import (
         STUDENT_META,
         assemble_student,
         shared_names,
         student_from_picks,
     )
-    from models.build.train.students import _trained
 
     teacher = _tiny_llama()
     teacher.save_pretrained(tmp_path / "teacher")
@@ -158,7 +158,7 @@ def test_student_rebuilt_from_teacher_and_its_own_tensors_equals_it(tmp_path: Pa
             layer.mlp.down_proj.weight.mul_(1.5)
     shared = shared_names(student)
     own = {k: v.half() for k, v in student.state_dict().items()
-           if k not in shared and _trained(k, 1, 3)}
+           if k not in shared and trained_tensor(k, 1, 3)}
     assert not any(".layers.0." in k for k in own) and "model.norm.weight" in own
     (tmp_path / "s").mkdir()
     save_file(own, str(tmp_path / "s" / "student.safetensors"))
@@ -221,9 +221,10 @@ def test_a_build_assembles_saved_student_blocks_and_records_how_they_were_made(
 
 
 def test_measured_gap_tries_every_allowed_run_and_keeps_the_one_that_loses_least() -> None:
+    from models.build.train.candidates import mean_ce
     from models.build.train.heal import calibration_states
     from models.build.train.student import student_from_picks
-    from models.build.train.students import mean_ce, measured_gap
+    from models.build.train.students import measured_gap
 
     teacher = _tiny_llama()
     rows = np.random.default_rng(6).integers(0, 97, size=(4, 13))
@@ -238,8 +239,8 @@ def test_measured_gap_tries_every_allowed_run_and_keeps_the_one_that_loses_least
 
 def test_saved_candidate_reloads_as_it_was_and_a_changed_config_does_not_reuse_it(
         tmp_path: Path) -> None:
+    from models.build.train.candidates import candidate_key, save, saved
     from models.build.train.student import load_candidate, student_from_picks
-    from models.build.train.students import _save, _saved, candidate_key
 
     teacher = _tiny_llama()
     student = student_from_picks(teacher, [0, 1, 4, 5])
@@ -248,14 +249,14 @@ def test_saved_candidate_reloads_as_it_was_and_a_changed_config_does_not_reuse_i
     cfg = {"seed": 1, "data": {"rows": 4}, "bridge": {"ridge": 0.1}, "heal": {"lr": 1e-3},
            "eval": {"tokens": 8}, "finish": {"seconds": 5}}
     key = candidate_key(cfg, 4)
-    _save(student, {"name": "c", "key": key, "layers": 4, "teacher_blocks": [0, 1, 4, 5]},
-          tmp_path / "c", [1, 3])
+    save(student, {"name": "c", "key": key, "layers": 4, "teacher_blocks": [0, 1, 4, 5]},
+         tmp_path / "c", [1, 3])
     back = load_candidate(teacher, tmp_path / "c")
     for name, value in student.state_dict().items():  # trained tensors round-trip via fp16
         np.testing.assert_allclose(back.state_dict()[name].numpy(), value.numpy(), atol=2e-3)
-    assert _saved(tmp_path / "c", key) is not None
-    assert _saved(tmp_path / "c", candidate_key({**cfg, "heal": {"lr": 2e-3}}, 4)) is None
-    assert _saved(tmp_path / "c", candidate_key(cfg, 3)) is None
+    assert saved(tmp_path / "c", key) is not None
+    assert saved(tmp_path / "c", candidate_key({**cfg, "heal": {"lr": 2e-3}}, 4)) is None
+    assert saved(tmp_path / "c", candidate_key(cfg, 3)) is None
     # the finishing phase's settings only key the finished candidate
     assert candidate_key({**cfg, "finish": {"seconds": 9}}, 4) == key
     assert candidate_key({**cfg, "finish": {"seconds": 9}}, 4, True) != candidate_key(
@@ -283,9 +284,9 @@ def test_teacher_pass_kept_on_disk_is_read_back_only_for_the_same_rows(tmp_path:
 
 def test_finish_heals_the_pick_again_from_its_saved_tensors_and_is_reused_after(
         tmp_path: Path) -> None:
+    from models.build.train.candidates import Context, candidate_key, finish, save
     from models.build.train.heal import teacher_pass
     from models.build.train.student import student_from_picks
-    from models.build.train.students import _save, candidate_key, finish
 
     teacher = _tiny_llama()
     rows = np.random.default_rng(3).integers(0, 97, size=(8, 17))
@@ -294,11 +295,11 @@ def test_finish_heals_the_pick_again_from_its_saved_tensors_and_is_reused_after(
            "heal": {"lr": 3e-3, "batch_size": 4, "steps": 6, "warmup_steps": 1, "ce_weight": 0.0,
                     "log_every": 5, "train_blocks": 2, "top_k": 8},
            "finish": {"steps": 4, "seconds": 1e9}}
-    pick = _save(student_from_picks(teacher, kept),
-                 {"name": "depth-4", "key": candidate_key(cfg, 4), "layers": 4,
-                  "teacher_blocks": kept, "quality": 0.5, "tasks": 3,
-                  "healing": {"trained_blocks": [1, 2]}},
-                 tmp_path / "candidates" / "depth-4", [1, 2])
+    pick = save(student_from_picks(teacher, kept),
+                {"name": "depth-4", "key": candidate_key(cfg, 4), "layers": 4,
+                 "teacher_blocks": kept, "quality": 0.5, "tasks": 3,
+                 "healing": {"trained_blocks": [1, 2]}},
+                tmp_path / "candidates" / "depth-4", [1, 2])
     caches: list[int] = []
 
     def cache():  # type: ignore[no-untyped-def]
@@ -306,8 +307,14 @@ def test_finish_heals_the_pick_again_from_its_saved_tensors_and_is_reused_after(
         return teacher_pass(teacher, rows, [1], k=8)
 
     seen: list[Any] = []
-    done = finish(teacher, pick, cfg, tmp_path, cache,
-                  lambda s: (seen.append(s), (0.6, 4))[1], lambda _m: None)
+
+    def ctx(quality: float, tasks: int) -> Context:
+        return Context(teacher=teacher, config=cfg, work=tmp_path, total=6, hidden=[],
+                       mlp=None, select_rows=rows, teacher_ppl=1.0,
+                       quality=lambda s: (seen.append(s), quality)[1], tasks=lambda _s: tasks,
+                       cache=cache, blocks=[1], log=lambda _m: None)
+
+    done = finish(ctx(0.6, 4), pick)
     assert done["name"] == "depth-4-finished" and done["finish"]["steps"] == 4
     assert (done["quality"], done["tasks"]) == (0.6, 4)
     assert (done["quality_first_phase"], done["tasks_first_phase"]) == (0.5, 3)
@@ -316,5 +323,5 @@ def test_finish_heals_the_pick_again_from_its_saved_tensors_and_is_reused_after(
     assert torch.equal(seen[0].model.layers[3].mlp.up_proj.weight,  # above train_blocks
                        teacher.model.layers[5].mlp.up_proj.weight)
     assert choose([done, pick], {"quality": 0.9, "tasks": 50})["name"] == "depth-4-finished"
-    again = finish(teacher, pick, cfg, tmp_path, cache, lambda s: (0.0, 0), lambda _m: None)
+    again = finish(ctx(0.0, 0), pick)
     assert again["quality"] == 0.6 and caches == [1]  # reused: no teacher pass, no healing

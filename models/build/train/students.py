@@ -18,30 +18,29 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.build.train.candidates import (
+    Context,
+    candidate_key,
+    finish,
+    make_depth,
+    mean_ce,
+    saved,
+)
 from models.build.train.distil import _pack
 from models.build.train.heal import (
     TeacherCache,
-    bridge_student,
     calibration_states,
-    heal,
     load_cache,
     save_cache,
     teacher_pass,
 )
 from models.build.train.prune import Gap, gap_distances
-from models.build.train.student import (
-    STUDENT_FILE,
-    STUDENT_META,
-    load_candidate,
-    shared_names,
-    student_from_picks,
-)
+from models.build.train.student import STUDENT_FILE, STUDENT_META, student_from_picks
 
 Log = Any
 
@@ -83,17 +82,6 @@ def _rows(teacher: Any, tokenizer: Any, cfg: dict[str, Any], seed: int, work: Pa
     rows = rows[rng.permutation(len(rows))]
     np.save(cached, rows)
     return rows
-
-
-def mean_ce(model: Any, rows: np.ndarray) -> float:
-    """Mean next-token cross-entropy of ``model`` on ``rows`` (``[N, S + 1]`` token ids)."""
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-
-    with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(rows[:, :-1])).logits.float()
-        return float(F.cross_entropy(logits.flatten(0, 1),
-                                     torch.from_numpy(rows[:, 1:]).flatten()))
 
 
 def measured_gap(teacher: Any, hidden: list[np.ndarray], length: int,
@@ -165,10 +153,11 @@ def choose(cands: list[dict[str, Any]], select: dict[str, Any]) -> dict[str, Any
 
 def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: Path,
                    threads: int = 2, log: Log = print) -> dict[str, Any]:
+    """Every depth of ``config["kept"]`` made, bridged, healed and measured (resumed where a
+    run with this config made it), the best kept (and finished, where the config says) in
+    ``out``; the run's summary."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from models.build.pipeline.options import DEFAULT_HELDOUT
 
     started = time.monotonic()
     torch.set_num_threads(threads)
@@ -180,29 +169,44 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
                                                    attn_implementation="sdpa").eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    eos = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    total = int(teacher.config.num_hidden_layers)
     rows = _rows(teacher, tokenizer, config["data"], seed, work, log)
+    ctx = _context(teacher, tokenizer, config, work, rows, log)
+    cands = [reused if (reused := _reused(ctx, k, gap, log)) is not None
+             else make_depth(ctx, k, gap, searched) for k, (gap, searched) in
+             _gaps(ctx, work).items()]
+    pick = choose(cands, config["select"])
+    if "finish" in config:
+        finished = finish(ctx, pick)
+        cands.append(finished)
+        pick = choose([finished, pick], config["select"])  # a tie goes to the finished one
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(work / "candidates" / pick["name"] / STUDENT_FILE, out / STUDENT_FILE)
+    summary = {**pick, "teacher_quality_ppl": ctx.teacher_ppl, "rule": choose.__doc__,
+               "rows": int(rows.shape[0]), "seq_len": int(rows.shape[1] - 1),
+               "wall_seconds": round(time.monotonic() - started, 1),
+               "candidates": [{k2: v for k2, v in c.items()
+                               if k2 not in ("curve", "finish_curve", "shared")}
+                              for c in cands],
+               "config": config}
+    (out / STUDENT_META).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _context(teacher: Any, tokenizer: Any, config: dict[str, Any], work: Path,
+             rows: np.ndarray, log: Log) -> Context:
+    """What every candidate of the run is made and judged with: the teacher's calibration
+    states, the rows cuts are judged on, the held-out text and task set, the teacher pass."""
+    from models.build.pipeline.options import DEFAULT_HELDOUT
+
     n_cal, n_sel = int(config["data"]["calibration_rows"]), int(config["data"]["selection_rows"])
     hidden, mlp = calibration_states(teacher, rows[:n_cal])
-    select_rows = rows[n_cal:n_cal + n_sel]  # where cuts and bridges are judged
-    gaps: dict[int, Gap] = {}
-    searched: dict[int, Any] = {}
-    reused: dict[int, dict[str, Any]] = {}  # candidates a run with this config already made
-    for k in (int(k) for k in config["kept"]):
-        done = _saved(work / "candidates" / f"depth-{k}", candidate_key(config, k))
-        if done is not None:  # resumed: its cut was searched when it was made
-            reused[k] = done
-            first, last = done["structure"]["dropped"]
-            gaps[k] = Gap(first, last - first + 1, done["structure"]["angular_distance"])
-            searched[k] = {int(a): v for a, v in done["structure"]["searched"].items()}
-        else:
-            gaps[k], searched[k] = measured_gap(teacher, hidden, total - k, select_rows)
-        log(f"K={k}: drop blocks {gaps[k].start}..{gaps[k].start + gaps[k].length - 1} "
-            f"({searched[k][gaps[k].start]})")
-    blocks = sorted({g.start - 1 for g in gaps.values()})
-    k_top = int(config["heal"]["top_k"])
+    held = tokenizer(DEFAULT_HELDOUT.read_text(encoding="utf-8"),
+                     add_special_tokens=False)["input_ids"][: int(config["eval"]["tokens"])]
+    window = int(config["eval"]["window"])
+    eos = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    blocks: list[int] = []  # the blocks before each cut: set once the cuts are known
     cached: list[TeacherCache] = []
+    k_top = int(config["heal"]["top_k"])
 
     def cache() -> TeacherCache:  # the teacher pass, run (or read back) only when needed
         if not cached:
@@ -215,134 +219,39 @@ def build_students(teacher_dir: Path, config: dict[str, Any], work: Path, out: P
             log(f"teacher pass over {rows.shape[0]} rows in {time.monotonic() - t0:.0f} s")
         return cached[0]
 
-    held = tokenizer(DEFAULT_HELDOUT.read_text(encoding="utf-8"),
-                     add_special_tokens=False)["input_ids"][: int(config["eval"]["tokens"])]
-    window = int(config["eval"]["window"])
     t_ppl = heldout_quality(teacher, held, window)
-
-    def measure(student: Any) -> tuple[float, int]:
-        return t_ppl / heldout_quality(student, held, window), task_score(student, tokenizer,
-                                                                          eos)
-
-    cands: list[dict[str, Any]] = []
-    for k, gap in gaps.items():
-        name, key = f"depth-{k}", candidate_key(config, k)
-        cdir = work / "candidates" / name
-        if k in reused:
-            done = reused[k]
-            log(f"{name}: reusing {cdir} (quality {done['quality']:.3f}, tasks {done['tasks']})")
-            cands.append(done)
-            continue
-        student = student_from_picks(teacher, gap.kept(total)).eval()
-        plain_q = t_ppl / heldout_quality(student, held, window)
-        plain_ce = mean_ce(student, select_rows)
-        down = student.model.layers[gap.start - 1].mlp.down_proj.weight  # the bridge's home
-        before = down.detach().clone()
-        errors = bridge_student(student, gap, hidden, mlp, float(config["bridge"]["ridge"]))
-        bridged_ce = mean_ce(student, select_rows)
-        if bridged_ce >= plain_ce:  # the bridge must earn its place on text it was not fit on
-            with torch.no_grad():
-                down.copy_(before)
-        errors.update(kept=bridged_ce < plain_ce, ce_plain_cut=plain_ce, ce_bridged=bridged_ce)
-        bridged_q = t_ppl / heldout_quality(student, held, window)
-        log(f"{name}: quality plain cut {plain_q:.3f}, with bridge {bridged_q:.3f} {errors}")
-        record = heal(student, gap.start - 1, cache(), {**config["heal"], "seed": seed},
-                      float(config["heal"]["seconds"]), log)
-        quality, tasks = measure(student)
-        log(f"{name}: healed quality {quality:.3f}, tasks {tasks}/60")
-        cand = {"name": name, "key": key, "layers": k, "teacher_blocks": gap.kept(total),
-                "structure": {
-                    "kind": "depth", "dropped": [gap.start, gap.start + gap.length - 1],
-                    "angular_distance": round(gap.distance, 4), "bridge": "least squares, "
-                    f"folded into block {gap.start - 1}'s down_proj", "bridge_fit": errors,
-                    "searched": searched[k]},
-                "quality_plain_cut": plain_q, "quality_bridged": bridged_q,
-                "quality": quality, "tasks": tasks,
-                "healing": {k2: v for k2, v in record.items() if k2 != "curve"},
-                "curve": record["curve"]}
-        cands.append(_save(student, cand, cdir, record["trained_blocks"]))
-    pick = choose(cands, config["select"])
-    if "finish" in config:
-        finished = finish(teacher, pick, config, work, cache, measure, log)
-        cands.append(finished)
-        pick = choose([finished, pick], config["select"])  # a tie goes to the finished one
-    out.mkdir(parents=True, exist_ok=True)
-    src = work / "candidates" / pick["name"]
-    shutil.copy2(src / STUDENT_FILE, out / STUDENT_FILE)
-    summary = {**pick, "teacher_quality_ppl": t_ppl, "rule": choose.__doc__,
-               "rows": int(rows.shape[0]), "seq_len": int(rows.shape[1] - 1),
-               "wall_seconds": round(time.monotonic() - started, 1),
-               "candidates": [{k2: v for k2, v in c.items()
-                               if k2 not in ("curve", "finish_curve", "shared")}
-                              for c in cands],
-               "config": config}
-    (out / STUDENT_META).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return Context(teacher=teacher, config=config, work=work, total=int(
+        teacher.config.num_hidden_layers), hidden=hidden, mlp=mlp,
+        select_rows=rows[n_cal:n_cal + n_sel], teacher_ppl=t_ppl,
+        quality=lambda m: t_ppl / heldout_quality(m, held, window),
+        tasks=lambda m: task_score(m, tokenizer, eos), cache=cache, blocks=blocks, log=log)
 
 
-def finish(teacher: Any, pick: dict[str, Any], config: dict[str, Any], work: Path,
-           cache: Callable[[], TeacherCache], measure: Callable[[Any], tuple[float, int]],
-           log: Log) -> dict[str, Any]:
-    """The second healing phase (``config["finish"]``) of the chosen candidate alone, from its
-    saved tensors; saved as ``<name>-finished`` (reused when a run with this config made it)."""
-    seed = int(config["seed"])
-    fin_cfg = {**config["heal"], **config["finish"], "seed": seed + 1}
-    name, key = f"{pick['name']}-finished", candidate_key(config, pick["layers"], True)
-    cdir = work / "candidates" / name
-    done = _saved(cdir, key)
+def _gaps(ctx: Context, work: Path) -> dict[int, tuple[Gap, dict[int, Any]]]:
+    """Each kept depth's cut (the run of blocks whose plain cut loses least), and every start
+    searched for it; a candidate already made keeps the cut it was made with."""
+    out: dict[int, tuple[Gap, dict[int, Any]]] = {}
+    for k in (int(k) for k in ctx.config["kept"]):
+        done = saved(work / "candidates" / f"depth-{k}", candidate_key(ctx.config, k))
+        if done is not None:  # resumed: its cut was searched when it was made
+            first, last = done["structure"]["dropped"]
+            gap = Gap(first, last - first + 1, done["structure"]["angular_distance"])
+            searched = {int(a): v for a, v in done["structure"]["searched"].items()}
+        else:
+            gap, searched = measured_gap(ctx.teacher, ctx.hidden, ctx.total - k,
+                                         ctx.select_rows)
+        ctx.log(f"K={k}: drop blocks {gap.start}..{gap.start + gap.length - 1} "
+                f"({searched[gap.start]})")
+        out[k] = (gap, searched)
+    ctx.blocks[:] = sorted({g.start - 1 for g, _ in out.values()})
+    return out
+
+
+def _reused(ctx: Context, k: int, gap: Gap, log: Log) -> dict[str, Any] | None:
+    cdir = ctx.work / "candidates" / f"depth-{k}"
+    done = saved(cdir, candidate_key(ctx.config, k))
     if done is not None:
-        log(f"{name}: reusing {cdir}")
-        return done
-    student = load_candidate(teacher, work / "candidates" / pick["name"])
-    first = int(pick["healing"]["trained_blocks"][0])
-    record = heal(student, first, cache(), fin_cfg, float(fin_cfg["seconds"]), log)
-    quality, tasks = measure(student)
-    log(f"{name}: quality {quality:.3f}, tasks {tasks}/60")
-    return _save(student, {**pick, "name": name, "key": key, "quality": quality,
-                           "tasks": tasks, "quality_first_phase": pick["quality"],
-                           "tasks_first_phase": pick["tasks"],
-                           "finish": {k: v for k, v in record.items() if k != "curve"},
-                           "finish_curve": record["curve"]},
-                 cdir, record["trained_blocks"])
+        log(f"depth-{k}: reusing {cdir} (quality {done['quality']:.3f}, tasks {done['tasks']})")
+    return done
 
 
-def candidate_key(config: dict[str, Any], k: int, finished: bool = False) -> str:
-    """What a saved candidate was made from: a resumed run reuses it only when this matches."""
-    import hashlib
-
-    parts = {"k": k, **{s: config.get(s) for s in ("seed", "data", "bridge", "heal", "eval")}}
-    if finished:
-        parts["finish"] = config.get("finish")
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _saved(cdir: Path, key: str) -> dict[str, Any] | None:
-    meta = cdir / STUDENT_META
-    if not (meta.is_file() and (cdir / STUDENT_FILE).is_file()):
-        return None
-    cand = json.loads(meta.read_text())
-    return cand if cand.get("key") == key else None
-
-
-def _save(student: Any, cand: dict[str, Any], cdir: Path, trained: list[int]) -> dict[str, Any]:
-    """Write the tensors training changed (fp16) and the candidate's record to ``cdir``."""
-    import torch
-    from safetensors.torch import save_file
-
-    cdir.mkdir(parents=True, exist_ok=True)
-    shared = shared_names(student)
-    own = {key: v.detach().to(torch.float16).contiguous()
-           for key, v in student.state_dict().items()
-           if key not in shared and _trained(key, *trained)}
-    save_file(own, str(cdir / STUDENT_FILE), metadata={"format": "pt"})
-    cand = {**cand, "shared": sorted(shared)}
-    (cdir / STUDENT_META).write_text(json.dumps(cand, indent=2) + "\n")
-    return cand
-
-
-def _trained(key: str, first: int, last: int) -> bool:
-    """True for the tensors healing trains: blocks ``first..last`` and the final norm."""
-    from models.build.train.student import _BLOCK
-
-    m = _BLOCK.search(key)
-    return first <= int(m.group(2)) <= last if m else key.endswith("norm.weight")
