@@ -144,52 +144,14 @@ def repack_graph(
     fallback quantizer to pick up.
     """
     import onnx
-    from onnx import TensorProto, numpy_helper
+    from onnx import numpy_helper
 
     start = time.perf_counter()
     report = RepackReport(block_size, accuracy_level, zero_points, tolerance)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    # MatMuls by weight (a weight may feed several)
-    eligible: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        b = inits.get(node.input[1])
-        ok = (b is not None and len(b.dims) == 2 and b.data_type == TensorProto.FLOAT
-              and b.dims[0] % block_size == 0 and block_size % 2 == 0)
-        if ok:
-            eligible.setdefault(node.input[1], []).append(node)
-        else:
-            report.skipped.append(node.name)
-
-    new_inits: list[onnx.TensorProto] = []
-    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # replaced node's output → replacement
-    block_sums: dict[tuple[str, int], str] = {}  # (activation, K) → its block-sum tensor
-    indicator: dict[int, str] = {}  # K → the 0/1 [K, K / block_size] initializer
+    r = _Rewrite(model.graph, block_size, accuracy_level, int8_accuracy_level)
     left_fp32: list[str] = []
-    removable: list[str] = []
-
-    def block_sum(activation: str, k: int, base: str) -> tuple[str, list[onnx.NodeProto]]:
-        if (activation, k) in block_sums:
-            return block_sums[(activation, k)], []
-        if k not in indicator:
-            e = np.zeros((k, k // block_size), dtype=np.float32)
-            e[np.arange(k), np.arange(k) // block_size] = 1.0
-            indicator[k] = f"repack.block_sum_{k}"
-            new_inits.append(numpy_helper.from_array(e, indicator[k]))
-        out = f"{base}_block_sum/output_0"
-        block_sums[(activation, k)] = out
-        return out, [onnx.helper.make_node("MatMul", [activation, indicator[k]], [out],
-                                           name=f"{base}_block_sum")]
-
-    for wname, nodes in eligible.items():
-        weight = numpy_helper.to_array(inits[wname])
+    for wname, nodes in r.eligible(report).items():
+        weight = numpy_helper.to_array(r.inits[wname])
         k, n = weight.shape
         fit4, on_grid, sampled = fit_q4_checked(weight, block_size, tolerance)
         entry = TensorReport(wname, [_name(nd) for nd in nodes], k, n, None, "fp32",
@@ -199,62 +161,134 @@ def repack_graph(
             entry.q8_max_abs_err, entry.q8_max_rel_err = fit8.max_abs_err, fit8.max_rel_err
         if on_grid:
             entry.grid = "q4"
-            packed = pack_nibbles(fit4.q)
-            new_inits.append(numpy_helper.from_array(packed, f"{wname}_Q4R"))
-            new_inits.append(numpy_helper.from_array(fit4.scale.reshape(-1), f"{wname}_scales"))
-            if zero_points == "float":
-                entry.action = "int4-float-zp"
-                zp = (-fit4.minimum / fit4.scale).astype(np.float32)
-                new_inits.append(numpy_helper.from_array(zp.reshape(-1), f"{wname}_zp"))
-                for nd in nodes:
-                    new_nodes[nd.output[0]] = [_matmul_nbits(
-                        f"{_name(nd)}_Q4R", [nd.input[0], f"{wname}_Q4R", f"{wname}_scales",
-                                             f"{wname}_zp"],
-                        nd.output[0], k, n, 4, block_size, accuracy_level)]
-            else:
-                entry.action = "int4-offset"
-                # w = (q - 8) * scale + offset, offset = min + 8 * scale, per block
-                offset = (fit4.minimum + np.float32(8) * fit4.scale).astype(np.float32)
-                new_inits.append(numpy_helper.from_array(np.ascontiguousarray(offset.T),
-                                                         f"{wname}_offset"))  # [nb, N]
-                for nd in nodes:
-                    base = _name(nd)
-                    sums, sum_nodes = block_sum(nd.input[0], k, base)
-                    main, corr = f"{base}_Q4R/output_0", f"{base}_offset/output_0"
-                    new_nodes[nd.output[0]] = [
-                        *sum_nodes,
-                        _matmul_nbits(f"{base}_Q4R", [nd.input[0], f"{wname}_Q4R",
-                                                      f"{wname}_scales"],
-                                      main, k, n, 4, block_size, accuracy_level),
-                        onnx.helper.make_node("MatMul", [sums, f"{wname}_offset"], [corr],
-                                              name=f"{base}_offset"),
-                        onnx.helper.make_node("Add", [main, corr], [nd.output[0]],
-                                              name=f"{base}_offset_add"),
-                    ]
+            entry.action = r.int4(wname, nodes, k, n, fit4, zero_points)
         elif fit8 is not None and fit8.max_rel_err <= tolerance:
             entry.grid, entry.action = "q8", "int8-exact"
-            new_inits.append(numpy_helper.from_array(fit8.q, f"{wname}_Q8R"))
-            new_inits.append(numpy_helper.from_array(fit8.scale.reshape(-1), f"{wname}_scales"))
-            for nd in nodes:  # no zero_points input: the 8-bit default is 128
-                new_nodes[nd.output[0]] = [_matmul_nbits(
-                    f"{_name(nd)}_Q8R", [nd.input[0], f"{wname}_Q8R", f"{wname}_scales"],
-                    nd.output[0], k, n, 8, block_size, int8_accuracy_level)]
+            r.int8(wname, nodes, k, n, fit8)
         else:
             left_fp32.extend(nd.name for nd in nodes)  # the fallback quantizer goes by name
         report.tensors.append(entry)
         if entry.action != "fp32":
-            others = [c for c in consumers.get(wname, [])
-                      if not (c.op_type == "MatMul" and c.output[0] in new_nodes)]
-            outputs = {o.name for o in graph.output}
-            if not others and wname not in outputs:
-                removable.append(wname)  # else (a tied embedding's Gather) the fp32 copy stays
-
-    if new_nodes:
-        replace_matmuls(graph, new_nodes, set(removable), new_inits)
+            r.drop_if_unread(wname)
+    if r.new_nodes:
+        replace_matmuls(model.graph, r.new_nodes, set(r.removable), r.new_inits)
         if not any(op.domain == "com.microsoft" for op in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     report.seconds = time.perf_counter() - start
     return report, left_fp32
+
+
+class _Rewrite:
+    """The graph's rewrite in progress: the replacement nodes per replaced MatMul output, the
+    new initializers, the fp32 weights nothing reads afterwards, and the block sums of each
+    activation (shared by the offset terms of every MatMul that reads it)."""
+
+    def __init__(self, graph: onnx.GraphProto, block_size: int, accuracy_level: int | None,
+                 int8_accuracy_level: int | None) -> None:
+        self.graph, self.block_size = graph, block_size
+        self.accuracy_level, self.int8_accuracy_level = accuracy_level, int8_accuracy_level
+        self.inits = {t.name: t for t in graph.initializer}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.new_inits: list[onnx.TensorProto] = []
+        self.new_nodes: dict[str, list[onnx.NodeProto]] = {}  # replaced output → replacement
+        self.block_sums: dict[tuple[str, int], str] = {}  # (activation, K) → block-sum tensor
+        self.indicator: dict[int, str] = {}  # K → the 0/1 [K, K / block_size] initializer
+        self.removable: list[str] = []
+
+    def eligible(self, report: RepackReport) -> dict[str, list[onnx.NodeProto]]:
+        """MatMuls by fp32 2-D weight whose rows split into whole blocks (a weight may feed
+        several); the others named in ``report.skipped``."""
+        from onnx import TensorProto
+
+        out: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+                continue
+            b = self.inits.get(node.input[1])
+            if (b is not None and len(b.dims) == 2 and b.data_type == TensorProto.FLOAT
+                    and b.dims[0] % self.block_size == 0 and self.block_size % 2 == 0):
+                out.setdefault(node.input[1], []).append(node)
+            else:
+                report.skipped.append(node.name)
+        return out
+
+    def block_sum(self, activation: str, k: int, base: str) -> tuple[str, list[onnx.NodeProto]]:
+        """The per-block sums of ``activation`` (made once per activation and K)."""
+        import onnx
+        from onnx import numpy_helper
+
+        if (activation, k) in self.block_sums:
+            return self.block_sums[(activation, k)], []
+        if k not in self.indicator:
+            e = np.zeros((k, k // self.block_size), dtype=np.float32)
+            e[np.arange(k), np.arange(k) // self.block_size] = 1.0
+            self.indicator[k] = f"repack.block_sum_{k}"
+            self.new_inits.append(numpy_helper.from_array(e, self.indicator[k]))
+        out = f"{base}_block_sum/output_0"
+        self.block_sums[(activation, k)] = out
+        return out, [onnx.helper.make_node("MatMul", [activation, self.indicator[k]], [out],
+                                           name=f"{base}_block_sum")]
+
+    def int4(self, wname: str, nodes: list[onnx.NodeProto], k: int, n: int, fit4: Any,
+             zero_points: ZeroPoints) -> str:
+        """Every MatMul of ``wname`` as 4-bit ``MatMulNBits`` on its exact Q4 grid (float
+        zero points, or the default zero point plus a per-block offset term); the action."""
+        import onnx
+        from onnx import numpy_helper
+
+        bs, acc = self.block_size, self.accuracy_level
+        self.new_inits.append(numpy_helper.from_array(pack_nibbles(fit4.q), f"{wname}_Q4R"))
+        self.new_inits.append(numpy_helper.from_array(fit4.scale.reshape(-1),
+                                                      f"{wname}_scales"))
+        if zero_points == "float":
+            zp = (-fit4.minimum / fit4.scale).astype(np.float32)
+            self.new_inits.append(numpy_helper.from_array(zp.reshape(-1), f"{wname}_zp"))
+            for nd in nodes:
+                self.new_nodes[nd.output[0]] = [_matmul_nbits(
+                    f"{_name(nd)}_Q4R", [nd.input[0], f"{wname}_Q4R", f"{wname}_scales",
+                                         f"{wname}_zp"], nd.output[0], k, n, 4, bs, acc)]
+            return "int4-float-zp"
+        # w = (q - 8) * scale + offset, offset = min + 8 * scale, per block
+        offset = (fit4.minimum + np.float32(8) * fit4.scale).astype(np.float32)
+        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(offset.T),
+                                                      f"{wname}_offset"))  # [nb, N]
+        for nd in nodes:
+            base = _name(nd)
+            sums, sum_nodes = self.block_sum(nd.input[0], k, base)
+            main, corr = f"{base}_Q4R/output_0", f"{base}_offset/output_0"
+            self.new_nodes[nd.output[0]] = [
+                *sum_nodes,
+                _matmul_nbits(f"{base}_Q4R", [nd.input[0], f"{wname}_Q4R", f"{wname}_scales"],
+                              main, k, n, 4, bs, acc),
+                onnx.helper.make_node("MatMul", [sums, f"{wname}_offset"], [corr],
+                                      name=f"{base}_offset"),
+                onnx.helper.make_node("Add", [main, corr], [nd.output[0]],
+                                      name=f"{base}_offset_add"),
+            ]
+        return "int4-offset"
+
+    def int8(self, wname: str, nodes: list[onnx.NodeProto], k: int, n: int, fit8: Any) -> None:
+        """Every MatMul of ``wname`` as 8-bit ``MatMulNBits`` on its exact Q8 grid."""
+        from onnx import numpy_helper
+
+        self.new_inits.append(numpy_helper.from_array(fit8.q, f"{wname}_Q8R"))
+        self.new_inits.append(numpy_helper.from_array(fit8.scale.reshape(-1),
+                                                      f"{wname}_scales"))
+        for nd in nodes:  # no zero_points input: the 8-bit default is 128
+            self.new_nodes[nd.output[0]] = [_matmul_nbits(
+                f"{_name(nd)}_Q8R", [nd.input[0], f"{wname}_Q8R", f"{wname}_scales"],
+                nd.output[0], k, n, 8, self.block_size, self.int8_accuracy_level)]
+
+    def drop_if_unread(self, wname: str) -> None:
+        """The fp32 weight goes unless something else reads it (a tied embedding's Gather,
+        a graph output)."""
+        others = [c for c in self.consumers.get(wname, [])
+                  if not (c.op_type == "MatMul" and c.output[0] in self.new_nodes)]
+        if not others and wname not in {o.name for o in self.graph.output}:
+            self.removable.append(wname)
 
 
 def repack_q4_blocks(
