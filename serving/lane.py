@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from routing.router import Load, Router
 from serving.batch import Batch
+from serving.costs import ForwardCosts
 from serving.errors import LaneFailedError, QueueFullError, ShuttingDownError
 from serving.events import Failed, Finished, Skipped
 from serving.job import JobState
@@ -54,8 +55,7 @@ class Lane:
         self._order = list(batches)  # round-robin order (fixed)
         self._stepped: str | None = None  # the variant whose step ran last
         self._ran: str | None = None  # the variant whose forward (step or prefill) ran last
-        # the forwards since the ledger last settled: (variant, width (0: a prefill), seconds)
-        self._forwards: list[tuple[str, int, float]] = []
+        self.costs = ForwardCosts(self.ledger, router)  # rows' shares, router observations
         self._thread = threading.Thread(target=self._loop, name=f"lane-{device}", daemon=True)
         self._thread.start()
 
@@ -138,9 +138,7 @@ class Lane:
         while True:
             with self._cv:
                 while not self._busy():
-                    if self.ledger.is_open:  # run dry: idle time is nobody's
-                        self.ledger.close()
-                        self._forwards.clear()
+                    self.costs.idle()
                     if self._stopping:
                         return
                     self._cv.wait()
@@ -219,13 +217,11 @@ class Lane:
         now = time.perf_counter()
         state.prefilled = end
         self._ran = b.name
-        self.router.observe_prefill(b.name, end - start, 1000 * (now - t0))
-        self.ledger.record(state.id, end - start)
-        self._forwards.append((b.name, 0, now - t0))
+        self.costs.prefill(b.name, state.id, end - start, now - t0)
         if token is not None:
             self._update(b, [state], [[token]], now)
         else:
-            self._settle()
+            self.costs.settle()
         return budget - (end - start)
 
     def _next_batch(self) -> Batch | None:
@@ -273,17 +269,14 @@ class Lane:
                                         [tokens[i] for i in kept], [work[i] for i in kept])
             if not rows:
                 return
-        # per token: a speculative step gives a row several; the width is what the forward
-        # covered (a batched step runs over the prefix of rows up to the highest one)
-        per_row = sum(len(t) for t in tokens) / len(rows)
-        self.router.observe_step(b.name, width, 1000 * (now - t0) / per_row,
-                                 switched=self._ran not in (None, b.name))
+        # the width is what the forward covered (a batched step runs over the prefix of rows
+        # up to the highest one)
+        self.costs.step(b.name, width, now - t0, [s.id for s in states], work,
+                        sum(len(t) for t in tokens) / len(rows),
+                        switched=self._ran not in (None, b.name))
         self._ran = self._stepped = b.name
-        for state, done in zip(states, work, strict=True):
-            self.ledger.record(state.id, done)
         if (speculated := b.new_speculation()) is not None:
             self._report(self.observer.speculated, b.name, *speculated)
-        self._forwards.append((b.name, width, now - t0))
         self._update(b, states, tokens, now)
 
     def _update(self, b: Batch, states: list[JobState], tokens: list[list[int]],
@@ -296,7 +289,7 @@ class Lane:
                 if state.push(token, now).finish_reason is not None:
                     ended.append(state)
                     break
-        self._settle()
+        self.costs.settle()
         for state in states:
             cap = state.job.max_joules
             if state in ended or cap is None or self.ledger.joules(state.id) < cap:
@@ -305,17 +298,6 @@ class Lane:
             ended.append(state)
         for state in ended:
             self._retire(b, state.row)
-
-    def _settle(self) -> None:
-        """Settle the ledger; the interval's joules price its forwards (variant and width),
-        shared by time where a slow counter's interval holds several (the update's work
-        between forwards is part of what a step costs)."""
-        if (settled := self.ledger.settle()) is None:
-            return
-        busy = sum(seconds for _, _, seconds in self._forwards) or 1.0
-        for variant, width, seconds in self._forwards:
-            self.router.observe_energy(variant, width, settled[0] * seconds / busy, seconds)
-        self._forwards.clear()
 
     def _retire(self, b: Batch, row: int) -> None:
         """Free the row at once; report the sequence's energy and timing."""
