@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -425,3 +426,34 @@ def test_the_reference_rungs_are_the_exact_ones(manifest: Manifest) -> None:
     m = manifest.model_copy(deep=True)
     add_rung(m, "int8", 4, 0.8, 1.5, 0.004, threads=2, candidates={})
     assert m.reference() == {"full", SPECULATIVE}
+
+
+def test_a_4bit_candidate_near_the_threshold_is_timed_again_before_the_rule_decides(
+        tiny_ladder: Path) -> None:
+    """Within the race's noise of the 1.1x threshold a candidate is timed again (real sessions
+    of the tiny ladder, taking turns) and its speed becomes the mean of both runs."""
+    from types import SimpleNamespace
+
+    from models.build.pipeline import quantize as q
+    from models.build.pipeline.race import _margin, _near, _remeasure
+    from models.runtime.calibrate import calibrate_many
+    from models.runtime.ladder import load_ladder
+
+    eight, four = q.QuantMethod("int8", "nbits", 8, 32), q.QuantMethod("full", "nbits", 4, 32)
+    trials: dict[str, Any] = {"int8": {"speed": 100.0}, "full": {"speed": 112.0}}
+    assert _margin(trials, four, eight) == pytest.approx(112 / 110)
+    assert _near(_margin(trials, four, eight))  # within 5 % of the 1.1x threshold
+    assert not _near(_margin({"int8": {"speed": 100.0}, "full": {"speed": 130.0}}, four,
+                             eight))
+    engines = load_ladder(tiny_ladder, threads=1, runtime="onnxruntime", warmup=False,
+                          only=["full", "int8"]).engines
+    prompt = engines["full"].encode("def main():")
+    lines: list[str] = []
+    b = SimpleNamespace(prompt=prompt, log=lines.append, measure=lambda e: calibrate_many(
+        e, prompt, new_tokens=4, repeats=2, threads=1))
+    _remeasure(b, engines, trials)  # type: ignore[arg-type]
+    for name, first in (("int8", 100.0), ("full", 112.0)):
+        again = trials[name]["remeasured"]
+        assert again[0] == first and again[1] > 0
+        assert trials[name]["speed"] == pytest.approx((first + again[1]) / 2)
+    assert len(lines) == 2 and "measured again" in lines[0]

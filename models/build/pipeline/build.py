@@ -17,7 +17,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from models.build.errors import BuildError
-from models.build.pipeline import decisions, stages
+from models.build.pipeline import decisions, race, stages
 from models.build.pipeline.checkpoint import eos_ids, same_vocab, save_tokenizer
 from models.build.pipeline.export import exporters_for, onnx_bytes
 from models.build.pipeline.genai_config import normalized
@@ -185,7 +185,7 @@ def _build(opts: BuildOptions, log: Log) -> tuple[Manifest, bool]:
     if b.known is not None:
         b.known["cpu"] = decisions.cpu_class()
     stages.export_fp32(b)
-    stages.quantize_rungs(b)
+    race.quantize_rungs(b)
     stages.choose_runtime(b)
     stages.score_tasks(b)
     manifest = stages.make_manifest(b, src.key, src.record, src.config)
