@@ -457,3 +457,23 @@ def test_a_4bit_candidate_near_the_threshold_is_timed_again_before_the_rule_deci
         assert again[0] == first and again[1] > 0
         assert trials[name]["speed"] == pytest.approx((first + again[1]) / 2)
     assert len(lines) == 2 and "measured again" in lines[0]
+
+
+@pytest.mark.parametrize(("energy", "speed", "near"), [
+    ((0.88, 0.95), (1.0, 1.1), "int8:k3"),  # 0.88 is within 5 % of 0.9: measured again
+    ((0.7, 0.95), (1.0, 1.1), None),  # clearly under
+    ((1.2, 0.95), (1.0, 1.03), "int8:k5"),  # no energy case: the fastest decides, 1.03 ~ 1.05
+    ((1.2, 0.95), (1.0, 1.3), None),
+])
+def test_the_figure_that_decides_the_rung_is_measured_again_near_its_threshold(
+        energy: tuple[float, float], speed: tuple[float, float], near: str | None,
+        manifest: Manifest) -> None:
+    from models.build.pipeline.speculative import RULE, _choose, _deciding
+
+    found = {f"int8:k{k}": {"draft": "int8", "k": k, "acceptance_rate": 0.9, "speedup": sp,
+                            "energy_ratio": e, "decode_ms_per_token": 5.0}
+             for k, e, sp in zip((3, 5), energy, speed, strict=True)}
+    assert _deciding(found) == near
+    record = _choose({"rule": RULE, "candidates": found}, manifest.model_copy(deep=True), 2)
+    assert record["margin"]["energy"] == pytest.approx(0.9 / min(energy), abs=1e-3)
+    assert record["margin"]["speed"] == pytest.approx(max(speed) / 1.05, abs=1e-3)
