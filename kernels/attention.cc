@@ -12,12 +12,16 @@
 //   4 total_len     int32 [1]                     T (unused: the buffer's length is T)
 //   5 cos_cache     float [P, R / 2]              rotary tables (non-interleaved halves)
 //   6 sin_cache     float [P, R / 2]
-// Outputs: 0 out float [B, S, H D]; 1 present_key, 2 present_value [B, Hkv, T, D]: the past
-// with each row's S new positions written at L_b .. L_b + S - 1 (bind them to the past's buffer
-// and nothing is copied; otherwise the past is copied first).
+//   7 new_counts    int32 [B]                     n_b <= S: the row's real new positions (a
+//                                                 shorter row's others are padding, a row
+//                                                 taking no part has 0); seqlens_k = L_b + n_b - 1
+// Outputs: 0 out float [B, S, H D] (zeros at padding); 1 present_key, 2 present_value [B, Hkv,
+// T, D]: the past with each row's n_b new positions written at L_b .. L_b + n_b - 1, nothing
+// else touched (bind them to the past's buffer and nothing is copied; otherwise the past is
+// copied first).
 // Attributes: num_heads (H), kv_num_heads (Hkv), scale (0: 1 / sqrt(D)).
 //
-// Row b's new position L_b + s attends to its positions 0 .. L_b + s (causal), in float32:
+// Row b's new position L_b + s (s < n_b) attends to its positions 0 .. L_b + s (causal), in float32:
 // scores q . k * scale, softmax (max subtracted), the weighted sum of V. Work is split by
 // (row, KV head) on onnxruntime's own thread pool; AVX2 + FMA where the CPU has them.
 #define ORT_API_MANUAL_INIT
@@ -149,7 +153,7 @@ struct Job {
   const float* qkv;
   const float *past_k, *past_v;
   float *k, *v, *out;
-  const int32_t* seqlens;
+  const int32_t *seqlens, *counts;
   const float *cos, *sin;
   int64_t b, s, h, hkv, d, t, rot, positions;
   float scale;
@@ -160,17 +164,20 @@ struct Job {
 void RunHead(void* data, size_t index) {
   const Job& j = *static_cast<const Job*>(data);
   const int64_t row = static_cast<int64_t>(index) / j.hkv, kvh = static_cast<int64_t>(index) % j.hkv;
-  const int64_t past = j.seqlens[row] + 1 - j.s;  // checked by the caller
+  const int64_t count = j.counts[row], past = j.seqlens[row] + 1 - count;  // checked before
   const int64_t group = j.h / j.hkv, width = (j.h + 2 * j.hkv) * j.d;
   const int64_t head = (row * j.hkv + kvh) * j.t * j.d;
   float* k = j.k + head;
   float* v = j.v + head;
+  for (int64_t s = count; s < j.s; ++s)  // padding: no K/V, a zero output
+    for (int64_t qh = kvh * (j.h / j.hkv); qh < (kvh + 1) * (j.h / j.hkv); ++qh)
+      std::fill_n(j.out + (row * j.s + s) * j.h * j.d + qh * j.d, j.d, 0.f);
   if (j.copy_past && past > 0) {
     std::memcpy(k, j.past_k + head, static_cast<size_t>(past * j.d) * sizeof(float));
     std::memcpy(v, j.past_v + head, static_cast<size_t>(past * j.d) * sizeof(float));
   }
   const int64_t half = j.rot / 2;
-  for (int64_t s = 0; s < j.s; ++s) {
+  for (int64_t s = 0; s < count; ++s) {
     const float* x = j.qkv + (row * j.s + s) * width;
     const int64_t p = past + s;
     Rotate(x + (j.h + kvh) * j.d, k + p * j.d, j.d, j.rot, j.cos + p * half, j.sin + p * half);
@@ -178,10 +185,10 @@ void RunHead(void* data, size_t index) {
   }
   thread_local std::vector<float> q, scores;
   q.resize(static_cast<size_t>(j.d));
-  scores.resize(static_cast<size_t>(past + j.s));
+  scores.resize(static_cast<size_t>(past + count));
   for (int64_t g = 0; g < group; ++g) {
     const int64_t qh = kvh * group + g;
-    for (int64_t s = 0; s < j.s; ++s) {
+    for (int64_t s = 0; s < count; ++s) {
       const int64_t p = past + s, n = p + 1;
       const float* x = j.qkv + (row * j.s + s) * width + qh * j.d;
       Rotate(x, q.data(), j.d, j.rot, j.cos + p * half, j.sin + p * half);
@@ -217,6 +224,7 @@ struct AttentionKernel {
     Ort::KernelContext ctx(context);
     auto qkv = ctx.GetInput(0), pk = ctx.GetInput(1), pv = ctx.GetInput(2);
     auto seqlens = ctx.GetInput(3), cos = ctx.GetInput(5), sin = ctx.GetInput(6);
+    auto counts = ctx.GetInput(7);
     const auto qs = qkv.GetTensorTypeAndShapeInfo().GetShape();
     const auto ks = pk.GetTensorTypeAndShapeInfo().GetShape();
     const auto cs = cos.GetTensorTypeAndShapeInfo().GetShape();
@@ -230,10 +238,15 @@ struct AttentionKernel {
         pv.GetTensorTypeAndShapeInfo().GetShape() != ks)
       ORT_CXX_API_THROW("BatchedGroupQueryAttention: shapes disagree (packed QKV, "
                         "[B, kv_heads, T, D] past)", ORT_INVALID_ARGUMENT);
+    if (seqlens.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(j.b) ||
+        counts.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(j.b))
+      ORT_CXX_API_THROW("BatchedGroupQueryAttention: seqlens_k and new_counts need one entry "
+                        "per row", ORT_INVALID_ARGUMENT);
     j.seqlens = seqlens.GetTensorData<int32_t>();
+    j.counts = counts.GetTensorData<int32_t>();
     for (int64_t r = 0; r < j.b; ++r) {
-      const int64_t past = j.seqlens[r] + 1 - j.s;
-      if (past < 0 || past + j.s > j.t || past + j.s > j.positions)
+      const int64_t n = j.counts[r], past = j.seqlens[r] + 1 - n;
+      if (n < 0 || n > j.s || past < 0 || past + n > j.t || past + n > j.positions)
         ORT_CXX_API_THROW("BatchedGroupQueryAttention: a row's positions exceed its buffer",
                           ORT_INVALID_ARGUMENT);
     }
@@ -264,9 +277,9 @@ struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel> {
   }
   const char* GetName() const { return "BatchedGroupQueryAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 7; }
+  size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 3 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
+    return i == 3 || i == 4 || i == 7 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32
                             : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   size_t GetOutputTypeCount() const { return 3; }

@@ -102,8 +102,15 @@ def measure_step_widths(engine: Engine, prompt_ids: Sequence[int],
 
     widths = sorted({w for w in widths if 1 <= w <= max_batch})
     rows = widths[-1]
-    # room for a speculative round's several tokens a step
-    budget = (len(widths) + 1) * steps * 8 + 1
+    # room for every step's tokens: a speculative round gives up to k + 1, row 0 takes part in
+    # every width's steps, and its target keeps k + 1 positions more; fewer steps a width on a
+    # short context (none fit: no seed, the router learns the table online)
+    per_step = 1 + int(getattr(engine, "k", 0))
+    room = engine.context_length - len(prompt_ids) - 2 - per_step
+    steps = min(steps, room // ((len(widths) + 1) * per_step))
+    if steps < 1:
+        return None
+    budget = (len(widths) + 1) * steps * per_step + 1
     slots = slots_for(engine, rows, len(prompt_ids) + budget + 1)
     if not slots.batched:
         return None

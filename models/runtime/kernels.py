@@ -17,6 +17,7 @@ OP_ROW_QUANT = "RowQuantMatMul"
 # several new positions per row at batch > 1 (the speculative rung's verify forward)
 OP_BATCHED_GQA = "BatchedGroupQueryAttention"
 VERIFY_SUFFIX = ".verify.onnx"
+NEW_COUNTS = "new_counts"  # the verify graph's extra input: each row's real new positions
 LIBRARY_NAME = "libgreenroute_kernels.so"
 # the quantization methods (manifest names) whose graphs use our operators
 METHOD_PREFIX = "rowquant"

@@ -63,3 +63,31 @@ def test_wide_measure_steps_every_row_taking_turns(engines: dict[str, OrtEngine]
     assert order[3:] == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a",
                          "c", "c", "a", "a", "b", "b"]
     assert set(out) == set(engines) and all(v is not None and v > 0 for v in out.values())
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_step_widths_of_a_speculative_rung_whose_rounds_keep_every_draft(
+        engines: dict[str, OrtEngine], k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draft that is the target itself has (near-tie aside) every draft kept: up to k + 1
+    tokens a round for row 0 in every width's steps. Start-up once sized the rows for 8 tokens
+    a step and failed at k = 8 (the default ladder's choice on one VM); on this 128-token
+    context it takes fewer steps a width instead of running out of room."""
+    from models.runtime.calibrate import measure_step_widths
+    from models.runtime.engine import slots as slots_module
+    from models.runtime.engine.speculative import SpecSlots, SpeculativeEngine
+
+    made: list[SpecSlots] = []
+    real = slots_module.slots_for
+
+    def keep(*args: Any, **kwargs: Any) -> Any:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(slots_module, "slots_for", keep)
+    a = engines["a"]
+    spec = SpeculativeEngine(a, a, k)
+    out = measure_step_widths(spec, a.encode("def f(x):"), widths=(1, 2, 4, 8, 16))
+    assert out is not None and set(out.ms) == {1, 2, 4, 8, 16}
+    assert all(ms > 0 for ms in out.ms.values())
+    (slots,) = made
+    assert slots.accepted >= 0.9 * slots.drafted > 0  # rounds gave about k + 1 tokens each

@@ -49,7 +49,7 @@ def test_rows_appending_several_positions_in_one_forward_match_rows_alone(
         full: OrtEngine) -> None:
     """Rows of different lengths append 1 to 5 tokens in one forward; row 1 takes no part and
     row 4 is free (both inside the forward's prefix of rows): every logit matches the row's
-    own forward, and every row's next step (its K/V) matches too."""
+    own forward, and every row's next step (its K/V, row 1's untouched) matches too."""
     rng = np.random.default_rng(0)
     vocab = full.kv.vocab
     prompts = [list(rng.integers(3, vocab, n)) for n in (9, 4, 17, 1)] + [[], [5, 6, 7]]
@@ -77,15 +77,24 @@ def test_more_positions_than_the_graph_was_sized_for_go_row_by_row(full: OrtEngi
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
-def test_a_row_without_room_is_refused_and_nothing_changes(full: OrtEngine) -> None:
-    slots = KVSlots(full, 2, 8, verify_positions=4)
-    slots.forward(0, [4, 5, 6, 7, 8, 9])
-    slots.forward(1, [4])
+def test_rows_near_their_end_need_room_for_their_own_tokens_only(full: OrtEngine) -> None:
+    """A row with room for one more token appends one beside a row appending four, and a full
+    row takes no part (the service's start-up once failed here when padding needed room);
+    a row whose own tokens do not fit is refused and nothing changes."""
+    slots, alone = KVSlots(full, 3, 8, verify_positions=4), KVSlots(full, 3, 8)
+    for s in (slots, alone):
+        s.forward(0, [4, 5, 6, 7, 8, 9, 10])  # room for 1
+        s.forward(1, [4])
+        s.forward(2, [4, 5, 6, 7, 8, 9, 10, 11])  # full
+    got = [g.copy() for g in slots.forward_rows([0, 1], [[3], [1, 2, 3, 4]])]
+    want = alone.forward_rows([0, 1], [[3], [1, 2, 3, 4]])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    assert list(slots.lengths) == [8, 5, 8]
     before = slots.mask.copy()
-    with pytest.raises(ValueError, match="no room"):
-        slots.forward_rows([0, 1], [[1, 2, 3], [1, 2, 3]])
-    assert list(slots.lengths) == [6, 1]
-    assert (slots.mask == before).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        slots.forward_rows([1, 0], [[1, 2], [1]])
+    assert list(slots.lengths) == [8, 5, 8] and (slots.mask == before).all()
 
 
 def test_unbound_present_outputs_carry_the_past_and_the_new_positions(full: OrtEngine) -> None:
@@ -101,7 +110,8 @@ def test_unbound_present_outputs_carry_the_past_and_the_new_positions(full: OrtE
     mask[0, : 4 + s] = 1
     mask[1, : 2 + s] = 1
     ids = np.asarray([[10, 11, 12], [13, 14, 15]], np.int64)
-    feed = {"input_ids": ids, "attention_mask": mask}
+    feed = {"input_ids": ids, "attention_mask": mask,
+            kernels.NEW_COUNTS: np.asarray([s, s], np.int32)}
     feed.update({n: p[:, :, :length].copy() for n, p in zip(kv.past_names, past, strict=True)})
     out = session.run(None, feed)
     names = [o.name for o in session.get_outputs()]
@@ -146,4 +156,4 @@ def test_only_the_form_the_operator_takes_is_rewritten(tmp_path: Path, case: str
     assert written == tmp_path / "model.verify.onnx"
     node = onnx.load(str(written)).graph.node[0]
     assert (node.domain, node.op_type) == (kernels.DOMAIN, kernels.OP_BATCHED_GQA)
-    assert list(node.input) == ["qkv", "pk", "pv", "sl", "tl", "cos", "sin"]
+    assert list(node.input) == ["qkv", "pk", "pv", "sl", "tl", "cos", "sin", kernels.NEW_COUNTS]

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import numpy as np
 import onnxruntime as ort
 
+from models.runtime import kernels
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.engine.rows import Sampler, Slots, StepResult
 from models.runtime.engine.session import aligned_zeros
@@ -60,6 +61,7 @@ class KVSlots(Slots):
         cap = self.max_batch * self.verify_positions
         self._vids = aligned_zeros((max(cap, 1),), np.int64)
         self._vlogits = aligned_zeros((max(cap, 1) * kv.vocab,), kv.logits_dtype)
+        self._vcounts = aligned_zeros((b,), np.int32)
         self._verify_bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
     @property
@@ -139,41 +141,40 @@ class KVSlots(Slots):
         vocab]`` (views, valid until the next call). Without a verify graph (or for more
         positions than it was sized for) each row takes a :meth:`forward` of its own.
 
-        The forward spans rows ``[0, width)`` and ``s`` positions (the most any row appends): a
-        shorter row is padded with its last token and every other row of the prefix takes ``s``
-        dummy positions just past its end (as in :meth:`_aside`); the pads' K/V lie past each
-        row's length afterwards and are overwritten later."""
+        The forward spans rows ``[0, width)`` and ``s`` positions (the most any row appends);
+        ``new_counts`` tells the operator each row's real ones: a shorter row's others are
+        padding and every other row of the prefix takes none, so no row needs room beyond its
+        own tokens and nothing else is written."""
         s = max((len(t) for t in token_lists), default=0)
         if not 1 <= s <= self.verify_positions or any(not t for t in token_lists):
             return [self.forward(r, t).copy() for r, t in zip(rows, token_lists, strict=True)]
+        for row, toks in zip(rows, token_lists, strict=True):
+            at = int(self.lengths[row])
+            if at < 1 or at + len(toks) > self.max_len:
+                raise ValueError(f"row {row} holds {at} tokens: {len(toks)} more do not fit "
+                                 f"its {self.max_len}")
         width = max(rows) + 1
         ids = self._vids[: width * s].reshape(width, s)
         ids.fill(0)
-        spans = []
-        for r in range(width):
-            at = max(int(self.lengths[r]), 1)
-            if at + s > self.max_len:
-                raise ValueError(f"row {r} (length {at}) has no room for {s} more positions")
-            spans.append((r, at))
+        counts = self._vcounts[:width]
+        counts.fill(0)
         for row, toks in zip(rows, token_lists, strict=True):
-            if self.lengths[row] < 1:
-                raise ValueError(f"row {row} holds no prompt")
+            at = int(self.lengths[row])
             ids[row, : len(toks)] = toks
-            ids[row, len(toks) :] = toks[-1]
-        binding = self._verify_binding(width, s)
-        for r, at in spans:
-            self.mask[r, at : at + s] = 1
+            counts[row] = len(toks)
+            self.mask[row, at : at + len(toks)] = 1
         try:
-            self.ort_engine.verify_session.run_with_iobinding(binding)  # type: ignore[union-attr]
-        finally:
-            for r, at in spans:
-                self.mask[r, at : at + s] = 0
+            self.ort_engine.verify_session.run_with_iobinding(  # type: ignore[union-attr]
+                self._verify_binding(width, s))
+        except Exception:
+            for row, toks in zip(rows, token_lists, strict=True):
+                at = int(self.lengths[row])
+                self.mask[row, at : at + len(toks)] = 0
+            raise
         logits = self._vlogits[: width * s * self.layout.vocab].reshape(width, s, -1)
         out = []
         for row, toks in zip(rows, token_lists, strict=True):
-            at = int(self.lengths[row])
-            self.mask[row, at : at + len(toks)] = 1
-            self.lengths[row] = at + len(toks)
+            self.lengths[row] += len(toks)
             out.append(logits[row, : len(toks)])
         return out
 
@@ -188,6 +189,8 @@ class KVSlots(Slots):
                             int(self.mask.ctypes.data))
             made.bind_input("input_ids", "cpu", 0, np.int64, [width, s],
                             int(self._vids.ctypes.data))
+            made.bind_input(kernels.NEW_COUNTS, "cpu", 0, np.int32, [width],
+                            int(self._vcounts.ctypes.data))
             made.bind_output("logits", "cpu", 0, self._vlogits.dtype,
                              [width, s, self.layout.vocab], int(self._vlogits.ctypes.data))
             self._verify_bindings[(width, s)] = made
