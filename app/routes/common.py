@@ -150,7 +150,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 async def respond(run: Run, request: Request, events: AsyncIterator[str] | None,
                   body: Callable[[Outcome], dict[str, Any]],
-                  done: Callable[[Outcome], None]) -> Any:
+                  done: Callable[[Outcome], object]) -> Any:
     """Every generation endpoint's answer: the SSE ``events`` when streaming (the generation
     stopped if the client leaves before the first byte), else one JSON ``body`` of the
     outcome with the cost headers; ``done`` hears of the outcome first."""

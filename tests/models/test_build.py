@@ -68,7 +68,12 @@ def test_int8_method_is_the_measured_choice(manifest: Manifest) -> None:
     for t in trials.values():  # speed: one row and sixteen, both measured
         wide = t["tokens_per_s_16_rows"]
         assert wide is not None and wide > 0
-        assert t["speed"] == pytest.approx(math.sqrt(t["decode_tokens_per_s"] * wide))
+        first = math.sqrt(t["decode_tokens_per_s"] * wide)
+        if "remeasured" in t:  # near the 4-bit threshold: timed again, the mean of both runs
+            assert t["remeasured"][0] == pytest.approx(first)
+            assert t["speed"] == pytest.approx(sum(t["remeasured"]) / 2)
+        else:
+            assert t["speed"] == pytest.approx(first)
     best_q = max(t["quality"] for t in eight.values())
     eligible = {k: t for k, t in eight.items() if t["quality"] >= best_q - 0.02}
     top = max(t["speed"] for t in eligible.values())
