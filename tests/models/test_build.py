@@ -419,6 +419,10 @@ def test_which_rungs_run_on_one_core_is_measured_and_follows_the_rule(
                and m["tokens_per_s"]["1"] >= choice["full_tokens_per_s"])
         assert (manifest.variants[name].serve_threads == 1) == one, (name, m)
         assert m["serve_threads"] == (1 if one else 2)
+        assert m["margin"] == pytest.approx(MAX_ENERGY_RATIO / m["energy_ratio"], abs=2e-3)
+        near = abs(m["energy_ratio"] / MAX_ENERGY_RATIO - 1) < 0.05  # measured twice as long
+        assert m["rounds"] in ((2 * choice["rounds"],) if near else (choice["rounds"],
+                                                                      2 * choice["rounds"]))
     assert manifest.serve_threads() == {n: 1 for n, m in measured.items()
                                         if m["serve_threads"] == 1}
 

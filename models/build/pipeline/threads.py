@@ -27,6 +27,7 @@ from models.runtime.manifest import Manifest
 from telemetry.factory import MeterConfig, create_meter
 
 MAX_ENERGY_RATIO = 0.9
+NOISE = 0.05  # a ratio this close to the threshold is measured over twice the rounds
 RULE = (f"one thread where its joules per token are <= {MAX_ENERGY_RATIO}x its own on the build's "
         "thread count and its one-thread decode is at least full's speed (full: the build's "
         "count)")
@@ -67,18 +68,22 @@ def choose_threads(ladder: Path, manifest: Manifest, threads: int, prompt: Seque
         for e in pair.values():
             e.generate(prompt, GenerationParams(max_new_tokens=4))  # warm-up
         runs: dict[int, list[tuple[float, float]]] = {n: [] for n in pair}
-        for i in range(rounds):  # taking turns, the order alternating
-            for n in (list(pair) if i % 2 == 0 else list(pair)[::-1]):
-                runs[n].append(run(pair[n]))
-        speed = {n: statistics.median(r[0] for r in v) for n, v in runs.items()}
-        energy = {n: statistics.median(r[1] for r in v) for n, v in runs.items()}
-        ratio = energy[1] / energy[threads] if energy[threads] > 0 else 1.0
+        for attempt in range(2):  # a ratio within NOISE of the threshold: as many rounds more
+            for i in range(rounds):  # taking turns, the order alternating
+                for n in (list(pair) if i % 2 == 0 else list(pair)[::-1]):
+                    runs[n].append(run(pair[n]))
+            speed = {n: statistics.median(r[0] for r in v) for n, v in runs.items()}
+            energy = {n: statistics.median(r[1] for r in v) for n, v in runs.items()}
+            ratio = energy[1] / energy[threads] if energy[threads] > 0 else 1.0
+            if attempt or abs(ratio / MAX_ENERGY_RATIO - 1) >= NOISE:
+                break
         one = ratio <= MAX_ENERGY_RATIO and speed[1] >= full_speed
         info.serve_threads = 1 if one else None
         record["measured"][name] = {
             "tokens_per_s": {str(n): round(v, 1) for n, v in speed.items()},
             "joules_per_token": {str(n): round(v, 5) for n, v in energy.items()},
-            "energy_ratio": round(ratio, 3), "serve_threads": 1 if one else threads}
+            "energy_ratio": round(ratio, 3), "margin": round(MAX_ENERGY_RATIO / ratio, 3),
+            "rounds": len(runs[1]), "serve_threads": 1 if one else threads}
         log(f"  {name}: one thread {speed[1]:.0f} tok/s, {ratio:.2f}x the joules per token of "
             f"{threads} ({speed[threads]:.0f} tok/s; full {full_speed:.0f}): "
             f"{'one core' if one else f'{threads} threads'}")
