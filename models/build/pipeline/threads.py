@@ -6,7 +6,8 @@ of the work (and its spinning between operators) costs energy; a rung that stays
 reference, kept on the build's thread count) decodes the calibration prompt on one thread and on
 the build's count, taking turns, on the service's meter; it runs on one core when that costs at
 most ``MAX_ENERGY_RATIO`` of its joules per token on the build's count while its one-thread
-decode stays at least as fast as ``full``'s. The manifest records each rung's pick
+decode stays at least as fast as ``full``'s (decode: a short prompt, ``new_tokens`` each).
+The manifest records each rung's pick
 (``serve_threads``) and every measurement (``threads_choice``); the service uses them unless
 ``GREENROUTE_VARIANT_THREADS`` says otherwise, and a one-core rung still gets a wide session
 for wide steps.
@@ -27,6 +28,7 @@ from models.runtime.manifest import Manifest
 from telemetry.factory import MeterConfig, create_meter
 
 MAX_ENERGY_RATIO = 0.9
+PROMPT_TOKENS = 16
 NOISE = 0.05  # a ratio this close to the threshold is measured over twice the rounds
 RULE = (f"one thread where its joules per token are <= {MAX_ENERGY_RATIO}x its own on the build's "
         "thread count and its one-thread decode is at least full's speed (full: the build's "
@@ -34,7 +36,7 @@ RULE = (f"one thread where its joules per token are <= {MAX_ENERGY_RATIO}x its o
 
 
 def choose_threads(ladder: Path, manifest: Manifest, threads: int, prompt: Sequence[int],
-                   new_tokens: int = 32, rounds: int = 3,
+                   new_tokens: int = 64, rounds: int = 3,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every rung of ``ladder`` but ``full`` on one thread and on ``threads``; set each
     variant's ``serve_threads`` in ``manifest``; return the record (``threads_choice``)."""
@@ -46,6 +48,7 @@ def choose_threads(ladder: Path, manifest: Manifest, threads: int, prompt: Seque
     meter = create_meter(MeterConfig())
     record["energy_source"] = meter.source + (" (an estimate)" if meter.estimated else "")
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    prompt = list(prompt)[:PROMPT_TOKENS]  # decode is what the choice is about, not prefill
 
     def engine(name: str, n: int) -> OrtEngine:
         info = manifest.variants[name]
