@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from serving.errors import (
     UnknownVariantError,
     VariantUnavailableError,
 )
-from serving.events import Chunks, Event
+from serving.events import Event
 from serving.job import Job, JobState
 from serving.lane import Lane
 from serving.observer import LaneObserver
@@ -56,15 +56,8 @@ class Handle:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     async def next(self) -> Event:
+        """The next event; the last is anything but :class:`Chunks`."""
         return await self._queue.get()
-
-    async def events(self) -> AsyncIterator[Event]:
-        """Until its last event (anything but :class:`Chunks`), inclusive."""
-        while True:
-            event = await self._queue.get()
-            yield event
-            if not isinstance(event, Chunks):
-                return
 
 
 class Executor:

@@ -113,7 +113,8 @@ def executor(builder_engine: OrtEngine) -> Iterator[Executor]:
 
 async def collect(handle: Handle) -> tuple[list[Chunk], Finished | None, str]:
     chunks: list[Chunk] = []
-    async for event in handle.events():
+    while True:  # as the app reads a handle: event by event until the last
+        event = await handle.next()
         if isinstance(event, Chunks):
             chunks += event.chunks
         elif isinstance(event, Finished):
