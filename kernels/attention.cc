@@ -121,17 +121,69 @@ __attribute__((target("avx2,fma"))) void ExpAvx2(float* x, int64_t n) {
     std::memcpy(x + i, tail, static_cast<size_t>(n - i) * sizeof(float));
   }
 }
+constexpr int64_t kMaxFastD = 64;  // the fast paths keep a row of D floats in 8 registers
+
+// scores[i * ld + t] = q_i . k_t * scale for nq queries (rows of q, D floats each) and n keys:
+// four queries a key at a time, each key's D floats read once for the four, the four sums
+// reduced together (no horizontal add per dot). D is a multiple of 8, at most kMaxFastD.
+__attribute__((target("avx2,fma"))) void ScoresAvx2(const float* q, int64_t nq, const float* k,
+                                                   int64_t n, int64_t d, float scale,
+                                                   float* scores, int64_t ld) {
+  for (int64_t i0 = 0; i0 < nq; i0 += 4) {
+    const int64_t m = std::min<int64_t>(4, nq - i0);
+    const float* qs[4];
+    for (int64_t i = 0; i < 4; ++i) qs[i] = q + (i0 + std::min(i, m - 1)) * d;
+    for (int64_t t = 0; t < n; ++t) {
+      const float* kt = k + t * d;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t c = 0; c < d; c += 8) {
+        const __m256 kv = _mm256_loadu_ps(kt + c);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qs[0] + c), kv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qs[1] + c), kv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(qs[2] + c), kv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(qs[3] + c), kv, a3);
+      }
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+      alignas(16) float sum[4];
+      _mm_store_ps(sum, _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h),
+                                              _mm256_extractf128_ps(h, 1)),
+                                   _mm_set1_ps(scale)));
+      for (int64_t i = 0; i < m; ++i) scores[(i0 + i) * ld + t] = sum[i];
+    }
+  }
+}
+
+// out = sum_t p[t] * v_t over n rows of D floats, the sum held in registers.
+__attribute__((target("avx2,fma"))) void WeightedSumAvx2(const float* p, int64_t n,
+                                                        const float* v, int64_t d, float* out) {
+  __m256 acc[kMaxFastD / 8];
+  const int64_t blocks = d / 8;
+  for (int64_t b = 0; b < blocks; ++b) acc[b] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 w = _mm256_set1_ps(p[t]);
+    const float* vt = v + t * d;
+    for (int64_t b = 0; b < blocks; ++b)
+      acc[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * b), acc[b]);
+  }
+  for (int64_t b = 0; b < blocks; ++b) _mm256_storeu_ps(out + 8 * b, acc[b]);
+}
 #endif
+
+using ScoresFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float, float*,
+                          int64_t);
+using WeightedSumFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
 
 struct Math {
   float (*dot)(const float*, const float*, int64_t);
   void (*axpy)(float, const float*, float*, int64_t);
   void (*exp)(float*, int64_t);
+  ScoresFn scores = nullptr;  // the fast path (AVX2 + FMA), used where D fits it
+  WeightedSumFn weighted_sum = nullptr;
 };
 
 Math PickMath() {
 #if defined(__x86_64__)
-  if (HasAvx2()) return {DotAvx2, AxpyAvx2, ExpAvx2};
+  if (HasAvx2()) return {DotAvx2, AxpyAvx2, ExpAvx2, ScoresAvx2, WeightedSumAvx2};
 #endif
   return {DotScalar, AxpyScalar, ExpScalar};
 }
@@ -160,6 +212,42 @@ struct Job {
   bool copy_past;
 };
 
+// Every query head of the group at once, once the row's new K/V are in place: all the group's
+// rotated queries against every key of the row (four queries a key), then each query's softmax
+// over its causal prefix and its weighted sum of V.
+void FastHead(const Job& j, int64_t row, int64_t kvh, int64_t past, int64_t count,
+              const float* k, const float* v) {
+  const int64_t group = j.h / j.hkv, width = (j.h + 2 * j.hkv) * j.d, half = j.rot / 2;
+  const int64_t nq = group * count, n = past + count;
+  thread_local std::vector<float> q, scores;
+  q.resize(static_cast<size_t>(nq * j.d));
+  scores.resize(static_cast<size_t>(nq * n));
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t s = 0; s < count; ++s) {
+      const int64_t p = past + s;
+      const float* x = j.qkv + (row * j.s + s) * width + (kvh * group + g) * j.d;
+      Rotate(x, q.data() + (g * count + s) * j.d, j.d, j.rot, j.cos + p * half,
+             j.sin + p * half);
+    }
+  }
+  j.math.scores(q.data(), nq, k, n, j.d, j.scale, scores.data(), n);
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t s = 0; s < count; ++s) {
+      float* sc = scores.data() + (g * count + s) * n;
+      const int64_t m = past + s + 1;  // causal: its own position and those before
+      const float top = *std::max_element(sc, sc + m);
+      for (int64_t i = 0; i < m; ++i) sc[i] -= top;
+      j.math.exp(sc, m);
+      float sum = 0.f;
+      for (int64_t i = 0; i < m; ++i) sum += sc[i];
+      const float inv = 1.f / sum;
+      for (int64_t i = 0; i < m; ++i) sc[i] *= inv;
+      j.math.weighted_sum(sc, m, v, j.d, j.out + (row * j.s + s) * j.h * j.d +
+                                             (kvh * group + g) * j.d);
+    }
+  }
+}
+
 // One (row, KV head): write the row's new K/V, then every query head of the group attends.
 void RunHead(void* data, size_t index) {
   const Job& j = *static_cast<const Job*>(data);
@@ -182,6 +270,10 @@ void RunHead(void* data, size_t index) {
     const int64_t p = past + s;
     Rotate(x + (j.h + kvh) * j.d, k + p * j.d, j.d, j.rot, j.cos + p * half, j.sin + p * half);
     std::memcpy(v + p * j.d, x + (j.h + j.hkv + kvh) * j.d, static_cast<size_t>(j.d) * sizeof(float));
+  }
+  if (j.math.scores != nullptr && j.d % 8 == 0 && j.d <= kMaxFastD) {
+    FastHead(j, row, kvh, past, count, k, v);
+    return;
   }
   thread_local std::vector<float> q, scores;
   q.resize(static_cast<size_t>(j.d));
