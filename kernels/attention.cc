@@ -33,7 +33,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -181,10 +183,20 @@ struct Math {
   WeightedSumFn weighted_sum = nullptr;
 };
 
+// GREENROUTE_KERNEL_ISA=scalar (as for RowQuantMatMul) forces the portable path a CPU without
+// AVX2 + FMA runs; GREENROUTE_ATTENTION_BLOCKED=0 the AVX2 per-dot path (head sizes the blocked
+// one does not take).
 Math PickMath() {
+  const char* isa = std::getenv("GREENROUTE_KERNEL_ISA");
+  const char* blocked = std::getenv("GREENROUTE_ATTENTION_BLOCKED");
 #if defined(__x86_64__)
-  if (HasAvx2()) return {DotAvx2, AxpyAvx2, ExpAvx2, ScoresAvx2, WeightedSumAvx2};
+  if (HasAvx2() && !(isa != nullptr && std::string(isa) == "scalar")) {
+    if (blocked != nullptr && std::string(blocked) == "0") return {DotAvx2, AxpyAvx2, ExpAvx2};
+    return {DotAvx2, AxpyAvx2, ExpAvx2, ScoresAvx2, WeightedSumAvx2};
+  }
 #endif
+  (void)isa;
+  (void)blocked;
   return {DotScalar, AxpyScalar, ExpScalar};
 }
 

@@ -157,3 +157,41 @@ def test_only_the_form_the_operator_takes_is_rewritten(tmp_path: Path, case: str
     node = onnx.load(str(written)).graph.node[0]
     assert (node.domain, node.op_type) == (kernels.DOMAIN, kernels.OP_BATCHED_GQA)
     assert list(node.input) == ["qkv", "pk", "pv", "sl", "tl", "cos", "sin", kernels.NEW_COUNTS]
+
+
+@pytest.mark.parametrize("env", [{"GREENROUTE_KERNEL_ISA": "scalar"},
+                                 {"GREENROUTE_ATTENTION_BLOCKED": "0"}],
+                         ids=["scalar", "avx2-per-dot"])
+def test_every_path_of_the_operator_matches_rows_alone(tiny_ladder: Path, env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    """The portable path (a CPU without AVX2 + FMA) and the AVX2 per-dot path (head sizes the
+    blocked path does not take), forced in a child process (the library picks once per
+    process): the same logits as onnxruntime's operator taking the rows one at a time."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np
+from pathlib import Path
+from models.runtime.engine.kvslots import KVSlots
+from models.runtime.ladder import load_ladder
+full = load_ladder(Path({str(tiny_ladder)!r}), threads=1, runtime="onnxruntime", warmup=False,
+                   only=["full"]).engines["full"]
+assert full.load_verify()
+rng = np.random.default_rng(1)
+prompts = [list(rng.integers(3, full.kv.vocab, n)) for n in (7, 3, 12)]
+a, b = KVSlots(full, 3, 48, verify_positions=4), KVSlots(full, 3, 48)
+for s in (a, b):
+    for row, ids in enumerate(prompts):
+        s.forward(row, ids)
+tokens = [list(rng.integers(3, full.kv.vocab, n)) for n in (4, 2)]
+got = [g.copy() for g in a.forward_rows([0, 2], tokens)]
+want = b.forward_rows([0, 2], tokens)
+print(max(float(np.abs(g - w).max()) for g, w in zip(got, want)))
+"""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-4
