@@ -27,8 +27,15 @@ from models.runtime.host import isa_flags
 from models.runtime.manifest import default_ladder_dir
 
 SHIPPED = PACKAGE_DIR / "default" / "decisions.json"
+NOISE = 0.05  # a measurement's run-to-run spread here: a figure this close to its threshold is
+# measured again before a rule decides on it (the 4-bit race, the speculative and threads stages)
 FILE = "decisions.json"
 ENV_FILE = "GREENROUTE_DECISIONS_FILE"  # another user file (the tests' own)
+
+
+def near(value: float, threshold: float) -> bool:
+    """Whether ``value`` lies within :data:`NOISE` of ``threshold`` (relative)."""
+    return abs(value / threshold - 1.0) < NOISE
 
 
 def user_file() -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 
 from models.build.errors import BuildError
 from models.build.pipeline import quantize as q
+from models.build.pipeline.decisions import near
 from models.build.pipeline.exactness import check_candidate
 from models.build.pipeline.export import ONNX_FILE, onnx_bytes
 from models.build.pipeline.quality import evaluate
@@ -29,7 +30,6 @@ EIGHT_BIT_RULE = ("of the 8-bit methods smaller than the source, the fastest wit
                   f"{RACE_ROWS} rows; speeds within 5 % of the fastest tie, the best quality "
                   "wins)")
 FOUR_BIT_SPEEDUP = 1.1
-NOISE = 0.05  # a race's run-to-run spread here: ratios this close to a threshold are re-run
 FOUR_BIT_RULE = ("4-bit methods >= 1.1x int8's speed (geometric mean of decode tokens/s at 1 "
                  f"and {RACE_ROWS} rows), smaller than int8, with quality above distilled earn "
                  "the rung; of those, the best quality (to 0.01), then the fastest")
@@ -221,7 +221,7 @@ def _margin(trials: dict[str, Any], four: q.QuantMethod, eight: q.QuantMethod) -
 
 
 def _near(margin: float) -> bool:
-    return abs(margin - 1.0) < NOISE
+    return near(margin, 1.0)
 
 
 def _remeasure(b: Build, engines: Mapping[str, OrtEngine], trials: dict[str, Any]) -> None:

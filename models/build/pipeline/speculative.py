@@ -25,6 +25,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from models.build.pipeline.decisions import near
 from models.runtime.chat import ChatTemplate
 from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.engine.ort import OrtEngine
@@ -37,7 +38,6 @@ KS = (3, 5, 8)
 NONE = "none"  # a recorded outcome: no speculative rung
 MIN_SPEEDUP = 1.05  # decode tokens/s over full's that earns the rung
 MAX_ENERGY_RATIO = 0.9  # or joules per token under full's
-NOISE = 0.05  # figures this close to a threshold are measured again
 RULE = (f"fewest joules/token draft x k if <= {MAX_ENERGY_RATIO}x full's, else fastest if >= "
         f"{MIN_SPEEDUP}x full's greedy decode tokens/s (taking turns on the same prompts)")
 QUESTIONS = ("Why is the sky blue?", "Write a Python function that reverses a string.",
@@ -161,27 +161,38 @@ def _measure_and_choose(ladder: Path, manifest: Manifest, threads: int, new_toke
                            for r in (first, again)]}
     meter.close()
     if only and only in record["candidates"]:
-        c = record["candidates"][only]
-        add_rung(manifest, c["draft"], c["k"], c["acceptance_rate"], c["speedup"],
-                 c["decode_ms_per_token"] / 1000, threads, record["candidates"])
+        _adopt(manifest, only, record["candidates"], threads)
         return {**record, "chosen": only, "recorded": True,
                 "why": "recorded when this model raced on this CPU class"}
     return _choose(record, manifest, threads)
 
 
+def _leaders(found: dict[str, Any]) -> tuple[str, str]:
+    """(the candidate with the fewest joules per token, the fastest): the two :data:`RULE`
+    looks at."""
+    cheapest = min(found, key=lambda c: (found[c]["energy_ratio"], -found[c]["speedup"]))
+    return cheapest, max(found, key=lambda c: found[c]["speedup"])
+
+
 def _deciding(found: dict[str, Any]) -> str | None:
     """The candidate whose figure decides :data:`RULE` (the cheapest, else the fastest) when
-    it lies within :data:`NOISE` of its threshold, else None."""
+    it lies within the measurement's noise of its threshold, else None."""
     if not found:
         return None
-    cheapest = min(found, key=lambda c: (found[c]["energy_ratio"], -found[c]["speedup"]))
-    if abs(found[cheapest]["energy_ratio"] / MAX_ENERGY_RATIO - 1) < NOISE:
-        return str(cheapest)
-    fastest = max(found, key=lambda c: found[c]["speedup"])
+    cheapest, fastest = _leaders(found)
+    if near(found[cheapest]["energy_ratio"], MAX_ENERGY_RATIO):
+        return cheapest
     if (found[cheapest]["energy_ratio"] > MAX_ENERGY_RATIO
-            and abs(found[fastest]["speedup"] / MIN_SPEEDUP - 1) < NOISE):
-        return str(fastest)
+            and near(found[fastest]["speedup"], MIN_SPEEDUP)):
+        return fastest
     return None
+
+
+def _adopt(manifest: Manifest, pick: str, found: dict[str, Any], threads: int) -> None:
+    """The measured candidate ``pick`` becomes the rung."""
+    c = found[pick]
+    add_rung(manifest, c["draft"], c["k"], c["acceptance_rate"], c["speedup"],
+             c["decode_ms_per_token"] / 1000, threads, found)
 
 
 def _choose(record: dict[str, Any], manifest: Manifest, threads: int) -> dict[str, Any]:
@@ -190,8 +201,7 @@ def _choose(record: dict[str, Any], manifest: Manifest, threads: int) -> dict[st
     found = record["candidates"]
     if not found:
         return {**record, "chosen": None, "why": "no shared-KV draft"}
-    cheapest = min(found, key=lambda c: (found[c]["energy_ratio"], -found[c]["speedup"]))
-    fastest = max(found, key=lambda c: found[c]["speedup"])
+    cheapest, fastest = _leaders(found)
     record = {**record, "margin": {
         "energy": round(MAX_ENERGY_RATIO / found[cheapest]["energy_ratio"], 3),
         "speed": round(found[fastest]["speedup"] / MIN_SPEEDUP, 3)}}
@@ -202,9 +212,7 @@ def _choose(record: dict[str, Any], manifest: Manifest, threads: int) -> dict[st
     else:
         return {**record, "chosen": None,
                 "why": "no draft x k beat full's energy or speed by the margin"}
-    c = found[pick]
-    add_rung(manifest, c["draft"], c["k"], c["acceptance_rate"], c["speedup"],
-             c["decode_ms_per_token"] / 1000, threads, found)
+    _adopt(manifest, pick, found, threads)
     return {**record, "chosen": pick, "why": why}
 
 

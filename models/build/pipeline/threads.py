@@ -22,6 +22,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from models.build.pipeline.decisions import near
 from models.runtime.engine.base import GenerationParams
 from models.runtime.engine.ort import OrtEngine
 from models.runtime.manifest import Manifest
@@ -29,7 +30,6 @@ from telemetry.factory import MeterConfig, create_meter
 
 MAX_ENERGY_RATIO = 0.95  # a saving larger than the measurement's noise (5 %)
 PROMPT_TOKENS = 16
-NOISE = 0.05  # a ratio this close to the threshold is measured over twice the rounds
 RULE = (f"one thread where its joules per token are <= {MAX_ENERGY_RATIO}x its own on the build's "
         "thread count and its one-thread decode is at least full's speed (full: the build's "
         "count)")
@@ -71,14 +71,14 @@ def choose_threads(ladder: Path, manifest: Manifest, threads: int, prompt: Seque
         for e in pair.values():
             e.generate(prompt, GenerationParams(max_new_tokens=4))  # warm-up
         runs: dict[int, list[tuple[float, float]]] = {n: [] for n in pair}
-        for attempt in range(2):  # a ratio within NOISE of the threshold: as many rounds more
+        for attempt in range(2):  # a ratio near the threshold: as many rounds more
             for i in range(rounds):  # taking turns, the order alternating
                 for n in (list(pair) if i % 2 == 0 else list(pair)[::-1]):
                     runs[n].append(run(pair[n]))
             speed = {n: statistics.median(r[0] for r in v) for n, v in runs.items()}
             energy = {n: statistics.median(r[1] for r in v) for n, v in runs.items()}
             ratio = energy[1] / energy[threads] if energy[threads] > 0 else 1.0
-            if attempt or abs(ratio / MAX_ENERGY_RATIO - 1) >= NOISE:
+            if attempt or not near(ratio, MAX_ENERGY_RATIO):
                 break
         one = ratio <= MAX_ENERGY_RATIO and speed[1] >= full_speed
         info.serve_threads = 1 if one else None

@@ -139,7 +139,7 @@ class KVSlots(Slots):
         """Append each row's tokens, all rows in one forward of the verify graph (several new
         positions per row after its past, at any batch); each row's logits ``[len(tokens),
         vocab]`` (views, valid until the next call). Without a verify graph (or for more
-        positions than it was sized for) each row takes a :meth:`forward` of its own.
+        positions than it was sized for) the rows go apart (:meth:`_forward_rows_apart`).
 
         The forward spans rows ``[0, width)`` and ``s`` positions (the most any row appends);
         ``new_counts`` tells the operator each row's real ones: a shorter row's others are
@@ -147,7 +147,7 @@ class KVSlots(Slots):
         own tokens and nothing else is written."""
         s = max((len(t) for t in token_lists), default=0)
         if not 1 <= s <= self.verify_positions or any(not t for t in token_lists):
-            return [self.forward(r, t).copy() for r, t in zip(rows, token_lists, strict=True)]
+            return self._forward_rows_apart(rows, token_lists)
         for row, toks in zip(rows, token_lists, strict=True):
             at = int(self.lengths[row])
             if at < 1 or at + len(toks) > self.max_len:
@@ -176,6 +176,22 @@ class KVSlots(Slots):
         for row, toks in zip(rows, token_lists, strict=True):
             self.lengths[row] += len(toks)
             out.append(logits[row, : len(toks)])
+        return out
+
+    def _forward_rows_apart(self, rows: Sequence[int],
+                            token_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """:meth:`forward_rows` without the verify graph: the rows appending one token share
+        one batched step, every other row takes a forward of its own."""
+        out: list[np.ndarray] = [np.empty(0)] * len(rows)
+        single = [i for i, t in enumerate(token_lists) if len(t) == 1]
+        if single:
+            logits = self.step_logits([rows[i] for i in single],
+                                      [token_lists[i][0] for i in single])
+            for x, i in enumerate(single):
+                out[i] = logits[x : x + 1].copy()
+        for i, t in enumerate(token_lists):
+            if len(t) != 1:
+                out[i] = self.forward(rows[i], t).copy()
         return out
 
     def _verify_binding(self, width: int, s: int) -> ort.IOBinding:

@@ -123,31 +123,13 @@ class SpecSlots(Slots):
               for r in rows]
         drafts, q, catch_up = self._draft(rows, tokens, samplers, ks)
         starts = [int(self.target.lengths[r]) for r in rows]
-        if self.target.verify_positions:
-            verify = self.target.forward_rows(
-                rows, [[last, *d] for last, d in zip(tokens, drafts, strict=True)])
-        else:
-            verify = self._verify_alone(rows, tokens, drafts, ks)
+        verify = self.target.forward_rows(
+            rows, [[last, *d] for last, d in zip(tokens, drafts, strict=True)])
         out, work = [], []
         for i, (row, last, sampler) in enumerate(zip(rows, tokens, samplers, strict=True)):
             out.append(self._accept(row, last, sampler, drafts[i], q[i], verify[i], starts[i]))
             work.append(ks[i] + 1 + catch_up[i] + ks[i])
         return StepResult(out, work)
-
-    def _verify_alone(self, rows: Sequence[int], tokens: Sequence[int],
-                      drafts: list[list[int]], ks: Sequence[int]) -> list[np.ndarray]:
-        """The target's logits without the verify graph: plain rows in one step, each
-        drafting row in a forward of its own."""
-        verify: list[np.ndarray] = [np.empty(0)] * len(rows)
-        plain = [i for i, k in enumerate(ks) if k == 0]
-        if plain:
-            logits = self.target.step_logits([rows[i] for i in plain], [tokens[i] for i in plain])
-            for x, i in enumerate(plain):
-                verify[i] = logits[x : x + 1].copy()
-        for i, k in enumerate(ks):
-            if k > 0:
-                verify[i] = self.target.forward(rows[i], [tokens[i], *drafts[i]])
-        return verify
 
     def _draft(self, rows: Sequence[int], tokens: Sequence[int], samplers: Sequence[Sampler],
                ks: Sequence[int]) -> tuple[list[list[int]], list[list[np.ndarray]], list[int]]:
