@@ -99,6 +99,13 @@ def _students(args: argparse.Namespace) -> int:
 
 
 def _spec(args: argparse.Namespace) -> int:
+    if args.riders:
+        from bench.spec_mixed import report_mixed, run_mixed
+
+        return _emit(run_mixed(ladder_path(args), rows=args.rows, riders=args.riders,
+                               draft=args.draft, k=args.k, new_tokens=args.new_tokens,
+                               rounds=args.rounds, threads=args.threads), report_mixed,
+                     args.json)
     if args.rows > 1:
         from bench.spec_rows import report_rows, run_rows
 

@@ -126,6 +126,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--k", type=int, default=None, help="draft length (default: the manifest's)")
     b.add_argument("--rows", type=int, default=1, help="> 1: that many rows in one batch each "
                    "(bench/spec_rows.py)")
+    b.add_argument("--riders", type=int, default=0, help="> 0: that many rows of the draft "
+                   "rung beside the --rows speculative ones, its rows riding the draft steps "
+                   "vs apart (bench/spec_mixed.py)")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--rounds", type=int, default=3)
     b = _suite(bench, "threads", help="each variant's decode time and energy per token on "

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.runtime.engine.base import Engine, OutputStream
-from models.runtime.engine.slots import slots_for
 from routing.policy import Budget, Decision
 from routing.router import Load, Router
-from serving.batch import Batch
+from serving.batch import batches_for
 from serving.errors import (
     LaneFailedError,
     PowerCappedError,
@@ -74,8 +73,7 @@ class Executor:
         self.known = list(known)
         self.router = router
         self.device = device
-        batches = {name: Batch(name, slots_for(engine, config.max_batch, config.max_seq_tokens))
-                   for name, engine in self.engines.items()}
+        batches = batches_for(self.engines, config.max_batch, config.max_seq_tokens)
         self.lane = Lane(device, batches, meter, router, config.queue_size,
                          ledger_interval_s=config.ledger_interval_s,
                          prefill_token_budget=config.prefill_token_budget,
@@ -107,7 +105,7 @@ class Executor:
         its drafted and accepted tokens since start."""
         out: dict[str, dict[str, Any]] = {}
         for name, b in self.lane.batches.items():
-            s: dict[str, Any] = {"batching": b.slots.kind, "max_batch": b.slots.max_batch,
+            s: dict[str, Any] = {"batching": b.slots.kind, "max_batch": b.rows,
                                  "running": len(b.running), "waiting": len(b.waiting)}
             engine = self.engines[name]
             if engine.threads is not None:  # its sessions' threads (0: draft, target differ)
@@ -122,7 +120,7 @@ class Executor:
         return out
 
     def max_len(self, variant: str) -> int:
-        return self.lane.batches[variant].slots.max_len
+        return min(self.lane.batches[variant].slots.max_len, self.config.max_seq_tokens)
 
     def check_variant(self, name: str) -> None:
         if name not in self.known:

@@ -80,7 +80,7 @@ class Lane:
                 raise ShuttingDownError()
             mine = len(b.waiting) + sum(1 for s in self._inbox
                                         if s.job.variant == b.name)
-            has_row = mine < b.slots.max_batch - len(b.running)
+            has_row = mine < b.rows - len(b.running)
             if not has_row and self._waiting >= self.queue_size:
                 wait_s = wait_ms(b, mine, cycle_ms(self.batches, self.router)) / 1000.0
                 raise QueueFullError(self.device, max(1, math.ceil(wait_s)))
@@ -177,7 +177,7 @@ class Lane:
                     first = False
             while b.waiting and b.waiting[0].job.expired(now):
                 self._dequeue(b).emit(Skipped())
-            while b.waiting and b.free and (first or budget > 0):
+            while b.waiting and b.has_free and (first or budget > 0):
                 state = b.waiting[0]
                 if state.job.expired(now):
                     self._dequeue(b).emit(Skipped())
@@ -219,7 +219,7 @@ class Lane:
         self._ran = b.name
         self.costs.prefill(b.name, state.id, end - start, now - t0)
         if token is not None:
-            self._update(b, [state], [[token]], now)
+            self._update([(b, [state], [[token]])], now)
         else:
             self.costs.settle()
         return budget - (end - start)
@@ -236,7 +236,7 @@ class Lane:
         return None
 
     def _execute(self, b: Batch) -> None:
-        """One step of ``b``'s running rows, then update."""
+        """One step of ``b``'s running rows (and of the rows riding along it), then update."""
         now = time.perf_counter()
         for row, state in list(b.running.items()):  # cancelled or timed out: retire
             if state.job.expired(now):
@@ -248,13 +248,17 @@ class Lane:
         if not rows:  # only prompts part-way in
             return
         states = [b.running[r] for r in rows]
+        carried = self.batches[b.rides] if b.rides is not None else b
+        riders = carried.riders(now) if carried is not b else None
         t0 = time.perf_counter()
         try:
             result = b.slots.step_many(rows, [s.last_token for s in states],
-                                       [s.sampler for s in states])
+                                       [s.sampler for s in states],
+                                       **({"riders": riders} if riders else {}))
         except Exception as err:
-            for row in rows:
-                self._fail(b, row, err)
+            for batch, failing in ((b, rows), (carried, riders.rows if riders else [])):
+                for row in failing:
+                    self._fail(batch, row, err)
             return
         now = time.perf_counter()
         width = rows[-1] + 1 if b.slots.batched else len(rows)  # what the forward covered
@@ -267,36 +271,48 @@ class Lane:
             kept = [i for i, r in enumerate(rows) if r not in failed]
             rows, states, tokens, work = ([rows[i] for i in kept], [states[i] for i in kept],
                                         [tokens[i] for i in kept], [work[i] for i in kept])
-            if not rows:
-                return
-        # the width is what the forward covered (a batched step runs over the prefix of rows
-        # up to the highest one)
-        self.costs.step(b.name, width, now - t0, [s.id for s in states], work,
-                        sum(len(t) for t in tokens) / len(rows),
-                        switched=self._ran not in (None, b.name))
-        self._ran = self._stepped = b.name
-        if (speculated := b.new_speculation()) is not None:
-            self._report(self.observer.speculated, b.name, *speculated)
-        self._update(b, states, tokens, now)
+        groups = [(b, states, tokens)]
+        if riders:  # their tokens' share of the draft steps, then the same as their own steps
+            rode = [(carried.running[r], t) for r, t in zip(riders.rows, result.riders,
+                                                            strict=True)]
+            for state, mine in rode:
+                self.ledger.record(state.id, len(mine))
+            for row, why in result.riders_failed.items():
+                self._fail(carried, row, why)
+            rode = [(st, t) for st, t in rode if st.row not in result.riders_failed and t]
+            groups.append((carried, [st for st, _ in rode], [t for _, t in rode]))
+        if rows:  # the width is what the forward covered (a batched step runs over the prefix
+            # of rows up to the highest one); riders' work is in the step's time (the router
+            # prices the speculative rung by what its rounds cost with them)
+            self.costs.step(b.name, width, now - t0, [s.id for s in states], work,
+                            sum(len(t) for t in tokens) / len(rows),
+                            switched=self._ran not in (None, b.name))
+            self._ran = self._stepped = b.name
+            if (speculated := b.new_speculation()) is not None:
+                self._report(self.observer.speculated, b.name, *speculated)
+        self._update(groups, now)
 
-    def _update(self, b: Batch, states: list[JobState], tokens: list[list[int]],
+    def _update(self, groups: list[tuple[Batch, list[JobState], list[list[int]]]],
                 now: float) -> None:
         """Hand each row its token(s), settle the interval (so it covers this work too), then
         retire the rows that ended or reached their energy cap."""
-        ended = []
-        for state, mine in zip(states, tokens, strict=True):
-            for token in mine:  # a row's tokens past its end are dropped with its row
-                if state.push(token, now).finish_reason is not None:
-                    ended.append(state)
-                    break
+        ended: list[tuple[Batch, JobState]] = []
+        for b, states, tokens in groups:
+            for state, mine in zip(states, tokens, strict=True):
+                for token in mine:  # a row's tokens past its end are dropped with its row
+                    if state.push(token, now).finish_reason is not None:
+                        ended.append((b, state))
+                        break
         self.costs.settle()
-        for state in states:
-            cap = state.job.max_joules
-            if state in ended or cap is None or self.ledger.joules(state.id) < cap:
-                continue
-            state.end("energy", now)
-            ended.append(state)
-        for state in ended:
+        done = {id(s) for _, s in ended}
+        for b, states, _ in groups:
+            for state in states:
+                cap = state.job.max_joules
+                if id(state) in done or cap is None or self.ledger.joules(state.id) < cap:
+                    continue
+                state.end("energy", now)
+                ended.append((b, state))
+        for b, state in ended:
             self._retire(b, state.row)
 
     def _retire(self, b: Batch, row: int) -> None:
@@ -315,7 +331,7 @@ class Lane:
     def _release(self, b: Batch, row: int) -> tuple[JobState, Finished]:
         state = b.running.pop(row)
         b.slots.release(row)
-        b.free.append(row)
+        b.give_row(row)
         self._report(self.observer.batch_size, b.name, len(b.running))
         seconds = time.perf_counter() - state.admitted
         finished = state.finished(self.ledger.reading(state.id, seconds))

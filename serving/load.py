@@ -49,7 +49,7 @@ def cycle_ms(batches: Mapping[str, Batch], router: Router) -> float:
 
 def wait_ms(b: Batch, waiting: int, cycle: float) -> float:
     """Predicted wait for a row of ``b`` behind ``waiting`` others, at ``cycle`` ms a turn."""
-    free = b.slots.max_batch - len(b.running)
+    free = b.rows - len(b.running)
     if waiting < free:
         return 0.0
     remaining = sorted(s.remaining for s in list(b.running.values())) or [0]

@@ -295,6 +295,51 @@ def test_speculative_rows_give_fulls_tokens_and_exact_lengths(tiny_ladder: Path)
     assert joules == pytest.approx(ex.lane.ledger.busy_joules, rel=0.01)
 
 
+def test_the_draft_rungs_rows_ride_the_speculative_rungs_draft_steps(tiny_ladder: Path) -> None:
+    """``full``, ``int8`` and the speculative rung drafting with ``int8`` (the same engine) on
+    one lane: the rung keeps its draft rows in ``int8``'s KV buffer and ``int8``'s rows take
+    tokens on its draft steps. Every request gets its own rung's tokens and length, each batch
+    still runs at most ``max_batch`` rows, and the ledger adds up."""
+    from models.runtime.engine.speculative import SpecSlots, SpeculativeEngine
+
+    ladder = load_ladder(tiny_ladder, threads=1, runtime="onnxruntime", warmup=False,
+                         only=["full", "int8"])
+    full, int8 = ladder.engines["full"], ladder.engines["int8"]
+    assert isinstance(full, OrtEngine) and isinstance(int8, OrtEngine)
+    ex = make_executor({"full": full, "int8": int8,
+                        "full-speculative": SpeculativeEngine(full, int8, 3)})
+    spec_batch = ex.lane.batches["full-speculative"]
+    assert spec_batch.rides == "int8"
+    assert ex.stats()["int8"]["max_batch"] == 4
+    jobs = [(v, p, n) for v in ("full-speculative", "int8")
+            for p, n in [("def main():", 14), ("import os", 9), ("x = 1", 20),
+                         ("class A:", 6)]]
+
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        with ex.lane.admission:  # all in the lane's first turn: both batches busy together
+            handles = [ex.submit(Job(full.encode(p),
+                                     GenerationParams(max_new_tokens=n, ignore_eos=True), v))
+                       for v, p, n in jobs]
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    try:
+        results = asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while ex.lane.ledger.is_open and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        ex.stop(10)
+    for (v, p, n), (chunks, fin, _) in zip(jobs, results, strict=True):
+        assert fin is not None and fin.completion_tokens == n and len(chunks) == n
+        engine = full if v == "full-speculative" else int8
+        assert_same_but_near_ties([c.token_id for c in chunks], *alone(engine, full.encode(p), n))
+    slots = spec_batch.slots
+    assert isinstance(slots, SpecSlots) and slots.rode > 0
+    assert len(ex.lane.batches["int8"].pool or []) == 8  # the shared buffer's rows all free
+    joules = sum(fin.energy.joules for _, fin, _ in results if fin is not None)
+    assert joules == pytest.approx(ex.lane.ledger.busy_joules, rel=0.01)
+
+
 class RecordingRouter(Router):
     """The real router, keeping the order of the steps the lane reports."""
 

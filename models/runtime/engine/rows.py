@@ -45,6 +45,44 @@ class StepResult:
     work: list[int]  # tokens each row pushed through the device (its energy share)
     failed: dict[int, Exception] = field(default_factory=dict)  # row → why its sampling
     # failed (bad logits): that row alone fails; its entry in ``tokens`` is a placeholder
+    riders: list[list[int]] = field(default_factory=list)  # each rider's tokens (Riders)
+    riders_failed: dict[int, Exception] = field(default_factory=dict)  # rider row → why
+
+
+@dataclass(frozen=True)
+class Riders:
+    """Another batch's rows that ride along a step of the slots they share a KV buffer with
+    (a speculative rung's draft steps carry its draft rung's own rows): each row's newest
+    token, sampler, and the most tokens it may take (its budget left, its row's room)."""
+
+    rows: list[int]
+    tokens: list[int]
+    samplers: list[Sampler]
+    limits: list[int]
+
+
+class RowPool:
+    """The free rows of one KV buffer, lowest first (a batched step runs over the prefix of
+    rows up to the highest in use, so low rows keep it short). Two batches that share a
+    buffer (a rung's own rows and a speculative rung's draft rows) take rows from one pool."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = list(range(size - 1, -1, -1))  # pop() gives the lowest
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free row in the pool")
+        self._free.sort(reverse=True)
+        return self._free.pop()
+
+    def give(self, row: int) -> None:
+        if not 0 <= row < self.size or row in self._free:
+            raise ValueError(f"row {row} is not a taken row of this pool")
+        self._free.append(row)
 
 
 class Slots(ABC):

@@ -17,7 +17,11 @@ row's ``[last, d1..dk]`` in one forward (rows with fewer drafts padded) through 
 where greenroute's ``BatchedGroupQueryAttention`` replaces onnxruntime's GroupQueryAttention
 (which refuses several new positions with a past at batch > 1; :mod:`models.build.pipeline.
 verify_graph`). Without that graph (not built, no kernels library, CUDA) each drafting row is
-verified in a forward of its own. The router prices the rung from its measured step table by
+verified in a forward of its own. Given the draft rung's own slots and row pool (the service
+does when that rung is loaded: :func:`serving.batch.batches_for`), the draft rows live in its
+KV buffer and its ready rows ride the draft steps (:class:`~models.runtime.engine.rows.Riders`):
+each draft step is one forward over both, so a draft row costs a wide step's increment.
+The router prices the rung from its measured step table by
 width (:mod:`routing.cost`), not by a pause rule. Each row's ``k`` follows its acceptance
 (:func:`k_for`). A row whose acceptance (a moving average over its rounds) falls below
 ``min_acceptance``, where rounds stop paying for themselves, pauses: it decodes plainly for
@@ -35,6 +39,7 @@ import numpy as np
 
 from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.engine.ort import OrtEngine
+from models.runtime.engine.rows import Riders, RowPool
 from models.runtime.engine.sampling import distribution, sample_from
 from models.runtime.engine.slots import KVSlots, Sampler, Slots, StepResult
 
@@ -65,7 +70,11 @@ class SpecSlots(Slots):
     kind = "speculative"
 
     def __init__(self, target: OrtEngine, draft: OrtEngine, k: int, max_batch: int,
-                 max_len: int, min_acceptance: float = 0.0, batched_verify: bool = True) -> None:
+                 max_len: int, min_acceptance: float = 0.0, batched_verify: bool = True,
+                 draft_slots: KVSlots | None = None, draft_rows: RowPool | None = None) -> None:
+        """``draft_slots`` and ``draft_rows``: the draft rung's own slots and row pool, to keep
+        the draft rows in its KV buffer (so its rows can ride the draft steps: ``riders``);
+        without them the draft rows get slots of their own."""
         if k < 1:
             raise ValueError("k must be >= 1")
         super().__init__(target, max_batch, max_len)
@@ -76,7 +85,15 @@ class SpecSlots(Slots):
         # room for a round's k drafted positions past a row's last kept token
         self.target = KVSlots(target, max_batch, self.max_len + k + 1,
                               verify_positions=k + 1 if batched_verify else 0)
-        self.draft = KVSlots(draft, max_batch, self.max_len + k + 1)
+        self.shares_draft = draft_slots is not None
+        if draft_slots is not None:
+            if draft_rows is None or draft_slots.ort_engine is not draft:
+                raise ValueError("shared draft slots need their row pool and the draft's engine")
+            if draft_slots.max_len < min(self.max_len + k + 1, draft.context_length):
+                raise ValueError("the shared draft slots have no room for a round's drafts")
+        self.draft = draft_slots or KVSlots(draft, max_batch, self.max_len + k + 1)
+        self._draft_rows = draft_rows or RowPool(max_batch)
+        self._drow: dict[int, int] = {}  # the row's row in the draft's slots
         self._pending: dict[int, list[int]] = {}  # kept tokens the draft has not seen yet
         self._acceptance: dict[int, float] = {}  # moving average of kept / drafted
         self._plain: dict[int, int] = {}  # plain tokens left in the row's pause (0: drafting)
@@ -85,23 +102,29 @@ class SpecSlots(Slots):
         self._base: dict[int, int] = {}  # the draft's length through the round's ``last``
         self.drafted = 0  # counters since start: drafted tokens, and those the target kept
         self.accepted = 0
+        self.rode = 0  # tokens riders took on the draft steps
 
     @property
     def kv_bytes(self) -> int:
-        """Its own rows of both models (the sessions are shared; the KV is not)."""
-        return self.target.kv_bytes + self.draft.kv_bytes
+        """Its own rows of both models (the sessions are shared; the KV is not; a shared
+        draft buffer is its rung's)."""
+        return self.target.kv_bytes + (0 if self.shares_draft else self.draft.kv_bytes)
 
     @property
     def kv_written_bytes(self) -> int:
-        return self.target.kv_written_bytes + self.draft.kv_written_bytes
+        return self.target.kv_written_bytes + (0 if self.shares_draft
+                                               else self.draft.kv_written_bytes)
 
     @property
     def speculation(self) -> tuple[int, int]:
         return self.drafted, self.accepted
 
     def prefill(self, row: int, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        if row in self._drow:
+            raise ValueError(f"row {row} is in use")
         first = sampler(self.target.forward(row, prompt_ids)[-1])
-        self.draft.forward(row, prompt_ids)
+        d = self._drow[row] = self._draft_rows.take()  # freed by release, even on a failure
+        self.draft.forward(d, prompt_ids)
         self._pending[row], self._acceptance[row] = [], 1.0
         self._plain[row] = self._pauses[row] = 0
         self._k[row] = self.k
@@ -112,16 +135,18 @@ class SpecSlots(Slots):
         raise TypeError("speculative rows may produce several tokens a step: use step_many")
 
     def step_many(self, rows: Sequence[int], tokens: Sequence[int],
-                  samplers: Sequence[Sampler]) -> StepResult:
+                  samplers: Sequence[Sampler], riders: Riders | None = None) -> StepResult:
         """One round for every row in ``rows`` (newest kept tokens ``tokens``, which neither
         model has seen): the draft steps all drafting rows together, then the target takes
         every row's ``[last, drafts...]`` in one forward (a row pausing takes ``[last]``); without
         the verify graph, rows taking a plain step share one target step and each drafting row
-        is verified alone. Returns each row's new tokens."""
+        is verified alone. ``riders`` (rows of the draft's own rung, in the shared draft slots)
+        take part in the draft steps, a token each, up to their limits. Returns each row's new
+        tokens (and each rider's)."""
         ks = [0 if self._plain[r] > 0 else
               max(0, min(self._k[r], self.target.max_len - int(self.target.lengths[r]) - 1))
               for r in rows]
-        drafts, q, catch_up = self._draft(rows, tokens, samplers, ks)
+        drafts, q, catch_up, rode = self._draft(rows, tokens, samplers, ks, riders)
         starts = [int(self.target.lengths[r]) for r in rows]
         verify = self.target.forward_rows(
             rows, [[last, *d] for last, d in zip(tokens, drafts, strict=True)])
@@ -129,36 +154,42 @@ class SpecSlots(Slots):
         for i, (row, last, sampler) in enumerate(zip(rows, tokens, samplers, strict=True)):
             out.append(self._accept(row, last, sampler, drafts[i], q[i], verify[i], starts[i]))
             work.append(ks[i] + 1 + catch_up[i] + ks[i])
-        return StepResult(out, work)
+        return StepResult(out, work, riders=rode[0], riders_failed=rode[1])
 
     def _draft(self, rows: Sequence[int], tokens: Sequence[int], samplers: Sequence[Sampler],
-               ks: Sequence[int]) -> tuple[list[list[int]], list[list[np.ndarray]], list[int]]:
+               ks: Sequence[int], riders: Riders | None
+               ) -> tuple[list[list[int]], list[list[np.ndarray]], list[int],
+                          tuple[list[list[int]], dict[int, Exception]]]:
         """Each drafting row's ``k`` proposals, the draft stepping the rows together (each row
         leaves the steps once it has its ``k``); their distributions where sampling; the
-        catch-up tokens each row fed first."""
+        catch-up tokens each row fed first; the riders' tokens and failures."""
         drafts: list[list[int]] = [[] for _ in rows]
         q: list[list[np.ndarray]] = [[] for _ in rows]
         catch_up = [0] * len(rows)
         drafting = [i for i, k in enumerate(ks) if k > 0]
+        drow = [self._drow[r] for r in rows]
         # catch the draft up on kept tokens it has not seen: one pending token (the last
         # draft of a round that kept them all) in one batched step; more (after a pause)
         # row by row
         single = [i for i in drafting if len(self._pending[rows[i]]) == 1]
         if single:
-            self.draft.step_logits([rows[i] for i in single],
+            self.draft.step_logits([drow[i] for i in single],
                                    [self._pending[rows[i]][0] for i in single])
         for i in drafting:
             pending = self._pending[rows[i]]
             if len(pending) > 1:
-                self.draft.forward(rows[i], pending)
+                self.draft.forward(drow[i], pending)
             catch_up[i] = len(pending)
             self._pending[rows[i]] = []
-        for r in (rows[i] for i in drafting):
-            self._base[r] = int(self.draft.lengths[r]) + 1  # the draft holds up to ``last``
+        for i in drafting:
+            self._base[rows[i]] = int(self.draft.lengths[drow[i]]) + 1  # up to ``last``
         feed = {i: tokens[i] for i in drafting}
+        ride = _Ride(riders, self.draft.engine.eos_token_ids)
         for j in range(max(ks, default=0)):
             now = [i for i in drafting if ks[i] > j]
-            logits = self.draft.step_logits([rows[i] for i in now], [feed[i] for i in now])
+            along = ride.rows(j)
+            logits = self.draft.step_logits([drow[i] for i in now] + along,
+                                            [feed[i] for i in now] + ride.feed())
             for x, i in enumerate(now):
                 params, rng = samplers[i].params, samplers[i].rng
                 if params.greedy:
@@ -168,7 +199,9 @@ class SpecSlots(Slots):
                     d = sample_from(q[i][-1], rng)
                 drafts[i].append(d)
                 feed[i] = d
-        return drafts, q, catch_up  # the draft was fed last, d1..d_{k-1}
+            self.rode += ride.take(logits[len(now):])
+        return drafts, q, catch_up, (ride.tokens, ride.failed)  # the draft was fed last,
+        # d1..d_{k-1}
 
     def _accept(self, row: int, last: int, sampler: Sampler, drafts: list[int],
                 q: list[np.ndarray], verify: np.ndarray, start: int) -> list[int]:
@@ -208,7 +241,7 @@ class SpecSlots(Slots):
         # the draft holds last, d1..d_{k-1}: keep last, d1..d_accepted; after a full accept
         # it never fed d_k, which waits for the next round
         if accepted < k:
-            self.draft.truncate(row, self._base[row] + accepted)
+            self.draft.truncate(self._drow[row], self._base[row] + accepted)
         else:
             self._pending[row] = [drafts[-1]]
         self.drafted += k
@@ -223,13 +256,50 @@ class SpecSlots(Slots):
 
     def release(self, row: int) -> None:
         self.target.release(row)
-        self.draft.release(row)
+        d = self._drow.pop(row, None)
+        if d is not None:
+            self.draft.release(d)
+            self._draft_rows.give(d)
         self._pending.pop(row, None)
         self._acceptance.pop(row, None)
         self._plain.pop(row, None)
         self._pauses.pop(row, None)
         self._k.pop(row, None)
         self._base.pop(row, None)
+
+
+class _Ride:
+    """Riders over one round's draft steps: who rides step ``j``, what each is fed, what each
+    took. A rider leaves at its limit, at an end-of-sequence token, or when its logits fail."""
+
+    def __init__(self, riders: Riders | None, eos: frozenset[int]) -> None:
+        self.r = riders or Riders([], [], [], [])
+        self.eos = eos
+        self.tokens: list[list[int]] = [[] for _ in self.r.rows]
+        self.failed: dict[int, Exception] = {}
+        self._on: list[int] = []  # the current step's riders (indexes)
+        self._done = [False] * len(self.r.rows)
+
+    def rows(self, j: int) -> list[int]:
+        self._on = [x for x, limit in enumerate(self.r.limits) if limit > j and not self._done[x]]
+        return [self.r.rows[x] for x in self._on]
+
+    def feed(self) -> list[int]:
+        return [(self.tokens[x] or [self.r.tokens[x]])[-1] for x in self._on]
+
+    def take(self, logits: np.ndarray) -> int:
+        """Sample each of the step's riders from its logits; the tokens taken."""
+        for y, x in enumerate(self._on):
+            sampler = self.r.samplers[x]
+            try:
+                token = sampler(logits[y])
+            except Exception as err:  # noqa: BLE001 (its own fault: it alone fails)
+                self.failed[self.r.rows[x]] = err
+                self._done[x] = True
+                continue
+            self.tokens[x].append(token)
+            self._done[x] = token in self.eos and not sampler.params.ignore_eos
+        return sum(1 for x in self._on if self.r.rows[x] not in self.failed)
 
 
 class SpeculativeEngine(Engine):
@@ -251,9 +321,10 @@ class SpeculativeEngine(Engine):
         self.min_acceptance = min_acceptance
         self.drafted = self.accepted = 0
 
-    def own_slots(self, max_batch: int, max_len: int) -> SpecSlots:
+    def own_slots(self, max_batch: int, max_len: int, draft_slots: KVSlots | None = None,
+                  draft_rows: RowPool | None = None) -> SpecSlots:
         return SpecSlots(self.target, self.draft, self.k, max_batch, max_len,
-                         self.min_acceptance)
+                         self.min_acceptance, draft_slots=draft_slots, draft_rows=draft_rows)
 
     def _token_ids(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[int]:
         slots = self.own_slots(1, len(prompt_ids) + params.max_new_tokens)
