@@ -7,7 +7,7 @@ HOST ?= 0.0.0.0
 LADDER ?= $(or $(GREENROUTE_CACHE_DIR),$(HOME)/.cache/greenroute)/ladder
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run build test lint typecheck bench clean system-deps image-test kernels
+.PHONY: run build test lint typecheck bench clean system-deps image-test kernels gpu-check compose-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,16 @@ test: system-deps lint typecheck $(BUILDER_VENV)/.installed kernels
 ## ~30 min on 2 CPUs when nothing is cached; not part of `make test`)
 image-test:
 	deploy/image-smoke.sh
+
+## docker-compose.yml up for real (Compose v2 on podman's API socket), real traffic, every
+## dashboard query against Prometheus, volume across down/up, SIGTERM drain (~35 min cold)
+compose-test: $(VENV)/.installed-dev
+	deploy/compose-test.sh
+
+## on a machine with an NVIDIA GPU: build, serve on CUDA with NVML, check meters, batching and
+## routing in one table (bench/gpu_check.py; exit 1 on a failed check)
+gpu-check: build
+	$(BIN)/greenroute bench gpu-check --ladder $(LADDER)
 
 bench: build
 	$(BIN)/greenroute bench models --ladder $(LADDER)

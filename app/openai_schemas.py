@@ -150,6 +150,10 @@ class OpenAIUsage(BaseModel):
     energy_source: str
     energy_estimated: bool
     gco2e: float | None = None
+    prefill_energy_joules: float  # the MLCommons power proposal's names (app/schemas.py)
+    generation_energy_joules: float
+    energy_per_token_joules: float | None
+    measurement_method: str
 
 
 class CompletionChoice(BaseModel):

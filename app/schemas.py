@@ -115,6 +115,14 @@ class EnergyOut(BaseModel):
     joules_per_token: float | None
     note: str | None = None  # how the number came about (estimate formula, short window, ...)
     gco2e: float | None = None  # grams CO2e, when a grid carbon intensity is configured
+    # the MLCommons power proposal's names: prefill + generation = joules
+    prefill_energy_joules: float = Field(description="the prompt's forwards' share of joules")
+    generation_energy_joules: float = Field(description="the generated tokens' steps' share")
+    energy_per_token_joules: float | None = Field(description="generation_energy_joules per "
+                                                  "generated token (joules_per_token counts "
+                                                  "the prefill too)")
+    measurement_method: str = Field(description="how the joules were measured: the meter "
+                                    "(nvml, rapl or estimate) and the ledger's split")
 
 
 class RouteOut(BaseModel):

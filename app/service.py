@@ -40,6 +40,8 @@ from telemetry.power import LivePower
 from telemetry.sampler import DeviceSampler
 
 log = logging.getLogger("greenroute.requests")
+MARGINAL_FLOORS = (0.0, 1.0)  # the marginal-joules gauge's floors: any rung, full's output
+MARGINAL_REQUEST = (64, 128)  # and its reference request: prompt tokens, new tokens
 
 @dataclass
 class Call:
@@ -129,6 +131,12 @@ class GenerationService:
         for name, (capacity, written) in self.executor.kv_bytes().items():
             self.metrics.kv_capacity.labels(name).set(capacity)
             self.metrics.kv_written.labels(name).set(written)
+
+    def refresh_routing_metrics(self) -> None:
+        """The marginal joules per token a new request would pay here now, at each floor."""
+        for floor in MARGINAL_FLOORS:
+            self.metrics.marginal_jpt.labels(f"{floor:g}").set(
+                self.executor.marginal_joules_per_token(floor, *MARGINAL_REQUEST))
 
     def power_capped(self) -> bool:
         return self.executor.power_capped()

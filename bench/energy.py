@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,24 +75,16 @@ def _request_ms(ladder: Path, variant: str, threads: int, runs: int = 9) -> floa
     return statistics.median(times)
 
 
-def agreement(ladder: Path, runs: int, threads: int) -> dict[str, Any]:
-    """Counter vs integrated samples over the same generations (needs a counter GPU)."""
-    from models.runtime.engine.base import GenerationParams
-    from models.runtime.ladder import load_ladder
-
-    try:
-        counter = NvmlMeter(mode="counter", counter_period_s=0.0)
-    except MeterUnavailableError as err:
-        return {"skipped": f"no NVML energy counter here ({err})"}
+def meters_agree(work: Callable[[], object], runs: int) -> dict[str, Any]:
+    """NVML's counter and integrated 100 Hz power samples over the same ``runs`` windows of
+    ``work``: each run's joules on both and their ratio, and the median ratio."""
+    counter = NvmlMeter(mode="counter", counter_period_s=0.0)
     sampled = NvmlMeter(mode="sampling", sample_hz=100)
     try:
-        engine = load_ladder(ladder, device="cuda", threads=threads, only=["full"]).engines["full"]
-        params = GenerationParams(max_new_tokens=256)
-        engine.generate("The json module", params)
         rows = []
         for _ in range(runs):
             a, b = counter.begin(), sampled.begin()
-            engine.generate("The json module", params)
+            work()
             rc, rs = counter.end(a), sampled.end(b)
             rows.append({"seconds": rc.seconds, "counter_j": rc.joules, "samples_j": rs.joules,
                          "ratio": rs.joules / rc.joules if rc.joules else float("nan")})
@@ -100,6 +93,21 @@ def agreement(ladder: Path, runs: int, threads: int) -> dict[str, Any]:
     finally:
         sampled.close()
         counter.close()
+
+
+def agreement(ladder: Path, runs: int, threads: int) -> dict[str, Any]:
+    """Counter vs integrated samples over the same generations (needs a counter GPU)."""
+    from models.runtime.engine.base import GenerationParams
+    from models.runtime.ladder import load_ladder
+
+    try:
+        NvmlMeter(mode="counter", counter_period_s=0.0).close()
+    except MeterUnavailableError as err:
+        return {"skipped": f"no NVML energy counter here ({err})"}
+    engine = load_ladder(ladder, device="cuda", threads=threads, only=["full"]).engines["full"]
+    params = GenerationParams(max_new_tokens=256)
+    engine.generate("The json module", params)
+    return meters_agree(lambda: engine.generate("The json module", params), runs)
 
 
 def run_bench(ladder: Path, variant: str = "distilled-int8", threads: int = 2,

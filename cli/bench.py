@@ -119,6 +119,16 @@ def _spec(args: argparse.Namespace) -> int:
     return _emit(figures, report, args.json)
 
 
+def _gpu_check(args: argparse.Namespace) -> int:
+    from bench.gpu_check import report, run_check
+
+    ladder = Path(args.ladder) if args.ladder else None
+    figures = run_check(ladder, Path(args.out), device=args.device, threads=args.threads,
+                        requests=args.requests)
+    _emit(figures, report, args.json)
+    return 0 if figures["ok"] else 1
+
+
 def _threads(args: argparse.Namespace) -> int:
     from bench.threads import report, run_bench
 
@@ -144,6 +154,7 @@ def _kernels(args: argparse.Namespace) -> int:
 
 SUITES: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _models, "serve": _serve, "route": _route, "spec": _spec, "energy": _energy,
+    "gpu-check": _gpu_check,
     "soak": _soak, "peers": _peers, "threads": _threads,
     "students": _students, "kernels": _kernels}
 

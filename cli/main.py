@@ -131,6 +131,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "vs apart (bench/spec_mixed.py)")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--rounds", type=int, default=3)
+    b = _suite(bench, "gpu-check", help="on an NVIDIA GPU: build (unless --ladder holds one), "
+               "serve on CUDA with NVML, check the counter against power samples, batching "
+               "at 1/4/16 clients and routing at 1 and 8; one table, exit 1 on a failed check")
+    b.add_argument("--out", default=".cache/gpu-ladder", help="where to build a ladder")
+    b.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: the same check without a GPU (its tests, with a fake NVML)")
+    b.add_argument("--requests", type=int, default=24, help="route workload requests")
     b = _suite(bench, "threads", help="each variant's decode time and energy per token on "
                "one thread vs --threads (batch 1)")
     b.add_argument("--new-tokens", type=int, default=64)

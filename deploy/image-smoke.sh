@@ -59,27 +59,11 @@ cleanup
 # ---- base images (made once, kept) and the build ----------------------------------------------
 base=$(deploy/docker/debian-base.sh python)
 prom_image=$(deploy/docker/debian-base.sh prometheus)
-secret=()
-if [ -n "${PIP_CERT:-}" ]; then secret=(--secret "id=ca,src=$PIP_CERT"); fi
-build_log=$(mktemp /tmp/greenroute-image-build.XXXXXX)
-echo "  build log: $build_log"
-build_start=$(date +%s)
-set +e
-"${P[@]}" build --format docker --network host "${ULIMITS[@]}" "${secret[@]}" \
-    --volume "$PIP_FIND_LINKS:/mnt/torch-wheels:ro" \
-    --build-arg "PYTHON_IMAGE=$base" \
-    --build-arg TORCH_FIND_LINKS=/mnt/torch-wheels \
-    --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
-    --build-arg "BUILD_THREADS=${BUILD_THREADS:-2}" \
-    -t "$IMAGE" . 2>&1 | tee "$build_log" | grep --line-buffered -E '^\[[0-9]/[0-9]\] STEP|Using cache|^Error|^error' | cut -c1-110 | sed -u 's/^/  build| /'
-build_rc=${PIPESTATUS[0]}
-set -e
-build_seconds=$(( $(date +%s) - build_start ))
-if [ "$build_rc" != 0 ]; then
-    tail -30 "$build_log" | sed 's/^/  build| /'
-    echo "FAIL build: podman build exited $build_rc after ${build_seconds} s"
+if ! built=$(deploy/docker/build-image.sh "$IMAGE"); then
+    echo "FAIL build: deploy/docker/build-image.sh failed"
     exit 1
 fi
+build_seconds=$(echo "$built" | tail -1 | awk '{print $(NF-1)}')
 size_bytes=$("${P[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 base_bytes=$("${P[@]}" image inspect --format '{{.Size}}' "$base")
 echo "PASS build: $IMAGE in ${build_seconds} s (layers cached from earlier builds are reused)"
@@ -170,15 +154,7 @@ fi
 prom_version=$(quiet "${P[@]}" run --rm "${ULIMITS[@]}" --network none --entrypoint prometheus "$prom_image" --version 2>&1 | head -1)
 
 # ---- client checks: openai, /metrics, Prometheus, SIGTERM ------------------------------------
-if [ -z "${SMOKE_PYTHON:-}" ]; then
-    venv=${XDG_CACHE_HOME:-$HOME/.cache}/greenroute/smoke-venv
-    openai_pin=$(grep -o '"openai==[^"]*"' pyproject.toml | tr -d '"')
-    if ! "$venv/bin/python" -c "import openai" 2> /dev/null; then
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install -q "$openai_pin" 2> >(grep -v '^WARNING: Location' >&2)
-    fi
-    SMOKE_PYTHON=$venv/bin/python
-fi
+SMOKE_PYTHON=$(deploy/docker/smoke-python.sh)
 if [ -n "$ready" ]; then
     "$SMOKE_PYTHON" deploy/docker/smoke_checks.py --base "http://127.0.0.1:$PORT" \
         --prometheus "http://127.0.0.1:$PROM_PORT" --container "$CTR" \

@@ -5,12 +5,13 @@ Thread-safe (requests decide on the event loop, observations arrive from lane th
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Collection, Mapping
 
 from routing.cost import CostModel
 from routing.lengths import LengthModel
-from routing.policy import Budget, Decision, OnInfeasible, VariantState, decide
+from routing.policy import Budget, Decision, OnInfeasible, VariantState, decide, evaluate
 from routing.timeline import Load
 
 __all__ = ["Load", "Router"]
@@ -62,6 +63,26 @@ class Router:
             expected = self._lengths.expected(new_tokens)
         return decide(self.states(available, load), budget, prompt_tokens, new_tokens,
                       pinned, self.on_infeasible, power_capped, load, expected)
+
+    def marginal_joules_per_token(self, min_quality: float, prompt_tokens: int,
+                                  new_tokens: int, available: set[str],
+                                  load: Mapping[str, Load]) -> float:
+        """What one more request (``prompt_tokens``, ``new_tokens``, no latency budget, floor
+        ``min_quality``) would add to the device's joules now, per token it is expected to
+        generate, on the cheapest rung that has a free row for it now (every rung when none
+        has): the lifetime pricing's marginal joules, so it falls when a wide batch can take
+        the request and rises when the only cheap batch is full. A signal for endpoint
+        pickers (per replica); not an average, which would reward busy replicas. NaN when no
+        loaded rung meets the floor."""
+        with self._lock:
+            expected = self._lengths.expected(new_tokens)
+        cands = [c for c in evaluate(self.states(available, load), Budget(math.inf, min_quality),
+                                     prompt_tokens, new_tokens, load, expected)
+                 if c.why in ("ok", "would_make_running_rows_late")]
+        now = [c for c in cands if load.get(c.variant, Load()).queue_wait_ms <= 0]
+        if not cands:
+            return math.nan
+        return min(c.predicted_marginal_joules for c in (now or cands)) / expected
 
     def observe_length(self, max_tokens: int, produced: int) -> None:
         """An answer bounded by ``max_tokens`` ended by itself (EOS, a stop sequence or its

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from routing.router import Router
-from telemetry.ledger import EnergyLedger
+from telemetry.ledger import PREFILL, EnergyLedger
 
 
 class ForwardCosts:
@@ -21,10 +21,13 @@ class ForwardCosts:
         self._forwards: list[tuple[str, int, float]] = []
 
     def step(self, variant: str, width: int, seconds: float, ids: Sequence[str],
-             work: Sequence[int], tokens_per_row: float, switched: bool) -> None:
+             work: Sequence[int], tokens_per_row: float, switched: bool,
+             own: float = 1.0) -> None:
         """A decode step over ``width`` rows: its ms per token (a speculative round gives a
-        row several), each row's share, the forward for the next settle."""
-        self.router.observe_step(variant, width, 1000 * seconds / tokens_per_row,
+        row several; ``own``: the part of the forward's time that was this variant's rows,
+        the rest another rung's riding rows), each row's share, the forward for the next
+        settle (all of its time: the device's power is the device's whoever's rows ran)."""
+        self.router.observe_step(variant, width, 1000 * seconds * own / tokens_per_row,
                                  switched=switched)
         for request, done in zip(ids, work, strict=True):
             self.ledger.record(request, done)
@@ -32,7 +35,7 @@ class ForwardCosts:
 
     def prefill(self, variant: str, request: str, tokens: int, seconds: float) -> None:
         self.router.observe_prefill(variant, tokens, 1000 * seconds)
-        self.ledger.record(request, tokens)
+        self.ledger.record(request, tokens, PREFILL)
         self._forwards.append((variant, 0, seconds))
 
     def settle(self) -> None:

@@ -108,6 +108,10 @@ class Executor:
             s: dict[str, Any] = {"batching": b.slots.kind, "max_batch": b.rows,
                                  "running": len(b.running), "waiting": len(b.waiting)}
             engine = self.engines[name]
+            runs_on = getattr(engine, "device", None) or getattr(
+                getattr(engine, "target", None), "device", None)
+            if runs_on is not None:  # where its sessions really run (the provider it got)
+                s["device"] = runs_on
             if engine.threads is not None:  # its sessions' threads (0: draft, target differ)
                 s["threads"] = engine.threads
             if engine.wide_threads:  # and its session for wide forwards
@@ -134,6 +138,13 @@ class Executor:
     @property
     def depth(self) -> int:
         return self.lane.depth
+
+    def marginal_joules_per_token(self, min_quality: float, prompt_tokens: int,
+                                  new_tokens: int) -> float:
+        """What a request would add to this device's joules now, per token (see
+        :meth:`routing.router.Router.marginal_joules_per_token`)."""
+        return self.router.marginal_joules_per_token(min_quality, prompt_tokens, new_tokens,
+                                                     set(self.engines), self.load())
 
     def power_capped(self) -> bool:
         """The device is over its power cap now."""

@@ -272,21 +272,22 @@ class Lane:
             rows, states, tokens, work = ([rows[i] for i in kept], [states[i] for i in kept],
                                         [tokens[i] for i in kept], [work[i] for i in kept])
         groups = [(b, states, tokens)]
+        rode = sum(len(t) for t in result.riders)
+        own = sum(work) / (sum(work) + rode) if work else 1.0  # the riders' share apart
         if riders:  # their tokens' share of the draft steps, then the same as their own steps
-            rode = [(carried.running[r], t) for r, t in zip(riders.rows, result.riders,
+            took = [(carried.running[r], t) for r, t in zip(riders.rows, result.riders,
                                                             strict=True)]
-            for state, mine in rode:
+            for state, mine in took:
                 self.ledger.record(state.id, len(mine))
             for row, why in result.riders_failed.items():
                 self._fail(carried, row, why)
-            rode = [(st, t) for st, t in rode if st.row not in result.riders_failed and t]
-            groups.append((carried, [st for st, _ in rode], [t for _, t in rode]))
+            took = [(st, t) for st, t in took if st.row not in result.riders_failed and t]
+            groups.append((carried, [st for st, _ in took], [t for _, t in took]))
         if rows:  # the width is what the forward covered (a batched step runs over the prefix
-            # of rows up to the highest one); riders' work is in the step's time (the router
-            # prices the speculative rung by what its rounds cost with them)
+            # of rows up to the highest one); the router learns the rung's own share of it
             self.costs.step(b.name, width, now - t0, [s.id for s in states], work,
                             sum(len(t) for t in tokens) / len(rows),
-                            switched=self._ran not in (None, b.name))
+                            switched=self._ran not in (None, b.name), own=own)
             self._ran = self._stepped = b.name
             if (speculated := b.new_speculation()) is not None:
                 self._report(self.observer.speculated, b.name, *speculated)

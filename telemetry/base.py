@@ -28,10 +28,17 @@ class EnergyReading:
     device: str  # e.g. "cpu", "cuda:0"
     estimated: bool  # True for a model-based estimate rather than a hardware counter
     note: str | None = None  # e.g. "window shorter than counter period: power x time"
+    prefill_joules: float | None = None  # a request's share: the part its prompt's forwards
+    # took (None where the window has no such split: a meter's own readings)
 
     @property
     def avg_watts(self) -> float:
         return self.joules / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def generation_joules(self) -> float | None:
+        """The rest of a request's share: its generated tokens' steps."""
+        return None if self.prefill_joules is None else self.joules - self.prefill_joules
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ from telemetry.attribution import split_by_tokens
 from telemetry.base import EnergyMeter, EnergyReading
 
 SHARE_NOTE = "ledger share of the device's energy, split by tokens among the rows of each step"
+PREFILL, GENERATION = "prefill", "generation"  # what a sequence's tokens were doing: its
+# prompt's forward, or generating (a speculative row's drafted and verified positions too)
+PHASES = (PREFILL, GENERATION)
 
 
 class EnergyLedger:
@@ -39,8 +42,8 @@ class EnergyLedger:
         self._open = False
         self._last_j = 0.0
         self._last_t = 0.0
-        self._pending: dict[Hashable, int] = {}
-        self._joules: dict[Hashable, float] = {}
+        self._pending: dict[tuple[Hashable, str], int] = {}  # (sequence, phase) → tokens
+        self._joules: dict[tuple[Hashable, str], float] = {}
         self.j_per_token = 0.0  # the latest settled interval's joules per token
         self.busy_joules = 0.0  # device joules over every busy interval settled
         self.busy_seconds = 0.0
@@ -58,10 +61,11 @@ class EnergyLedger:
             self._last_j, self._last_t = self.meter.total_joules(), time.perf_counter()
             self._open = True
 
-    def record(self, key: Hashable, tokens: int) -> None:
-        """``key`` processed ``tokens`` in the current interval."""
-        self._pending[key] = self._pending.get(key, 0) + tokens
-        self._joules.setdefault(key, 0.0)
+    def record(self, key: Hashable, tokens: int, phase: str = GENERATION) -> None:
+        """``key`` processed ``tokens`` in the current interval, in ``phase``."""
+        k = (key, phase)
+        self._pending[k] = self._pending.get(k, 0) + tokens
+        self._joules.setdefault(k, 0.0)
 
     def settle(self, force: bool = False) -> tuple[float, float] | None:
         """Close the current interval (unless it is younger than ``min_interval_s`` and not
@@ -94,25 +98,37 @@ class EnergyLedger:
             self.settle(force=True)
         self._open = False
 
-    def joules(self, key: Hashable) -> float:
-        """``key``'s joules so far: settled shares, plus its unsettled tokens at the latest
-        settled rate (an estimate until the next settlement)."""
-        return self._joules.get(key, 0.0) + self._pending.get(key, 0) * self.j_per_token
+    def joules(self, key: Hashable, phase: str | None = None) -> float:
+        """``key``'s joules so far (in ``phase``, or all): settled shares, plus its unsettled
+        tokens at the latest settled rate (an estimate until the next settlement)."""
+        return sum(self._joules.get((key, p), 0.0) + self._pending.get((key, p), 0)
+                   * self.j_per_token for p in ((phase,) if phase else PHASES))
 
     def take(self, key: Hashable) -> float:
         """Remove ``key`` and return its final joules (see the module doc for a young
         interval on a slow counter)."""
-        if key in self._pending and time.perf_counter() - self._last_t >= self.min_interval_s:
+        return sum(self.take_phases(key).values())
+
+    def take_phases(self, key: Hashable) -> dict[str, float]:
+        """:meth:`take`, by phase."""
+        if (any((key, p) in self._pending for p in PHASES)
+                and time.perf_counter() - self._last_t >= self.min_interval_s):
             self.settle(force=True)
-        credit = self._pending.pop(key, 0) * self.j_per_token
-        self._credited += credit
-        return self._joules.pop(key, 0.0) + credit
+        out = {}
+        for p in PHASES:
+            credit = self._pending.pop((key, p), 0) * self.j_per_token
+            self._credited += credit
+            out[p] = self._joules.pop((key, p), 0.0) + credit
+        return out
 
     def reading(self, key: Hashable, seconds: float) -> EnergyReading:
-        """:meth:`take` ``key``'s joules as a reading over its ``seconds`` on the device,
-        labelled with the meter's source and a note of how the number came about."""
-        joules = self.take(key)
+        """:meth:`take` ``key``'s joules as a reading over its ``seconds`` on the device (its
+        prompt's share apart), labelled with the meter's source and a note of how the number
+        came about."""
+        phases = self.take_phases(key)
+        joules = sum(phases.values())
         m = self.meter
         own = m.note(joules, seconds)
         return EnergyReading(joules, seconds, m.source, m.device, m.estimated,
-                             f"{SHARE_NOTE}; {own}" if own else SHARE_NOTE)
+                             f"{SHARE_NOTE}; {own}" if own else SHARE_NOTE,
+                             prefill_joules=phases[PREFILL])

@@ -54,6 +54,11 @@ class Metrics:
                                ["variant"], buckets=POWER_BUCKETS, registry=registry)
         self.energy_total = Counter(f"{p}energy_joules", "Energy spent on requests",
                                     ["variant"], registry=registry)
+        self.phase_energy = Counter(f"{p}phase_energy_joules",
+                                    "Energy spent on requests by phase: prefill (prompt "
+                                    "tokens) or generation; the phases add up to "
+                                    "energy_joules_total", ["variant", "phase"],
+                                    registry=registry)
         self.prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens processed",
                                      ["variant"], registry=registry)
         self.generated_tokens = Counter(f"{p}generated_tokens", "Tokens generated",
@@ -71,6 +76,12 @@ class Metrics:
                                        ["variant", "reason"], registry=registry)
         self.queue_depth = Gauge(f"{p}queue_depth", "Requests waiting per lane", ["device"],
                                  registry=registry)
+        self.marginal_jpt = Gauge(
+            f"{p}marginal_joules_per_token",
+            "Joules per generated token one more request would add to this replica's device "
+            "now (lifetime pricing, a 64-token prompt and 128 new tokens, the cheapest rung "
+            "with a free row meeting min_quality): for endpoint pickers",
+            ["min_quality"], registry=registry)
         self.batch_size = Gauge(f"{p}batch_size", "Rows in each variant's continuous batch",
                                 ["variant"], registry=registry)
         self.spec_drafted = Counter(f"{p}spec_draft_tokens", "Tokens drafted for speculative "
@@ -97,6 +108,8 @@ class Metrics:
                            self.energy_total, self.prompt_tokens, self.generated_tokens):
                 metric.labels(v)
             self.batch_size.labels(v)
+            for phase in ("prefill", "generation"):
+                self.phase_energy.labels(v, phase)
             self.spec_drafted.labels(v)
             self.spec_accepted.labels(v)
             for reason in ROUTE_REASONS:

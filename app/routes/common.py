@@ -113,12 +113,24 @@ async def finish(run: Run, request: Request) -> Outcome:
     return outcome
 
 
+def energy_split(o: Outcome) -> dict[str, Any]:
+    """The answer's joules apart by phase, in the MLCommons power proposal's names."""
+    e = o.energy
+    prefill = e.prefill_joules or 0.0
+    generation = e.joules - prefill
+    return {"prefill_energy_joules": prefill, "generation_energy_joules": generation,
+            "energy_per_token_joules": generation / o.completion_tokens
+            if o.completion_tokens else None,
+            "measurement_method": f"{e.source}{' (an estimate)' if e.estimated else ''}; "
+                                  "ledger share by tokens, prompt tokens as prefill"}
+
+
 def energy_out(o: Outcome) -> EnergyOut:
     e = o.energy
     return EnergyOut(joules=e.joules, avg_watts=e.avg_watts, source=e.source, device=e.device,
                      estimated=e.estimated,
                      joules_per_token=e.joules / o.completion_tokens if o.completion_tokens
-                     else None, note=e.note, gco2e=o.gco2e)
+                     else None, note=e.note, gco2e=o.gco2e, **energy_split(o))
 
 
 def route_out(o: Outcome) -> RouteOut:

@@ -41,6 +41,7 @@ from app.routes.common import (
     check_length,
     check_prompt,
     check_tokens,
+    energy_split,
     make_budget,
     make_params,
     pinned,
@@ -63,7 +64,7 @@ def _usage(o: Outcome) -> OpenAIUsage:
                        total_tokens=o.prompt_tokens + o.completion_tokens,
                        energy_joules=o.energy.joules, avg_watts=o.energy.avg_watts,
                        energy_source=o.energy.source, energy_estimated=o.energy.estimated,
-                       gco2e=o.gco2e)
+                       gco2e=o.gco2e, **energy_split(o))
 
 
 def _usage_json(o: Outcome) -> dict[str, Any]:

@@ -56,6 +56,7 @@ async def metrics(request: Request) -> Response:
     if service is not None:  # counters current at the scrape, not a period ago
         service.refresh_energy_metrics()
         service.refresh_memory_metrics()
+        service.refresh_routing_metrics()
     if "application/openmetrics-text" in request.headers.get("accept", ""):
         return Response(generate_openmetrics(registry), media_type=OPENMETRICS_CONTENT_TYPE)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

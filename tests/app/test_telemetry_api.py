@@ -96,3 +96,47 @@ def test_rapl_meter_serves_requests_and_device_energy(
                              or 0.0) == pytest.approx(before + 3.0))
     assert sample(client, "greenroute_device_energy_joules_total", device="cpu",
                   source="estimate") is None
+
+
+def test_prefill_and_generation_joules_add_up_in_answers_and_in_prometheus(
+        client: TestClient) -> None:
+    """Each answer's joules apart by phase (the MLCommons power proposal's names) add up to its
+    joules, a long prompt's prefill costs more than a short one's, and Prometheus's phase
+    counters grow by what the answers said."""
+    def phases() -> tuple[float, float]:
+        got = [sample(client, "greenroute_phase_energy_joules_total", phase=p, variant="full")
+               for p in ("prefill", "generation")]
+        assert None not in got  # every child exists from start-up
+        return got[0] or 0.0, got[1] or 0.0
+
+    before = phases()
+    answers = []
+    for prompt in ("x", "The json module can parse and write JSON documents, " * 8):
+        body = client.post("/v1/generate", json={"prompt": prompt, "max_new_tokens": 4,
+                                                 "variant": "full"}).json()
+        e = body["energy"]
+        assert e["prefill_energy_joules"] > 0 and e["generation_energy_joules"] > 0
+        assert e["prefill_energy_joules"] + e["generation_energy_joules"] == pytest.approx(
+            e["joules"], rel=1e-9)
+        assert e["energy_per_token_joules"] == pytest.approx(
+            e["generation_energy_joules"] / body["usage"]["completion_tokens"])
+        assert e["measurement_method"].startswith("estimate (an estimate)")
+        answers.append(e)
+    assert answers[1]["prefill_energy_joules"] > answers[0]["prefill_energy_joules"]
+    after = phases()
+    assert after[0] - before[0] == pytest.approx(
+        sum(a["prefill_energy_joules"] for a in answers), rel=1e-6)
+    assert after[1] - before[1] == pytest.approx(
+        sum(a["generation_energy_joules"] for a in answers), rel=1e-6)
+    usage = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).json()["usage"]
+    assert usage["prefill_energy_joules"] + usage["generation_energy_joules"] == pytest.approx(
+        usage["energy_joules"], rel=1e-9)
+
+
+def test_the_marginal_joules_gauge_is_scraped_at_both_floors(client: TestClient) -> None:
+    """Brought up to date at the scrape from the router's pricing of a reference request."""
+    quiet = sample(client, "greenroute_marginal_joules_per_token", min_quality="0")
+    exact = sample(client, "greenroute_marginal_joules_per_token", min_quality="1")
+    assert quiet is not None and exact is not None
+    assert 0 < quiet <= exact  # any rung costs no more than full's exact output

@@ -16,6 +16,8 @@ from telemetry.metrics import Metrics
 from tests.deploy.conftest import DEPLOY, ROOT
 
 SMOKE = DEPLOY / "image-smoke.sh"
+BUILD = DEPLOY / "docker" / "build-image.sh"
+COMPOSE_TEST = DEPLOY / "compose-test.sh"
 CHECKS = DEPLOY / "docker" / "smoke_checks.py"
 
 
@@ -27,16 +29,20 @@ def load_checks():  # type: ignore[no-untyped-def]
     return module
 
 
-def test_smoke_script_is_an_executable_bash_script_make_runs() -> None:
-    assert os.access(SMOKE, os.X_OK) and os.access(DEPLOY / "docker" / "debian-base.sh", os.X_OK)
-    for script in (SMOKE, DEPLOY / "docker" / "debian-base.sh"):
+def test_smoke_scripts_are_executable_bash_scripts_make_runs() -> None:
+    scripts = (SMOKE, BUILD, COMPOSE_TEST, DEPLOY / "docker" / "debian-base.sh")
+    for script in scripts:
+        assert os.access(script, os.X_OK), script
         subprocess.run(["bash", "-n", str(script)], check=True)
-    assert re.search(r"^image-test:\n\tdeploy/image-smoke\.sh$",
-                     (ROOT / "Makefile").read_text(encoding="utf-8"), re.MULTILINE)
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^image-test:\n\tdeploy/image-smoke\.sh$", makefile, re.MULTILINE)
+    assert re.search(r"^compose-test:.*\n\tdeploy/compose-test\.sh$", makefile, re.MULTILINE)
 
 
 def test_smoke_build_passes_local_differences_as_arguments_and_mounts() -> None:
-    text = SMOKE.read_text(encoding="utf-8")
+    text = BUILD.read_text(encoding="utf-8")
+    for script in (SMOKE, COMPOSE_TEST):  # both build through it
+        assert "deploy/docker/build-image.sh" in script.read_text(encoding="utf-8")
     for flag in ('--secret "id=ca,src=$PIP_CERT"', "--build-arg \"PYTHON_IMAGE=$base\"",
                  "--build-arg TORCH_FIND_LINKS=/mnt/torch-wheels",
                  '--volume "$PIP_FIND_LINKS:/mnt/torch-wheels:ro"', "--format docker"):

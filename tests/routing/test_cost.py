@@ -37,6 +37,25 @@ def test_each_width_learns_its_own_entry_and_the_table_stays_monotonic() -> None
     assert all(a <= b for a, b in zip(table, table[1:], strict=False))
 
 
+def test_a_narrow_step_dearer_than_wider_entries_keeps_the_per_row_increments() -> None:
+    """A narrow width observed above wider entries (a speculative round, say) lifts them while
+    each row past another still adds half the seeded increment (lifted flat, widths 2..15 cost
+    the same and a row joining that batch looked free); a wide step observed below narrower
+    entries lowers them alike."""
+    c = CostModel(0.1, 20.0, 10.0, widths={16: 50.0})  # 2 ms a row
+    for _ in range(30):
+        c.observe_step(2, 90.0)
+    lifted = c.table(16)
+    assert lifted[1] == pytest.approx(90.0, rel=0.01)
+    increments = np.diff(lifted[1:])
+    assert np.all(increments >= 1.0 - 1e-9) and lifted[15] >= lifted[1] + 14 * 1.0 - 1e-6
+    for _ in range(30):
+        c.observe_step(8, 40.0)
+    low = c.table(16)
+    assert low[7] == pytest.approx(40.0, rel=0.01)
+    assert np.all(np.diff(low[:8]) >= 1.0 - 1e-9) and low[0] >= 0.0
+
+
 def test_switched_steps_teach_the_switch_cost_and_leave_the_table_alone() -> None:
     m = CostModel(1.0, 10.0, 10.0, widths={4: 13.0}, max_rows=8)
     for _ in range(100):  # every step after another variant's takes 4 ms more

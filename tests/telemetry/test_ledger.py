@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from telemetry.ledger import EnergyLedger
+from telemetry.ledger import GENERATION, PREFILL, EnergyLedger
 from tests.telemetry.fakes import CounterMeter
 
 
@@ -69,3 +69,27 @@ def test_energy_settled_with_no_tokens_is_kept_apart() -> None:
     assert ledger.unattributed_joules == pytest.approx(2.0)
     with pytest.raises(ValueError):
         EnergyLedger(meter, min_interval_s=-1)
+
+
+def test_a_sequences_prompt_and_generated_tokens_are_charged_apart_and_add_up() -> None:
+    """Prefill and generation shares of one sequence, across intervals shared with another:
+    each phase gets its tokens' share, and the phases add up to the sequence's joules."""
+    meter = CounterMeter()
+    ledger = EnergyLedger(meter)
+    ledger.open()
+    ledger.record("a", 20, PREFILL)
+    ledger.record("b", 1)
+    meter.total += 4.2  # 0.2 J a token
+    ledger.settle()
+    ledger.record("a", 1)
+    ledger.record("b", 1)
+    meter.total += 1.0  # 0.5 J a token
+    ledger.settle()
+    assert ledger.joules("a", PREFILL) == pytest.approx(4.0)
+    assert ledger.joules("a", GENERATION) == pytest.approx(0.5)
+    reading = ledger.reading("a", 2.0)
+    assert reading.prefill_joules == pytest.approx(4.0)
+    assert reading.generation_joules == pytest.approx(0.5)
+    assert reading.joules == pytest.approx(4.5)
+    assert ledger.take_phases("b") == {PREFILL: 0.0, GENERATION: pytest.approx(0.7)}
+    assert ledger.busy_joules == pytest.approx(4.5 + 0.7)
