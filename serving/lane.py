@@ -272,8 +272,7 @@ class Lane:
             rows, states, tokens, work = ([rows[i] for i in kept], [states[i] for i in kept],
                                         [tokens[i] for i in kept], [work[i] for i in kept])
         groups = [(b, states, tokens)]
-        rode = sum(len(t) for t in result.riders)
-        own = sum(work) / (sum(work) + rode) if work else 1.0  # the riders' share apart
+        own = 1.0 - min(1.0, result.rider_seconds / max(now - t0, 1e-9))  # riders' apart
         if riders:  # their tokens' share of the draft steps, then the same as their own steps
             took = [(carried.running[r], t) for r, t in zip(riders.rows, result.riders,
                                                             strict=True)]

@@ -181,3 +181,22 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout
+
+
+def test_the_local_override_only_swaps_image_names(compose: Compose) -> None:
+    """deploy/compose.local.yml (make compose-test, machines without a registry): the same
+    services with local images, not rebuilt by compose, and Grafana (no image here) left out;
+    everything else (environment, ports, volumes, health check, stop grace) as users get it."""
+    base = config(compose)["services"]
+    result = compose("-f", "docker-compose.yml", "-f", "deploy/compose.local.yml", "config",
+                     "--format", "json")
+    assert result.returncode == 0, result.stderr
+    local = json.loads(result.stdout)["services"]
+    assert set(local) == set(base) - {"grafana"}
+    assert local["greenroute"]["image"].startswith("localhost/") and "build" not in local[
+        "greenroute"]
+    assert local["prometheus"]["image"].startswith("localhost/")
+    swapped = {"image", "build", "pull_policy"}
+    for name, service in local.items():
+        assert {k: v for k, v in service.items() if k not in swapped} == {
+            k: v for k, v in base[name].items() if k not in swapped}, name

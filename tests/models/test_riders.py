@@ -93,6 +93,9 @@ def test_riders_and_speculative_rows_share_a_buffer_and_keep_their_own_tokens(
             result = spec.step_many([row_of[j] for j in mine], [got[j][-1] for j in mine],
                                     [samplers[j] for j in mine], riders)
             assert not result.failed and not result.riders_failed
+            # the riders' share of the draft steps' time is told apart (the router learns
+            # the rung's own)
+            assert (result.rider_seconds > 0) == any(result.riders)
             for j, made in zip(mine, result.tokens, strict=True):
                 got[j] += made
             for j, limit, made in zip(theirs, limits, result.riders, strict=True):

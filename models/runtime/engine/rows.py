@@ -47,6 +47,7 @@ class StepResult:
     # failed (bad logits): that row alone fails; its entry in ``tokens`` is a placeholder
     riders: list[list[int]] = field(default_factory=list)  # each rider's tokens (Riders)
     riders_failed: dict[int, Exception] = field(default_factory=dict)  # rider row → why
+    rider_seconds: float = 0.0  # the riders' share of the draft steps' time (by rows)
 
 
 @dataclass(frozen=True)

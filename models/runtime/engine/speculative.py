@@ -21,18 +21,15 @@ verified in a forward of its own. Given the draft rung's own slots and row pool 
 does when that rung is loaded: :func:`serving.batch.batches_for`), the draft rows live in its
 KV buffer and its ready rows ride the draft steps (:class:`~models.runtime.engine.rows.Riders`):
 each draft step is one forward over both, so a draft row costs a wide step's increment.
-The router prices the rung from its measured step table by
-width (:mod:`routing.cost`), not by a pause rule. Each row's ``k`` follows its acceptance
-(:func:`k_for`). A row whose acceptance (a moving average over its rounds) falls below
-``min_acceptance``, where rounds stop paying for themselves, pauses: it decodes plainly for
-``PAUSE_TOKENS`` tokens, then drafts again, and each further pause of that row is twice as long
-(up to ``MAX_PAUSE_TOKENS``). Text is easy to predict in stretches: a row that stopped for good
-after two bad rounds lost the rest of its request's speed-up (the measurement:
-docs/routing-and-energy.md, The speculative rung).
+Each row's ``k`` follows its acceptance (:func:`k_for`). A row whose acceptance (a moving
+average) falls below ``min_acceptance`` pauses: it decodes plainly for ``PAUSE_TOKENS`` tokens,
+then drafts again, each further pause twice as long (up to ``MAX_PAUSE_TOKENS``; text is easy
+to predict in stretches: docs/routing-and-energy.md, The speculative rung).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -146,7 +143,7 @@ class SpecSlots(Slots):
         ks = [0 if self._plain[r] > 0 else
               max(0, min(self._k[r], self.target.max_len - int(self.target.lengths[r]) - 1))
               for r in rows]
-        drafts, q, catch_up, rode = self._draft(rows, tokens, samplers, ks, riders)
+        drafts, q, catch_up, rode, rider_s = self._draft(rows, tokens, samplers, ks, riders)
         starts = [int(self.target.lengths[r]) for r in rows]
         verify = self.target.forward_rows(
             rows, [[last, *d] for last, d in zip(tokens, drafts, strict=True)])
@@ -154,15 +151,17 @@ class SpecSlots(Slots):
         for i, (row, last, sampler) in enumerate(zip(rows, tokens, samplers, strict=True)):
             out.append(self._accept(row, last, sampler, drafts[i], q[i], verify[i], starts[i]))
             work.append(ks[i] + 1 + catch_up[i] + ks[i])
-        return StepResult(out, work, riders=rode[0], riders_failed=rode[1])
+        return StepResult(out, work, riders=rode[0], riders_failed=rode[1],
+                          rider_seconds=rider_s)
 
     def _draft(self, rows: Sequence[int], tokens: Sequence[int], samplers: Sequence[Sampler],
                ks: Sequence[int], riders: Riders | None
                ) -> tuple[list[list[int]], list[list[np.ndarray]], list[int],
-                          tuple[list[list[int]], dict[int, Exception]]]:
+                          tuple[list[list[int]], dict[int, Exception]], float]:
         """Each drafting row's ``k`` proposals, the draft stepping the rows together (each row
         leaves the steps once it has its ``k``); their distributions where sampling; the
-        catch-up tokens each row fed first; the riders' tokens and failures."""
+        catch-up tokens each row fed first; the riders' tokens and failures, and their share
+        of the draft steps' seconds (each step's time by rows)."""
         drafts: list[list[int]] = [[] for _ in rows]
         q: list[list[np.ndarray]] = [[] for _ in rows]
         catch_up = [0] * len(rows)
@@ -184,12 +183,14 @@ class SpecSlots(Slots):
         for i in drafting:
             self._base[rows[i]] = int(self.draft.lengths[drow[i]]) + 1  # up to ``last``
         feed = {i: tokens[i] for i in drafting}
-        ride = _Ride(riders, self.draft.engine.eos_token_ids)
+        ride, rider_s = _Ride(riders, self.draft.engine.eos_token_ids), 0.0
         for j in range(max(ks, default=0)):
             now = [i for i in drafting if ks[i] > j]
             along = ride.rows(j)
+            t0 = time.perf_counter()
             logits = self.draft.step_logits([drow[i] for i in now] + along,
                                             [feed[i] for i in now] + ride.feed())
+            rider_s += (time.perf_counter() - t0) * len(along) / (len(now) + len(along))
             for x, i in enumerate(now):
                 params, rng = samplers[i].params, samplers[i].rng
                 if params.greedy:
@@ -200,8 +201,8 @@ class SpecSlots(Slots):
                 drafts[i].append(d)
                 feed[i] = d
             self.rode += ride.take(logits[len(now):])
-        return drafts, q, catch_up, (ride.tokens, ride.failed)  # the draft was fed last,
-        # d1..d_{k-1}
+        return drafts, q, catch_up, (ride.tokens, ride.failed), rider_s  # the draft was
+        # fed last, d1..d_{k-1}
 
     def _accept(self, row: int, last: int, sampler: Sampler, drafts: list[int],
                 q: list[np.ndarray], verify: np.ndarray, start: int) -> list[int]:
