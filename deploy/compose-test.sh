@@ -30,7 +30,9 @@ echo "== compose test: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- |
 if [ "${BUILD:-1}" != 0 ] || ! "${P[@]}" image exists localhost/greenroute:cpu; then
     deploy/docker/build-image.sh localhost/greenroute:cpu | sed 's/^/  /'
 fi
-deploy/docker/debian-base.sh prometheus > /dev/null
+base_log=$(mktemp /tmp/greenroute-debian-base.XXXXXX)
+deploy/docker/debian-base.sh prometheus > /dev/null 2> "$base_log" \
+    || { tail -20 "$base_log" >&2; exit 1; }
 
 # ---- podman's Docker API on a private socket, with this VM's runtime settings ----------------
 work=$(mktemp -d /tmp/greenroute-compose.XXXXXX)
