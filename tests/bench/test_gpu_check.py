@@ -26,6 +26,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nvml, "pynvml", module)  # this process's meters
     monkeypatch.setenv("FAKE_NVML_T0", str(time.time()))
     monkeypatch.setenv("FAKE_NVML_WATTS", "150")
+    # the stand-in's counter moves continuously: tell the service so (a real GPU's moves every
+    # 20-100 ms, the default 0.1 s, and its requests take far longer than the tiny model's)
+    monkeypatch.setenv("GREENROUTE_NVML_COUNTER_PERIOD_S", "0")
     # the service's process imports the stand-in first
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH",
                                                                                  "")]))
@@ -41,6 +44,7 @@ def test_gpu_check_runs_every_part_against_the_fake_nvml(tiny_ladder: Path, tmp_
     assert f["agreement"]["median_ratio"] == pytest.approx(1.0, abs=0.05)
     assert [s["clients"] for s in f["scaling"]] == [1, 4, 16]
     assert all(s["sources"] == ["nvml"] and s["tokens_per_s"] > 0 for s in f["scaling"])
+    assert f["answers_over_busy"] == pytest.approx(1.0, abs=0.05)  # the ledger conserves
     assert set(f["routing"]) == {1, 8}
     assert all(r["routed_over_full"] is not None for r in f["routing"].values())
     # every check passes but the time limit's, which is the bench's to report (no test asserts
