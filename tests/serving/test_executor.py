@@ -258,6 +258,27 @@ def test_two_variants_share_the_lane(tiny_ladder: Path) -> None:
                                   *alone(engine, engine.encode(p), n))  # type: ignore[arg-type]
 
 
+def serve_all(ex: Executor, engine: OrtEngine, jobs: list[tuple[str, str, int]]
+              ) -> list[tuple[list[Chunk], Finished | None, str]]:
+    """Every (variant, prompt, new tokens) job submitted in the lane's first turn (greedy, EOS
+    ignored), each read to its end; then the lane idle (its ledger closed) and stopped."""
+    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
+        with ex.lane.admission:
+            handles = [ex.submit(Job(engine.encode(p),
+                                     GenerationParams(max_new_tokens=n, ignore_eos=True), v))
+                       for v, p, n in jobs]
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    try:
+        results = asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while ex.lane.ledger.is_open and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        ex.stop(10)
+    return results
+
+
 def test_speculative_rows_give_fulls_tokens_and_exact_lengths(tiny_ladder: Path) -> None:
     """The speculative rung in the executor: rows get several tokens a step, yet every request
     stops at its own max_new_tokens with full's tokens, and the ledger still adds up."""
@@ -272,20 +293,7 @@ def test_speculative_rows_give_fulls_tokens_and_exact_lengths(tiny_ladder: Path)
     assert {n: s["batching"] for n, s in ex.stats().items()} == {"full-speculative":
                                                                 "speculative"}
     jobs = [("def main():", 11), ("import os", 7), ("x = 1", 16), ("class A:", 5)]
-
-    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
-        handles = [ex.submit(Job(full.encode(p),
-                                     GenerationParams(max_new_tokens=n, ignore_eos=True),
-                                     "full-speculative")) for p, n in jobs]
-        return await asyncio.gather(*(collect(h) for h in handles))
-
-    try:
-        results = asyncio.run(main())
-        deadline = time.monotonic() + 10
-        while ex.lane.ledger.is_open and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        ex.stop(10)
+    results = serve_all(ex, full, [("full-speculative", p, n) for p, n in jobs])
     for (p, n), (chunks, fin, _) in zip(jobs, results, strict=True):
         assert fin is not None and fin.completion_tokens == n and len(chunks) == n
         assert_same_but_near_ties([c.token_id for c in chunks], *alone(full, full.encode(p), n))
@@ -315,20 +323,7 @@ def test_the_draft_rungs_rows_ride_the_speculative_rungs_draft_steps(tiny_ladder
             for p, n in [("def main():", 14), ("import os", 9), ("x = 1", 20),
                          ("class A:", 6)]]
 
-    async def main() -> list[tuple[list[Chunk], Finished | None, str]]:
-        with ex.lane.admission:  # all in the lane's first turn: both batches busy together
-            handles = [ex.submit(Job(full.encode(p),
-                                     GenerationParams(max_new_tokens=n, ignore_eos=True), v))
-                       for v, p, n in jobs]
-        return await asyncio.gather(*(collect(h) for h in handles))
-
-    try:
-        results = asyncio.run(main())
-        deadline = time.monotonic() + 10
-        while ex.lane.ledger.is_open and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        ex.stop(10)
+    results = serve_all(ex, full, jobs)
     for (v, p, n), (chunks, fin, _) in zip(jobs, results, strict=True):
         assert fin is not None and fin.completion_tokens == n and len(chunks) == n
         engine = full if v == "full-speculative" else int8
