@@ -34,9 +34,8 @@ class ServiceObserver(LaneObserver):
         m.energy.labels(variant).observe(reading.joules, exemplar)
         m.power.labels(variant).observe(reading.avg_watts, exemplar)
         m.energy_total.labels(variant).inc(reading.joules)
-        prefill = reading.prefill_joules or 0.0
-        m.phase_energy.labels(variant, "prefill").inc(prefill)
-        m.phase_energy.labels(variant, "generation").inc(max(0.0, reading.joules - prefill))
+        m.phase_energy.labels(variant, "prefill").inc(reading.prefill_joules or 0.0)
+        m.phase_energy.labels(variant, "generation").inc(max(0.0, reading.generation_joules))
         m.prompt_tokens.labels(variant).inc(f.prompt_tokens)
         m.generated_tokens.labels(variant).inc(f.completion_tokens)
         log.info("request %s variant=%s prompt_tokens=%d generated=%d finish=%s joules=%.4f "

@@ -52,7 +52,7 @@ class CostModel:
     prefill_watts: float = -1.0  # < 0: the one-row step's
     _table: np.ndarray = field(init=False, repr=False)
     _watts: np.ndarray = field(init=False, repr=False)
-    _min_inc: np.ndarray = field(init=False, repr=False)
+    _min_cum: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.step_ms_per_row < 0:
@@ -70,7 +70,8 @@ class CostModel:
         self._table = np.maximum.accumulate(np.concatenate(([0.0], table)))
         self.decode_ms_per_token = float(self._table[1])
         # the least a row past another adds, kept while learning: half the seeded increment
-        self._min_inc = np.concatenate(([0.0, 0.0], 0.5 * np.diff(self._table[1:])))
+        # (cumulated by width, so a bound over a stretch of widths is one subtraction)
+        self._min_cum = np.cumsum(np.concatenate(([0.0, 0.0], 0.5 * np.diff(self._table[1:]))))
         # power by width: linear between measured widths, flat beyond them
         power = {1: self.watts, **dict(self.watts_widths or {})}
         px = sorted(w for w in power if 1 <= w <= self.max_rows)
@@ -130,17 +131,17 @@ class CostModel:
             return
         t = self._table
         if width >= len(t):  # grow to it (rare: wider than max_rows)
+            last = self._min_cum[-1] - self._min_cum[-2]
             t = self._table = np.concatenate(
                 (t, [self.step_ms(w) for w in range(len(t), width + 1)]))
+            grown = np.arange(1, len(t) - len(self._min_cum) + 1)
+            self._min_cum = np.concatenate((self._min_cum, self._min_cum[-1] + last * grown))
         t[width] += self.alpha * (ms - t[width])
         # keep it non-decreasing in width (a wider step never costs less) without flattening
         # it: every row past another adds at least half the seeded table's increment there
         # (a flat stretch, as a dear narrow step once made by lifting the wider entries to
         # its level, priced a row joining that batch at nothing)
-        if len(self._min_inc) < len(t):
-            self._min_inc = np.concatenate(
-                (self._min_inc, np.full(len(t) - len(self._min_inc), self._min_inc[-1])))
-        c = np.cumsum(self._min_inc[: len(t)])
+        c = self._min_cum
         np.maximum(t[width:], t[width] + c[width:] - c[width], out=t[width:])
         t[1:width] = np.clip(t[1:width], 0.0, t[width] - (c[width] - c[1:width]))
         self.decode_ms_per_token = float(t[1])
@@ -184,7 +185,7 @@ class CostModel:
                         self.observations, None, self.max_rows, None, self.prefill_watts)
         out._table = self._table.copy()
         out._watts = self._watts.copy()
-        out._min_inc = self._min_inc.copy()
+        out._min_cum = self._min_cum.copy()
         return out
 
     def as_dict(self) -> dict[str, float | int | list[float]]:

@@ -108,8 +108,7 @@ class Executor:
             s: dict[str, Any] = {"batching": b.slots.kind, "max_batch": b.rows,
                                  "running": len(b.running), "waiting": len(b.waiting)}
             engine = self.engines[name]
-            runs_on = getattr(engine, "device", None) or getattr(
-                getattr(engine, "target", None), "device", None)
+            runs_on = getattr(engine, "device", None)
             if runs_on is not None:  # where its sessions really run (the provider it got)
                 s["device"] = runs_on
             if engine.threads is not None:  # its sessions' threads (0: draft, target differ)

@@ -36,9 +36,10 @@ class EnergyReading:
         return self.joules / self.seconds if self.seconds > 0 else 0.0
 
     @property
-    def generation_joules(self) -> float | None:
-        """The rest of a request's share: its generated tokens' steps."""
-        return None if self.prefill_joules is None else self.joules - self.prefill_joules
+    def generation_joules(self) -> float:
+        """The rest of a request's share: its generated tokens' steps (all of it where the
+        reading has no prefill part)."""
+        return self.joules - (self.prefill_joules or 0.0)
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,9 @@ async def finish(run: Run, request: Request) -> Outcome:
 def energy_split(o: Outcome) -> dict[str, Any]:
     """The answer's joules apart by phase, in the MLCommons power proposal's names."""
     e = o.energy
-    prefill = e.prefill_joules or 0.0
-    generation = e.joules - prefill
-    return {"prefill_energy_joules": prefill, "generation_energy_joules": generation,
+    generation = e.generation_joules
+    return {"prefill_energy_joules": e.prefill_joules or 0.0,
+            "generation_energy_joules": generation,
             "energy_per_token_joules": generation / o.completion_tokens
             if o.completion_tokens else None,
             "measurement_method": f"{e.source}{' (an estimate)' if e.estimated else ''}; "

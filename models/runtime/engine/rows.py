@@ -62,6 +62,41 @@ class Riders:
     limits: list[int]
 
 
+class Ride:
+    """Riders over one round of a speculative rung's draft steps: who rides step ``j``, what
+    each is fed, what each took. A rider leaves at its limit, at an end-of-sequence token, or
+    when its logits fail."""
+
+    def __init__(self, riders: Riders | None, eos: frozenset[int]) -> None:
+        self.r = riders or Riders([], [], [], [])
+        self.eos = eos
+        self.tokens: list[list[int]] = [[] for _ in self.r.rows]
+        self.failed: dict[int, Exception] = {}
+        self._on: list[int] = []  # the current step's riders (indexes)
+        self._done = [False] * len(self.r.rows)
+
+    def rows(self, j: int) -> list[int]:
+        self._on = [x for x, limit in enumerate(self.r.limits) if limit > j and not self._done[x]]
+        return [self.r.rows[x] for x in self._on]
+
+    def feed(self) -> list[int]:
+        return [(self.tokens[x] or [self.r.tokens[x]])[-1] for x in self._on]
+
+    def take(self, logits: np.ndarray) -> int:
+        """Sample each of the step's riders from its logits; the tokens taken."""
+        for y, x in enumerate(self._on):
+            sampler = self.r.samplers[x]
+            try:
+                token = sampler(logits[y])
+            except Exception as err:  # noqa: BLE001 (its own fault: it alone fails)
+                self.failed[self.r.rows[x]] = err
+                self._done[x] = True
+                continue
+            self.tokens[x].append(token)
+            self._done[x] = token in self.eos and not sampler.params.ignore_eos
+        return sum(1 for x in self._on if self.r.rows[x] not in self.failed)
+
+
 class RowPool:
     """The free rows of one KV buffer, lowest first (a batched step runs over the prefix of
     rows up to the highest in use, so low rows keep it short). Two batches that share a

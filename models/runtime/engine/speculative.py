@@ -36,7 +36,7 @@ import numpy as np
 
 from models.runtime.engine.base import Engine, GenerationParams
 from models.runtime.engine.ort import OrtEngine
-from models.runtime.engine.rows import Riders, RowPool
+from models.runtime.engine.rows import Ride, Riders, RowPool
 from models.runtime.engine.sampling import distribution, sample_from
 from models.runtime.engine.slots import KVSlots, Sampler, Slots, StepResult
 
@@ -183,7 +183,7 @@ class SpecSlots(Slots):
         for i in drafting:
             self._base[rows[i]] = int(self.draft.lengths[drow[i]]) + 1  # up to ``last``
         feed = {i: tokens[i] for i in drafting}
-        ride, rider_s = _Ride(riders, self.draft.engine.eos_token_ids), 0.0
+        ride, rider_s = Ride(riders, self.draft.engine.eos_token_ids), 0.0
         for j in range(max(ks, default=0)):
             now = [i for i in drafting if ks[i] > j]
             along = ride.rows(j)
@@ -269,40 +269,6 @@ class SpecSlots(Slots):
         self._base.pop(row, None)
 
 
-class _Ride:
-    """Riders over one round's draft steps: who rides step ``j``, what each is fed, what each
-    took. A rider leaves at its limit, at an end-of-sequence token, or when its logits fail."""
-
-    def __init__(self, riders: Riders | None, eos: frozenset[int]) -> None:
-        self.r = riders or Riders([], [], [], [])
-        self.eos = eos
-        self.tokens: list[list[int]] = [[] for _ in self.r.rows]
-        self.failed: dict[int, Exception] = {}
-        self._on: list[int] = []  # the current step's riders (indexes)
-        self._done = [False] * len(self.r.rows)
-
-    def rows(self, j: int) -> list[int]:
-        self._on = [x for x, limit in enumerate(self.r.limits) if limit > j and not self._done[x]]
-        return [self.r.rows[x] for x in self._on]
-
-    def feed(self) -> list[int]:
-        return [(self.tokens[x] or [self.r.tokens[x]])[-1] for x in self._on]
-
-    def take(self, logits: np.ndarray) -> int:
-        """Sample each of the step's riders from its logits; the tokens taken."""
-        for y, x in enumerate(self._on):
-            sampler = self.r.samplers[x]
-            try:
-                token = sampler(logits[y])
-            except Exception as err:  # noqa: BLE001 (its own fault: it alone fails)
-                self.failed[self.r.rows[x]] = err
-                self._done[x] = True
-                continue
-            self.tokens[x].append(token)
-            self._done[x] = token in self.eos and not sampler.params.ignore_eos
-        return sum(1 for x in self._on if self.r.rows[x] not in self.failed)
-
-
 class SpeculativeEngine(Engine):
     """The speculative rung behind the ordinary engine interface (one sequence at a time, for
     calibration, benchmarks and quality checks); the executor batches it through
@@ -321,6 +287,11 @@ class SpeculativeEngine(Engine):
         self.threads = rung_threads(target.threads, draft.threads)
         self.min_acceptance = min_acceptance
         self.drafted = self.accepted = 0
+
+    @property
+    def device(self) -> str:
+        """Where its sessions run: its target's (the draft's are on the same device)."""
+        return self.target.device
 
     def own_slots(self, max_batch: int, max_len: int, draft_slots: KVSlots | None = None,
                   draft_rows: RowPool | None = None) -> SpecSlots:
