@@ -74,10 +74,15 @@ def test_int8_method_is_the_measured_choice(manifest: Manifest) -> None:
             assert t["speed"] == pytest.approx(sum(t["remeasured"]) / 2)
         else:
             assert t["speed"] == pytest.approx(first)
+    # int8 is picked on the race's speeds; a re-measure near the 4-bit threshold comes after
+    # (and may move int8's recorded speed), so the rule is checked on the first run's
+    def raced(t: dict[str, Any]) -> float:
+        return float(t["remeasured"][0] if "remeasured" in t else t["speed"])
+
     best_q = max(t["quality"] for t in eight.values())
     eligible = {k: t for k, t in eight.items() if t["quality"] >= best_q - 0.02}
-    top = max(t["speed"] for t in eligible.values())
-    fast = {k: t for k, t in eligible.items() if t["speed"] >= 0.95 * top}
+    top = max(raced(t) for t in eligible.values())
+    fast = {k: t for k, t in eligible.items() if raced(t) >= 0.95 * top}
     assert choice["chosen"] == max(fast, key=lambda k: fast[k]["quality"])
     assert manifest.variants["int8"].quantization == choice["chosen"]
     assert "int4" in manifest.quantization_choice  # considered, added or not, with its numbers

@@ -201,7 +201,8 @@ def quantize_rungs(b: Build) -> None:
                 earns = pick4 is not None and pick4.name == b.known.get("int4")
             elif pick4 is not None and _near(_margin(trials, pick4, pick)):
                 # inside the race's noise of the threshold: measured again before it is kept
-                # or dropped, each speed the mean of both runs
+                # or dropped, each speed the mean of both runs (int8's pick, made on the race's
+                # speeds, stands: its first run stays in ``remeasured``)
                 _remeasure(b, {n: engines[n] for n in (pick.name, pick4.name)}, trials)
                 pick4, earns = pick_4bit(trials, candidates, pick, floor)
             b.quant_choice["int4"] = {
